@@ -1,0 +1,60 @@
+"""The recovery process: finds workflows nobody runs and moves them again.
+
+Every ``interval`` seconds it looks at each active workflow:
+- ``running`` with no lease: its worker died (or was stopped past its TTL).
+  Thaw the guest if the record says it may be frozen, then resume or roll
+  back per the strategy's crash policy, and enqueue a job.
+- ``queued`` whose job is gone from RQ (lost between record and enqueue, or
+  dropped by RQ) for longer than a grace period: enqueue it again.
+
+It does not rely on RQ's own abandoned-job detection, which takes minutes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from workflows.errors import DomcaptureError
+from workflows.record import QUEUED, RUNNING
+
+from .runtime import Runtime
+
+log = logging.getLogger("domcapture.recovery")
+
+
+class Recovery:
+    def __init__(self, rt: Runtime, owner: str = "recovery", queued_grace: float | None = None) -> None:
+        self.rt = rt
+        self.owner = owner
+        self.queued_grace = queued_grace if queued_grace is not None else 3 * rt.settings.lease_ttl
+
+    def sweep(self) -> list[tuple[str, str]]:
+        actions = []
+        store = self.rt.store
+        for wf_id in store.active_ids():
+            try:
+                rec = store.load(wf_id)
+                if rec.status == RUNNING and store.lease_value(wf_id) is None:
+                    decision = self.rt.captures.recover(wf_id, self.owner)
+                    if decision:
+                        actions.append((wf_id, decision))
+                        log.warning("workflow %s: worker lost; %s", wf_id, decision)
+                elif rec.status == QUEUED and time.time() - rec.updated_at > self.queued_grace:
+                    status = self.rt.job_status(rec)
+                    if status not in ("queued", "deferred", "scheduled") and store.lease_value(wf_id) is None:
+                        if self.rt.captures.reenqueue(wf_id, self.owner):
+                            actions.append((wf_id, f"re-enqueued (job {status or 'missing'})"))
+            except DomcaptureError as exc:
+                log.error("workflow %s: recovery failed: %s", wf_id, exc)
+                actions.append((wf_id, f"error: {exc}"))
+        return actions
+
+    def run_forever(self, interval: float) -> None:
+        log.info("recovery: sweeping every %.1fs", interval)
+        while True:
+            try:
+                self.sweep()
+            except DomcaptureError as exc:  # redis or libvirt away: try again next round
+                log.error("recovery sweep failed: %s", exc)
+            time.sleep(interval)

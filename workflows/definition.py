@@ -1,0 +1,93 @@
+"""A strategy's definition: its states, its transitions table, its steps.
+
+One static ``transitions`` machine is built per definition.  A record is
+attached to it in its saved state (``add_model(initial=record.state)``, which
+runs no entry callback), one trigger is fired, and the record is detached.
+Callbacks only record and validate; all I/O happens in the steps.
+
+Every definition gets the same way back, added here so no strategy can forget
+it: ``rollback`` from any forward state to ``rolling_back``, ``reverted`` from
+there to ``rolled_back``.  A workflow that nothing automatic can move keeps
+its state (where in the sequence it stopped) and gets the *status*
+``needs_attention`` with the reason and the command to run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from transitions import Machine, MachineError
+
+from .errors import StepFailed
+
+if TYPE_CHECKING:
+    from .steps import Step
+
+SUCCEEDED = "succeeded"
+ROLLING_BACK = "rolling_back"
+ROLLED_BACK = "rolled_back"
+END_STATES = (SUCCEEDED, ROLLED_BACK)
+
+RESUME = "resume"
+ROLLBACK = "rollback"
+
+
+class _Model:
+    """What a record looks like to the machine: just its state."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+
+
+@dataclass
+class Definition:
+    name: str
+    version: int
+    states: list[str]  # forward states, in order
+    transitions: list[list[str]]  # [trigger, source, dest]
+    steps: dict[str, "Step"]
+    on_crash: dict[str, str]  # state -> resume | rollback
+    validate: Callable[..., dict[str, Any]]  # (hypervisor, domain, params) -> normalised params
+    max_attempts: int = 3
+    summary: str = ""
+    _machine: Machine = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        missing = [s for s in self.states if s not in self.steps]
+        if missing:
+            raise ValueError(f"definition {self.name}: states without a step: {missing}")
+        table = [list(t) for t in self.transitions]
+        table.append(["rollback", self.states, ROLLING_BACK])
+        table.append(["reverted", ROLLING_BACK, ROLLED_BACK])
+        self._machine = Machine(model=None, states=self.states + list(END_STATES) + [ROLLING_BACK],
+                                transitions=[{"trigger": t, "source": s, "dest": d} for t, s, d in table],
+                                initial=self.states[0], auto_transitions=False, ignore_invalid_triggers=False)
+
+    @property
+    def initial(self) -> str:
+        return self.states[0]
+
+    def fire(self, state: str, trigger: str) -> str:
+        """The state that ``trigger`` leads to from ``state``; refuses what the table does not allow."""
+        model = _Model(state)
+        self._machine.add_model(model, initial=state)
+        try:
+            model.trigger(trigger)  # type: ignore[attr-defined]
+        except (MachineError, AttributeError) as exc:
+            raise StepFailed(f"{self.name}: no transition {trigger!r} from state {state!r}") from exc
+        finally:
+            self._machine.remove_model(model)
+        return model.state
+
+    def triggers_from(self, state: str) -> list[str]:
+        return sorted(self._machine.get_triggers(state))
+
+    def states_through(self, state: str) -> list[str]:
+        """Forward states up to and including ``state``: what may have effects to revert."""
+        if state not in self.states:
+            return list(self.states)
+        return self.states[: self.states.index(state) + 1]
+
+    def crash_policy(self, state: str) -> str:
+        return self.on_crash.get(state, RESUME)

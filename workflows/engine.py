@@ -1,0 +1,286 @@
+"""The engine: advances one workflow, step by step, under a lease.
+
+For each forward state: record the attempt, ``probe`` (already done?),
+``execute`` if not, fire the step's trigger, persist.  Errors decide:
+retryable ones are retried with back-off, permanent ones start the rollback
+(or stop the workflow as ``failed`` when it was submitted with
+``on_error=stop``).  Rollback reverts every state that was entered, newest
+first; a revert that cannot proceed leaves the workflow ``needs_attention``
+with the reason and the command that continues it.
+
+Every record write is fenced by the lease's epoch: a process that lost its
+lease (it was stopped, the lease expired, recovery took over) gets LeaseLost
+on its next write or its next hypervisor call, and stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from . import quiesce
+from .definition import ROLLED_BACK, ROLLING_BACK, SUCCEEDED, Definition
+from .errors import Cancelled, DomcaptureError, LeaseLost, StepFailed
+from .hypervisor.base import Fenced, Hypervisor
+from .record import (FAILED, FINAL_STATUSES, FORWARD, NEEDS_ATTENTION, QUEUED, ROLLBACK, RUNNING,
+                     STOPPED_STATUSES, Record)
+from .steps import StepContext
+from .store import Lease, Store
+
+log = logging.getLogger("domcapture.engine")
+
+# Hook for crash tests: called with a label at every persistence and effect
+# boundary; raising from it stops the engine exactly there.
+CrashHook = Callable[[str], None]
+
+
+def error_dict(exc: BaseException, state: str) -> dict[str, Any]:
+    if isinstance(exc, DomcaptureError):
+        out = exc.to_dict()
+    else:
+        out = {"type": type(exc).__name__, "message": str(exc), "retryable": False,
+               "traceback": traceback.format_exc(limit=8)}
+    out["state"] = state
+    out["at"] = time.time()
+    return out
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease on its own thread, whatever the step is doing.
+
+    It also enforces the freeze deadline: a guest still frozen past the
+    deadline written in the record is thawed from here.
+    """
+
+    def __init__(self, lease: Lease, on_tick: Callable[[], None] | None = None) -> None:
+        super().__init__(name=f"heartbeat-{lease.wf_id}", daemon=True)
+        self.lease = lease
+        self.on_tick = on_tick
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        interval = self.lease.ttl / 3
+        while not self._stop.wait(interval):
+            try:
+                if not self.lease.renew():
+                    log.warning("lease lost on %s", self.lease.wf_id)
+                    return
+                if self.on_tick:
+                    self.on_tick()
+            except Exception:  # a Redis blip: try again next tick, the TTL covers it
+                log.exception("heartbeat tick failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Engine:
+    def __init__(self, store: Store, definitions: dict[str, Definition],
+                 hypervisor_factory: Callable[[str], Hypervisor], worker_id: str, *,
+                 lease_ttl: float = 5.0, retry_delays: tuple[float, ...] = (0.5, 1, 2, 4),
+                 crash_hook: CrashHook | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.store = store
+        self.definitions = definitions
+        self.hypervisor_factory = hypervisor_factory
+        self.worker_id = worker_id
+        self.lease_ttl = lease_ttl
+        self.retry_delays = retry_delays
+        self.crash_hook = crash_hook
+        self.sleep = sleep
+
+    def _point(self, label: str) -> None:
+        if self.crash_hook:
+            self.crash_hook(label)
+
+    # -- public ----------------------------------------------------------------
+    def run(self, wf_id: str) -> str:
+        """Advance ``wf_id`` until it ends, stops, or this process loses its lease.
+
+        Returns the record's status, ``"lease-held"`` when another process
+        holds the workflow, or ``"lease-lost"``.
+        """
+        lease = self.store.acquire_lease(wf_id, self.worker_id, self.lease_ttl)
+        if lease is None:
+            return "lease-held"
+        rec = self.store.load(wf_id)
+        hv: Hypervisor | None = None
+        heartbeat = None
+        try:
+            if rec.status in FINAL_STATUSES or rec.status in STOPPED_STATUSES:
+                return rec.status
+            defn = self._definition(rec)
+            hv = self.hypervisor_factory(rec.uri)
+            heartbeat = Heartbeat(lease, on_tick=lambda: self._enforce_freeze_deadline(hv, rec))
+            heartbeat.start()
+            resumed = rec.status == RUNNING or rec.attempts
+            rec.status, rec.worker = RUNNING, self.worker_id
+            self._save(rec, lease, "resumed" if resumed else "started")
+            ctx = self._context(rec, Fenced(hv, lambda: self._guard(lease)), lease)
+            while rec.status == RUNNING:
+                if rec.mode == FORWARD:
+                    self._forward(defn, rec, ctx, lease)
+                else:
+                    self._revert(defn, rec, ctx, lease)
+            return rec.status
+        except LeaseLost as exc:
+            log.warning("workflow %s: %s; stopping without further changes", wf_id, exc)
+            return "lease-lost"
+        finally:
+            if heartbeat:
+                heartbeat.stop()
+            lease.release()
+            if hv is not None:
+                hv.close()
+
+    # -- plumbing ----------------------------------------------------------------
+    def _definition(self, rec: Record) -> Definition:
+        defn = self.definitions.get(rec.strategy)
+        if defn is None:
+            raise StepFailed(f"workflow {rec.id}: unknown strategy {rec.strategy!r}")
+        if defn.version != rec.definition_version:
+            raise StepFailed(f"workflow {rec.id} follows {rec.strategy} v{rec.definition_version}; "
+                             f"this build has v{defn.version}")
+        return defn
+
+    def _guard(self, lease: Lease) -> None:
+        lease.check()
+
+    def _save(self, rec: Record, lease: Lease, event: str | None, **detail: Any) -> None:
+        self._point(f"save:{event}:{rec.state}" if event else f"save:progress:{rec.state}")
+        self.store.save(rec, event, epoch=lease.epoch, **detail)
+
+    def _context(self, rec: Record, hv: Hypervisor, lease: Lease) -> StepContext:
+        return StepContext(rec, hv,
+                           save=lambda event=None, **d: self._save(rec, lease, event, **d),
+                           guard=lambda: self._guard(lease),
+                           cancelled=lambda: self.store.cancel_requested(rec.id),
+                           sleep=self.sleep)
+
+    def _enforce_freeze_deadline(self, hv: Hypervisor, rec: Record) -> None:
+        info = quiesce.frozen_info(rec)
+        if info and time.time() > info["until"]:
+            log.warning("workflow %s: guest frozen past its deadline; thawing", rec.id)
+            hv.fs_thaw(rec.domain)
+            rec.data["freeze_broken"] = "thawed at deadline by the heartbeat"
+
+    # -- forward -------------------------------------------------------------------
+    def _forward(self, defn: Definition, rec: Record, ctx: StepContext, lease: Lease) -> None:
+        state = rec.state
+        step = defn.steps[state]
+        try:
+            ctx.check_cancel()
+            attempt = rec.attempts.get(state, 0) + 1
+            if attempt > defn.max_attempts + len(self.retry_delays):
+                raise StepFailed(f"state {state} was attempted {attempt - 1} times without completing")
+            rec.attempts[state] = attempt
+            self._save(rec, lease, "step-started", step=state, attempt=attempt)
+            redirect = step.redirect(ctx)
+            if redirect:
+                trigger, done = redirect, None
+            else:
+                done = step.probe(ctx)
+                self._point(f"probed:{state}")
+                if not done:
+                    step.execute(ctx)
+                    self._point(f"executed:{state}")
+                trigger = step.next_trigger(ctx)
+            rec.state = defn.fire(state, trigger)
+            if rec.state == SUCCEEDED:
+                rec.status = SUCCEEDED
+                rec.error = None
+            self._save(rec, lease, "step-done", step=state, trigger=trigger, already_done=bool(done))
+        except LeaseLost:
+            raise
+        except Cancelled as exc:
+            self._begin_rollback(defn, rec, ctx, lease, exc, state)
+        except DomcaptureError as exc:
+            if exc.retryable and rec.attempts.get(state, 0) <= len(self.retry_delays):
+                delay = self.retry_delays[rec.attempts[state] - 1]
+                rec.error = error_dict(exc, state)
+                self._save(rec, lease, "step-retry", step=state, delay=delay, error=str(exc))
+                self.sleep(delay)
+                return
+            self._fail(defn, rec, ctx, lease, exc, state)
+        except Exception as exc:  # a bug or an OS error: never leave the workflow running
+            log.exception("workflow %s: step %s raised", rec.id, state)
+            self._fail(defn, rec, ctx, lease, exc, state)
+
+    def _fail(self, defn: Definition, rec: Record, ctx: StepContext, lease: Lease,
+              exc: BaseException, state: str) -> None:
+        if rec.params.get("on_error") == "stop":
+            self._thaw_if_frozen(rec, ctx, lease)
+            rec.error = error_dict(exc, state)
+            rec.status = FAILED
+            rec.attention = {"reason": f"{state} failed: {exc}",
+                             "command": f"domcapture resume {rec.id}  (or: domcapture rollback {rec.id})"}
+            self._save(rec, lease, "failed", step=state, error=str(exc))
+            return
+        self._begin_rollback(defn, rec, ctx, lease, exc, state)
+
+    def _thaw_if_frozen(self, rec: Record, ctx: StepContext, lease: Lease) -> None:
+        if quiesce.frozen_info(rec):
+            quiesce.thaw(ctx.hv, rec, by=self.worker_id)
+            self._save(rec, lease, "thawed", reason="stopping while frozen")
+
+    def _begin_rollback(self, defn: Definition, rec: Record, ctx: StepContext, lease: Lease,
+                        exc: BaseException | None, state: str) -> None:
+        if exc is not None:
+            rec.error = error_dict(exc, state)
+        begin_rollback(defn, rec)
+        self._save(rec, lease, "rollback-started", reason=str(exc) if exc else "requested")
+        # A frozen guest is thawed first, before any revert that may take long.
+        self._thaw_if_frozen(rec, ctx, lease)
+
+    # -- rollback -------------------------------------------------------------------
+    def _revert(self, defn: Definition, rec: Record, ctx: StepContext, lease: Lease) -> None:
+        if not rec.revert_queue:
+            rec.state = defn.fire(rec.state, "reverted")
+            rec.status = ROLLED_BACK
+            rec.attention = None
+            self.store.clear_cancel(rec.id)
+            self._save(rec, lease, "rolled-back")
+            return
+        state = rec.revert_queue[0]
+        key = f"revert:{state}"
+        try:
+            rec.attempts[key] = rec.attempts.get(key, 0) + 1
+            self._save(rec, lease, "revert-started", step=state, attempt=rec.attempts[key])
+            defn.steps[state].revert(ctx)
+            self._point(f"reverted:{state}")
+            rec.revert_queue.pop(0)
+            self._save(rec, lease, "reverted", step=state)
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            retryable = isinstance(exc, DomcaptureError) and exc.retryable
+            if retryable and rec.attempts[key] <= len(self.retry_delays):
+                delay = self.retry_delays[rec.attempts[key] - 1]
+                self._save(rec, lease, "revert-retry", step=state, delay=delay, error=str(exc))
+                self.sleep(delay)
+                return
+            log.exception("workflow %s: revert of %s failed", rec.id, state)
+            rec.status = NEEDS_ATTENTION
+            rec.attention = {"reason": f"rollback could not revert {state}: {exc}",
+                             "command": f"domcapture rollback {rec.id}",
+                             "hint": "fix the cause shown in 'reason', then run the command to continue the rollback"}
+            rec.error = error_dict(exc, state)
+            self._save(rec, lease, "needs-attention", step=state, error=str(exc))
+
+
+def begin_rollback(defn: Definition, rec: Record) -> None:
+    """Switch a record to rollback mode (no I/O): the states to revert, newest first."""
+    if rec.state != ROLLING_BACK:
+        rec.revert_queue = list(reversed(defn.states_through(rec.state)))
+        rec.data["rollback_from"] = rec.state
+        rec.state = defn.fire(rec.state, "rollback")
+    rec.mode = ROLLBACK
+
+
+def requeue(rec: Record) -> None:
+    """Mark a record for a new job (no I/O)."""
+    rec.status = QUEUED
+    rec.worker = None
+    rec.enqueues += 1

@@ -1,0 +1,127 @@
+"""The project's one exception tree.
+
+Whether an error is worth retrying is a property of the error (``retryable``);
+only the engine decides what to do with it.  libvirt error codes are mapped to
+these classes in one table, in ``workflows.hypervisor.libvirt_adapter``.
+"""
+
+from __future__ import annotations
+
+
+class DomcaptureError(Exception):
+    """Root of every error this project raises on purpose."""
+
+    retryable = False
+    exit_code = 1
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if retryable is not None:
+            self.retryable = retryable
+
+    def to_dict(self) -> dict:
+        return {"type": type(self).__name__, "message": str(self), "retryable": self.retryable}
+
+
+# --- input: refused before anything is written --------------------------------
+class InputError(DomcaptureError):
+    """Bad input from a caller: nothing was recorded, nothing was created."""
+
+    exit_code = 2
+
+
+class UnknownStrategy(InputError):
+    pass
+
+
+class InvalidTarget(InputError):
+    pass
+
+
+class UnsupportedDisk(InputError):
+    pass
+
+
+class DomainBusy(DomcaptureError):
+    """Another capture workflow holds the domain."""
+
+    exit_code = 3
+
+
+# --- store -------------------------------------------------------------------
+class StoreError(DomcaptureError):
+    pass
+
+
+class StoreUnavailable(StoreError):
+    retryable = True
+    exit_code = 4
+
+
+class RecordNotFound(StoreError):
+    exit_code = 2
+
+
+class ConflictError(StoreError):
+    """A compare-and-set lost: someone else wrote the record first."""
+
+    retryable = True
+
+
+class LeaseLost(StoreError):
+    """The writer's fencing epoch is stale: another process owns the workflow now."""
+
+
+class InvalidOperation(DomcaptureError):
+    """An operator command that the workflow's status does not allow."""
+
+    exit_code = 3
+
+
+# --- hypervisor --------------------------------------------------------------
+class HypervisorError(DomcaptureError):
+    pass
+
+
+class HypervisorUnavailable(HypervisorError):
+    retryable = True
+    exit_code = 4
+
+
+class DomainNotFound(HypervisorError, InputError):
+    exit_code = 2
+
+
+class DomainNotRunning(HypervisorError, InputError):
+    exit_code = 2
+
+
+class AgentUnavailable(HypervisorError):
+    """The guest agent is not connected or refused (quiescing impossible)."""
+
+
+class BlockJobError(HypervisorError):
+    pass
+
+
+class NotReady(BlockJobError):
+    """A block job cannot pivot yet."""
+
+    retryable = True
+
+
+class OperationFailed(HypervisorError):
+    pass
+
+
+# --- engine --------------------------------------------------------------------
+class StepFailed(DomcaptureError):
+    pass
+
+
+class DeadlineExceeded(StepFailed):
+    pass
+
+
+class Cancelled(DomcaptureError):
+    """An operator asked the workflow to stop."""

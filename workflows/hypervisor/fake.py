@@ -1,0 +1,225 @@
+"""An in-memory hypervisor for fast, exhaustive tests.
+
+It keeps domains in memory but its disks and overlays are real files, so the
+steps' file I/O (copies, checksums, cleanup) runs for real.  An overlay file
+holds the writes made while the disk was on it; a pivot applies them to the
+backing file, as an active commit would.  Behaviour that matters to the
+workflows (errors, job lifecycle, "not ready", atomic snapshots) follows
+libvirt's; ``tests/test_hypervisor_contract.py`` checks the two agree.
+
+``hook`` (optional) is called as ``hook("before", method)`` and
+``hook("after", method)`` around every mutating call: crash tests raise from
+it to stop the process at exactly that point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import AgentUnavailable, DomainNotFound, NotReady, OperationFailed
+from .base import BlockJob, Disk
+
+READY_AFTER_POLLS = 2
+
+
+@dataclass
+class _FakeDisk:
+    target: str
+    base: str
+    overlay: str | None = None
+    job_polls: int | None = None  # None: no job; else polls seen since commit began
+    fmt: str = "qcow2"
+    type: str = "file"
+
+
+@dataclass
+class _FakeDomain:
+    name: str
+    disks: dict[str, _FakeDisk]
+    state: str = "running"
+    agent: bool = False
+    frozen: bool = False
+    log: list[str] = field(default_factory=list)
+
+
+class FakeHypervisor:
+    def __init__(self, uri: str = "fake:///default", hook: Callable[[str, str], None] | None = None) -> None:
+        self.uri = uri
+        self.domains: dict[str, _FakeDomain] = {}
+        self.hook = hook
+
+    # -- test set-up (not part of the Hypervisor protocol) ----------------------
+    def add_domain(self, name: str, disks: dict[str, str], *, agent: bool = False, state: str = "running",
+                   disk_type: str = "file") -> None:
+        self.domains[name] = _FakeDomain(
+            name, {t: _FakeDisk(t, p, type=disk_type) for t, p in disks.items()}, state=state, agent=agent)
+
+    def guest_write(self, name: str, target: str, offset: int, data: bytes) -> None:
+        disk = self._dom(name).disks[target]
+        if disk.overlay:
+            with open(disk.overlay) as f:
+                ov = json.load(f)
+            ov["writes"].append([offset, data.hex()])
+            _write_json(disk.overlay, ov)
+        else:
+            _pwrite(disk.base, offset, data)
+
+    # -- helpers ------------------------------------------------------------------
+    def _dom(self, name: str) -> _FakeDomain:
+        try:
+            return self.domains[name]
+        except KeyError:
+            raise DomainNotFound(f"domain {name}: Domain not found: no domain with matching name '{name}'")
+
+    def _running(self, name: str) -> _FakeDomain:
+        dom = self._dom(name)
+        if dom.state != "running":
+            raise OperationFailed(f"domain {name}: domain is not running")
+        return dom
+
+    def _effect(self, method: str, fn: Callable[[], object]):
+        if self.hook:
+            self.hook("before", method)
+        out = fn()
+        if self.hook:
+            self.hook("after", method)
+        return out
+
+    # -- protocol -------------------------------------------------------------------
+    def canonical_uri(self) -> str:
+        return self.uri
+
+    def close(self) -> None:
+        pass
+
+    def domain_state(self, name: str) -> str:
+        return self._dom(name).state
+
+    def domain_xml(self, name: str) -> str:
+        dom = self._dom(name)
+        disks = "".join(f"<disk type='{d.type}' device='disk'><source file='{d.overlay or d.base}'/>"
+                        f"<target dev='{d.target}'/></disk>" for d in dom.disks.values())
+        return f"<domain type='fake'><name>{name}</name><devices>{disks}</devices></domain>"
+
+    def disks(self, name: str) -> list[Disk]:
+        out = []
+        for d in self._dom(name).disks.values():
+            ready = d.job_polls is not None and d.job_polls >= READY_AFTER_POLLS
+            out.append(Disk(target=d.target, source=d.overlay or d.base, format=d.fmt, type=d.type,
+                            backing=[d.base] if d.overlay else [],
+                            mirror_job="active-commit" if d.job_polls is not None else None,
+                            mirror_ready=ready))
+        return out
+
+    def block_job(self, name: str, target: str) -> BlockJob | None:
+        d = self._dom(name).disks[target]
+        if d.job_polls is None:
+            return None
+        d.job_polls += 1
+        end = os.path.getsize(d.overlay) if d.overlay else 0
+        cur = end if d.job_polls >= READY_AFTER_POLLS else end // 2
+        return BlockJob(target=target, type="active-commit", cur=cur, end=end)
+
+    def fs_freeze(self, name: str) -> int:
+        dom = self._running(name)
+        if not dom.agent:
+            raise AgentUnavailable(f"fsfreeze of {name}: Guest agent is not responding: "
+                                   "QEMU guest agent is not connected")
+
+        def freeze() -> int:
+            dom.frozen = True
+            return len(dom.disks)
+        return self._effect("fs_freeze", freeze)
+
+    def fs_thaw(self, name: str) -> int:
+        dom = self._running(name)
+        if not dom.agent:
+            raise AgentUnavailable(f"fsthaw of {name}: QEMU guest agent is not connected")
+
+        def thaw() -> int:
+            n = len(dom.disks) if dom.frozen else 0
+            dom.frozen = False
+            return n
+        return self._effect("fs_thaw", thaw)
+
+    def fs_frozen(self, name: str) -> bool:
+        dom = self._running(name)
+        if not dom.agent:
+            raise AgentUnavailable(f"fsfreeze status of {name}: QEMU guest agent is not connected")
+        return dom.frozen
+
+    def snapshot_disk_only(self, name: str, overlays: dict[str, str], quiesce: bool = False) -> None:
+        dom = self._running(name)
+        if quiesce and not dom.agent:
+            raise AgentUnavailable(f"snapshot of {name}: QEMU guest agent is not connected")
+        for target, path in overlays.items():
+            if target not in dom.disks:
+                raise OperationFailed(f"snapshot of {name}: no disk named '{target}'")
+            if os.path.exists(path):
+                raise OperationFailed(f"snapshot of {name}: external snapshot file for disk {target} "
+                                      f"already exists and is not a block device: {path}")
+
+        def create() -> None:
+            # atomic: every overlay file first, then every disk switches
+            for target, path in overlays.items():
+                _write_json(path, {"backing": dom.disks[target].overlay or dom.disks[target].base,
+                                   "writes": []})
+            for target, path in overlays.items():
+                dom.disks[target].overlay = path
+        self._effect("snapshot_disk_only", create)
+
+    def block_commit_active(self, name: str, target: str) -> None:
+        d = self._running(name).disks[target]
+        if d.overlay is None:
+            raise OperationFailed(f"active blockcommit of {name}/{target}: top '{d.base}' in chain for "
+                                  f"'{target}' has no backing file")
+        if d.job_polls is not None:
+            raise OperationFailed(f"active blockcommit of {name}/{target}: disk '{target}' already in "
+                                  "active block job")
+
+        def start() -> None:
+            d.job_polls = 0
+        self._effect("block_commit_active", start)
+
+    def block_pivot(self, name: str, target: str) -> None:
+        d = self._running(name).disks[target]
+        if d.job_polls is None:
+            raise OperationFailed(f"pivot of {name}/{target}: disk {target} does not have an active block job")
+        if d.job_polls < READY_AFTER_POLLS:
+            raise NotReady(f"pivot of {name}/{target}: block copy still active: disk '{target}' not ready "
+                           "for pivot yet")
+
+        def pivot() -> None:
+            assert d.overlay is not None
+            with open(d.overlay) as f:
+                for offset, hexdata in json.load(f)["writes"]:
+                    _pwrite(d.base, offset, bytes.fromhex(hexdata))
+            d.overlay = None
+            d.job_polls = None
+        self._effect("block_pivot", pivot)
+
+    def block_job_abort(self, name: str, target: str) -> None:
+        d = self._running(name).disks[target]
+        if d.job_polls is None:
+            raise OperationFailed(f"abort of block job {name}/{target}: disk {target} does not have an "
+                                  "active block job")
+
+        def abort() -> None:
+            d.job_polls = None
+        self._effect("block_job_abort", abort)
+
+
+def _write_json(path: str, obj: object) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def _pwrite(path: str, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)

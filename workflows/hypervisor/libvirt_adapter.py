@@ -1,0 +1,222 @@
+"""The one module that talks to libvirt.
+
+Every ``libvirtError`` is turned into the project's own exception here, by
+one table of error codes; nothing else in the project imports ``libvirt``.
+"""
+
+from __future__ import annotations
+
+import threading
+import xml.etree.ElementTree as ET
+from typing import Callable, TypeVar
+
+import libvirt
+
+from ..errors import (AgentUnavailable, DomainNotFound, DomcaptureError, HypervisorError,
+                      HypervisorUnavailable, NotReady, OperationFailed)
+from .base import BlockJob, Disk
+
+T = TypeVar("T")
+
+# libvirt prints every error to stderr by default; ours are raised, not printed.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+# libvirt error code -> (our exception class, retryable)
+_ERROR_TABLE: dict[int, tuple[type[DomcaptureError], bool]] = {
+    libvirt.VIR_ERR_NO_DOMAIN: (DomainNotFound, False),
+    libvirt.VIR_ERR_AGENT_UNRESPONSIVE: (AgentUnavailable, False),
+    libvirt.VIR_ERR_AGENT_UNSYNCED: (AgentUnavailable, False),
+    libvirt.VIR_ERR_BLOCK_COPY_ACTIVE: (NotReady, True),
+    libvirt.VIR_ERR_OPERATION_TIMEOUT: (OperationFailed, True),  # e.g. state change lock held
+    libvirt.VIR_ERR_NO_CONNECT: (HypervisorUnavailable, True),
+    libvirt.VIR_ERR_RPC: (HypervisorUnavailable, True),
+    libvirt.VIR_ERR_SYSTEM_ERROR: (HypervisorUnavailable, True),
+    libvirt.VIR_ERR_AUTH_FAILED: (HypervisorUnavailable, False),
+    libvirt.VIR_ERR_OPERATION_INVALID: (OperationFailed, False),
+    libvirt.VIR_ERR_OPERATION_UNSUPPORTED: (OperationFailed, False),
+    libvirt.VIR_ERR_NO_SUPPORT: (OperationFailed, False),
+    libvirt.VIR_ERR_CONFIG_UNSUPPORTED: (OperationFailed, False),
+    libvirt.VIR_ERR_INVALID_ARG: (OperationFailed, False),
+    libvirt.VIR_ERR_OPERATION_FAILED: (OperationFailed, False),
+}
+
+_JOB_TYPES = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active-commit",
+}
+
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+
+
+def translate(exc: libvirt.libvirtError, what: str) -> DomcaptureError:
+    code = exc.get_error_code()
+    cls, retryable = _ERROR_TABLE.get(code, (HypervisorError, False))
+    msg = exc.get_error_message() or str(exc)
+    if exc.get_error_domain() == libvirt.VIR_FROM_RPC and cls is HypervisorError:
+        cls, retryable = HypervisorUnavailable, True
+    if "guest agent" in msg.lower() and ("not connected" in msg.lower() or "not configured" in msg.lower()):
+        cls, retryable = AgentUnavailable, False
+    err = cls(f"{what}: {msg}", retryable=retryable)
+    err.libvirt_code = code  # type: ignore[attr-defined]
+    return err
+
+
+def parse_disks(xml: str) -> list[Disk]:
+    root = ET.fromstring(xml)
+    disks = []
+    for d in root.findall("./devices/disk"):
+        target = d.find("target")
+        if target is None:
+            continue
+        src = d.find("source")
+        path = None
+        if src is not None:
+            path = src.get("file") or src.get("dev") or src.get("name")
+        drv = d.find("driver")
+        chain = []
+        bs = d.find("backingStore")
+        while bs is not None and bs.find("source") is not None:
+            bsrc = bs.find("source")
+            chain.append(bsrc.get("file") or bsrc.get("dev") or bsrc.get("name") or "")
+            bs = bs.find("backingStore")
+        mirror = d.find("mirror")
+        disks.append(Disk(
+            target=target.get("dev", ""), source=path,
+            format=drv.get("type") if drv is not None else None,
+            type=d.get("type", "file"), device=d.get("device", "disk"), backing=chain,
+            mirror_job=mirror.get("job") if mirror is not None else None,
+            mirror_ready=(mirror is not None and mirror.get("ready") == "yes"),
+        ))
+    return disks
+
+
+class LibvirtHypervisor:
+    """A libvirt connection that reconnects after libvirtd restarts."""
+
+    def __init__(self, uri: str | None = None) -> None:
+        self.uri = uri or ""
+        self._conn: libvirt.virConnect | None = None
+        self._lock = threading.Lock()
+
+    # -- connection ---------------------------------------------------------
+    def _connection(self) -> libvirt.virConnect:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+                self._conn = None
+            try:
+                self._conn = libvirt.open(self.uri or None)
+            except libvirt.libvirtError as exc:
+                raise HypervisorUnavailable(f"cannot connect to libvirt at {self.uri or '(default URI)'}: "
+                                            f"{exc.get_error_message()}") from exc
+            return self._conn
+
+    def _call(self, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:
+        try:
+            return fn(self._connection())
+        except libvirt.libvirtError as exc:
+            raise translate(exc, what) from exc
+
+    def _dom(self, conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+        return conn.lookupByName(name)
+
+    def canonical_uri(self) -> str:
+        return self._call("getURI", lambda c: c.getURI())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except libvirt.libvirtError:
+                    pass
+                self._conn = None
+
+    # -- inspection -----------------------------------------------------------
+    def domain_state(self, name: str) -> str:
+        state = self._call(f"state of domain {name}", lambda c: self._dom(c, name).state()[0])
+        return _STATES.get(state, "other")
+
+    def domain_xml(self, name: str) -> str:
+        return self._call(f"XML of domain {name}", lambda c: self._dom(c, name).XMLDesc(0))
+
+    def disks(self, name: str) -> list[Disk]:
+        return parse_disks(self.domain_xml(name))
+
+    def block_job(self, name: str, target: str) -> BlockJob | None:
+        info = self._call(f"block job on {name}/{target}",
+                          lambda c: self._dom(c, name).blockJobInfo(target, 0))
+        if not info:
+            return None
+        return BlockJob(target=target, type=_JOB_TYPES.get(info.get("type"), "unknown"),
+                        cur=int(info.get("cur", 0)), end=int(info.get("end", 0)))
+
+    # -- quiescing --------------------------------------------------------------
+    def fs_freeze(self, name: str) -> int:
+        return self._call(f"fsfreeze of {name}", lambda c: self._dom(c, name).fsFreeze(None, 0))
+
+    def fs_thaw(self, name: str) -> int:
+        # Never with mountpoints: libvirt refuses those and the guest stays frozen.
+        return self._call(f"fsthaw of {name}", lambda c: self._dom(c, name).fsThaw(None, 0))
+
+    def fs_frozen(self, name: str) -> bool:
+        import libvirt_qemu  # part of libvirt-python; only for the agent's freeze status
+
+        def status(c: libvirt.virConnect) -> bool:
+            out = libvirt_qemu.qemuAgentCommand(self._dom(c, name), '{"execute":"guest-fsfreeze-status"}', 5, 0)
+            return '"frozen"' in out
+        return self._call(f"fsfreeze status of {name}", status)
+
+    # -- snapshots and block jobs ---------------------------------------------------
+    def snapshot_disk_only(self, name: str, overlays: dict[str, str], quiesce: bool = False) -> None:
+        """External disk-only snapshot of every disk at once, with no libvirt metadata.
+
+        ``overlays`` maps every disk target to its overlay path; disks not in
+        it are excluded from the snapshot.
+        """
+        def create(c: libvirt.virConnect) -> None:
+            dom = self._dom(c, name)
+            parts = []
+            for d in parse_disks(dom.XMLDesc(0)):
+                if d.target in overlays:
+                    parts.append(f"<disk name='{d.target}' snapshot='external'>"
+                                 f"<driver type='qcow2'/><source file='{_xml_attr(overlays[d.target])}'/></disk>")
+                else:
+                    parts.append(f"<disk name='{d.target}' snapshot='no'/>")
+            xml = f"<domainsnapshot><disks>{''.join(parts)}</disks></domainsnapshot>"
+            flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+                     | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+            if quiesce:
+                flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
+            dom.snapshotCreateXML(xml, flags)
+        self._call(f"disk-only snapshot of {name}", create)
+
+    def block_commit_active(self, name: str, target: str) -> None:
+        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+        self._call(f"active blockcommit of {name}/{target}",
+                   lambda c: self._dom(c, name).blockCommit(target, None, None, 0, flags))
+
+    def block_pivot(self, name: str, target: str) -> None:
+        flags = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
+        self._call(f"pivot of {name}/{target}", lambda c: self._dom(c, name).blockJobAbort(target, flags))
+
+    def block_job_abort(self, name: str, target: str) -> None:
+        self._call(f"abort of block job {name}/{target}",
+                   lambda c: self._dom(c, name).blockJobAbort(target, 0))
+
+
+def _xml_attr(value: str) -> str:
+    return (value.replace("&", "&amp;").replace("'", "&apos;").replace("<", "&lt;").replace(">", "&gt;"))

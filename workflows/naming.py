@@ -1,0 +1,36 @@
+"""Deterministic artifact names: every path is derived from the workflow id.
+
+Anything a revert deletes must carry ``PREFIX`` and the workflow id in its
+name, so a revert can never touch a file it did not create.
+"""
+
+from __future__ import annotations
+
+import os
+
+PREFIX = "domcapture"
+
+
+def overlay_path(disk_source: str, wf_id: str, target: str) -> str:
+    return os.path.join(os.path.dirname(disk_source), f"{PREFIX}-{wf_id}-{target}.overlay.qcow2")
+
+
+def backup_dir(target_dir: str, domain: str, wf_id: str) -> str:
+    return os.path.join(target_dir, f"{PREFIX}-{domain}-{wf_id}")
+
+
+def backup_file(target_dir: str, domain: str, wf_id: str, target: str, fmt: str) -> str:
+    ext = "qcow2" if fmt == "qcow2" else "img"
+    return os.path.join(backup_dir(target_dir, domain, wf_id), f"{target}.{ext}")
+
+
+def partial_of(path: str) -> str:
+    return path + ".partial"
+
+
+def manifest_path(target_dir: str, domain: str, wf_id: str) -> str:
+    return os.path.join(backup_dir(target_dir, domain, wf_id), "manifest.json")
+
+
+def is_ours(path: str, wf_id: str) -> bool:
+    return f"{PREFIX}-" in os.path.basename(path) and wf_id in path

@@ -1,0 +1,184 @@
+"""What callers do with workflows: submit, inspect, resume, roll back, abort, recover.
+
+This is the library's front door; the CLI and the RQ runtime call it with
+typed values.  It never imports ``rq``: enqueueing is a callable handed in by
+the runtime, and a record is always written *before* its job is enqueued, so
+a crash in between leaves a ``queued`` record that recovery enqueues again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from . import quiesce, strategies
+from .definition import Definition
+from .engine import begin_rollback, requeue
+from .errors import DomainBusy, DomcaptureError, InvalidOperation
+from .hypervisor.base import Hypervisor
+from .record import FINAL_STATUSES, FORWARD, QUEUED, RUNNING, Record, new_id
+from .store import Lease, Store
+
+Enqueue = Callable[[Record], None]
+
+
+class Captures:
+    def __init__(self, store: Store, hypervisor_factory: Callable[[str], Hypervisor], enqueue: Enqueue, *,
+                 definitions: dict[str, Definition] | None = None, lease_ttl: float = 5.0) -> None:
+        self.store = store
+        self.hypervisor_factory = hypervisor_factory
+        self.enqueue = enqueue
+        self.definitions = definitions or strategies.DEFINITIONS
+        self.lease_ttl = lease_ttl
+
+    def definition(self, name: str) -> Definition:
+        if name not in self.definitions:
+            return strategies.get(name)  # raises UnknownStrategy with the list of names
+        return self.definitions[name]
+
+    # -- submit --------------------------------------------------------------------
+    def submit(self, strategy: str, domain: str, uri: str, params: dict[str, Any]) -> Record:
+        """Validate everything, then record and enqueue.  Bad input changes nothing."""
+        defn = self.definition(strategy)
+        self.store.ping()
+        hv = self.hypervisor_factory(uri)
+        try:
+            canonical = hv.canonical_uri()
+            holder = self.store.domain_holder(canonical, domain)
+            if holder:
+                raise DomainBusy(f"domain {domain!r} is busy with workflow {holder}; "
+                                 f"see 'domcapture show {holder}'")
+            normalised = defn.validate(hv, domain, dict(params))
+        finally:
+            hv.close()
+        rec = Record(id=new_id(), strategy=defn.name, definition_version=defn.version, domain=domain,
+                     uri=canonical, params=normalised, state=defn.initial, status=QUEUED, enqueues=1)
+        self.store.create(rec)
+        self.enqueue(rec)
+        return rec
+
+    # -- operator commands ------------------------------------------------------------
+    def _take(self, wf_id: str, owner: str) -> tuple[Record, Lease]:
+        rec = self.store.load(wf_id)
+        if rec.final:
+            raise InvalidOperation(f"workflow {wf_id} is {rec.status}; nothing to do")
+        lease = self.store.acquire_lease(wf_id, owner, self.lease_ttl)
+        if lease is None:
+            ttl = self.store.lease_ttl(wf_id)
+            raise InvalidOperation(f"workflow {wf_id} is running ({self.store.lease_value(wf_id)}, lease "
+                                   f"{ttl or 0:.1f}s left); use 'domcapture abort {wf_id}' to stop it")
+        rec = self.store.load(wf_id)
+        rec.worker = owner
+        return rec, lease
+
+    def _requeue(self, rec: Record, lease: Lease, event: str, **detail: Any) -> Record:
+        requeue(rec)
+        rec.attention = None
+        self.store.save(rec, event, epoch=lease.epoch, **detail)
+        lease.release()
+        self.enqueue(rec)
+        return rec
+
+    def resume(self, wf_id: str) -> Record:
+        rec, lease = self._take(wf_id, "operator:resume")
+        try:
+            # A fresh start for the state that stopped: its attempt count restarts.
+            rec.attempts.pop(rec.state, None)
+            return self._requeue(rec, lease, "resume-requested", mode=rec.mode)
+        except BaseException:
+            lease.release()
+            raise
+
+    def rollback(self, wf_id: str, reason: str = "rollback requested by operator") -> Record:
+        rec, lease = self._take(wf_id, "operator:rollback")
+        try:
+            if rec.mode == FORWARD:
+                begin_rollback(self.definition(rec.strategy), rec)
+                rec.error = rec.error or {"type": "Cancelled", "message": reason, "retryable": False}
+            rec.attempts = {k: v for k, v in rec.attempts.items() if not k.startswith("revert:")}
+            return self._requeue(rec, lease, "rollback-requested", reason=reason)
+        except BaseException:
+            lease.release()
+            raise
+
+    def abort(self, wf_id: str) -> tuple[Record, str]:
+        """Stop the workflow and roll it back, whether or not a worker runs it now."""
+        rec = self.store.load(wf_id)
+        if rec.final:
+            raise InvalidOperation(f"workflow {wf_id} is {rec.status}; nothing to abort")
+        self.store.request_cancel(wf_id, "aborted by operator")
+        try:
+            return self.rollback(wf_id, reason="aborted by operator"), "rolling back"
+        except InvalidOperation:
+            # A live worker holds it: it sees the cancel at its next check and rolls back.
+            return self.store.load(wf_id), "cancel requested; the running worker will roll back"
+
+    # -- recovery ------------------------------------------------------------------------
+    def recover(self, wf_id: str, owner: str = "recovery") -> str | None:
+        """Take over a ``running`` workflow whose lease expired: thaw, then resume or roll back.
+
+        Returns what was decided, or None when there was nothing to do.
+        """
+        rec = self.store.load(wf_id)
+        if rec.status != RUNNING:
+            return None
+        lease = self.store.acquire_lease(wf_id, owner, self.lease_ttl)
+        if lease is None:
+            return None
+        try:
+            rec = self.store.load(wf_id)
+            if rec.status != RUNNING:
+                return None
+            lost_worker, rec.worker = rec.worker, owner
+            if quiesce.frozen_info(rec):
+                hv = self.hypervisor_factory(rec.uri)
+                try:
+                    outcome = quiesce.thaw(hv, rec, by=owner)
+                finally:
+                    hv.close()
+                rec.data["freeze_broken"] = "thawed by recovery after the worker died"
+                self.store.save(rec, "thawed", epoch=lease.epoch, **outcome)
+            defn = self.definition(rec.strategy)
+            decision = "resume"
+            if rec.mode == FORWARD:
+                tries = rec.attempts.get(rec.state, 0)
+                if defn.crash_policy(rec.state) == "rollback":
+                    decision = "rollback"
+                elif tries >= defn.max_attempts:
+                    decision = "rollback"
+                    rec.error = {"type": "CrashLoop", "retryable": False, "state": rec.state, "at": time.time(),
+                                 "message": f"the worker died {tries} times in state {rec.state}"}
+                if decision == "rollback":
+                    begin_rollback(defn, rec)
+            else:
+                decision = "continue rollback"
+            rec.data.setdefault("recoveries", []).append({"at": time.time(), "lost_worker": lost_worker,
+                                                          "state": rec.state, "decision": decision})
+            self._requeue(rec, lease, "recovered", decision=decision, lost_worker=lost_worker)
+            return decision
+        except DomcaptureError:
+            lease.release()
+            raise
+
+    def reenqueue(self, wf_id: str, owner: str = "recovery") -> bool:
+        """A ``queued`` record whose job vanished from the queue gets a new job."""
+        lease = self.store.acquire_lease(wf_id, owner, self.lease_ttl)
+        if lease is None:
+            return False
+        rec = self.store.load(wf_id)
+        if rec.status != QUEUED:
+            lease.release()
+            return False
+        self._requeue(rec, lease, "reenqueued", reason="its job was lost from the queue")
+        return True
+
+
+def summary(rec: Record) -> dict[str, Any]:
+    return {"id": rec.id, "strategy": rec.strategy, "domain": rec.domain, "uri": rec.uri,
+            "status": rec.status, "state": rec.state, "mode": rec.mode, "progress": rec.progress,
+            "error": rec.error, "attention": rec.attention, "result": rec.result,
+            "created_at": rec.created_at, "updated_at": rec.updated_at}
+
+
+def is_final(rec: Record) -> bool:
+    return rec.status in FINAL_STATUSES

@@ -1,0 +1,273 @@
+"""Workflow records in Redis: atomic compare-and-set, history, leases, fencing.
+
+Keys (``P`` is the configurable prefix, ``dc`` by default):
+
+- ``P:wf:<id>``          hash: ``rev`` and ``data`` (the record's JSON)
+- ``P:wf:<id>:history``  list of JSON events, appended by the same script
+                         that writes the record
+- ``P:wf:<id>:epoch``    fencing epoch, bumped by every lease acquisition
+- ``P:wf:<id>:lease``    ``<epoch>|<owner>`` with a TTL, renewed by a heartbeat
+- ``P:wf:<id>:cancel``   set by ``abort``; read by the running worker
+- ``P:domain:<uri>|<name>``  id of the workflow that holds the domain
+- ``P:index``            sorted set of every id by creation time
+- ``P:active``           ids whose status is not final
+
+Every record write runs one Lua script that checks the revision the writer
+read and the writer's fencing epoch, writes the record, appends the history
+event, and maintains the index, the active set and the domain lock.  A writer
+whose epoch is stale (it lost its lease, e.g. after SIGSTOP/SIGCONT) changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Iterator
+
+import redis
+
+from .errors import ConflictError, DomainBusy, LeaseLost, RecordNotFound, StoreUnavailable
+from .record import FINAL_STATUSES, Record
+
+_CREATE = """
+-- KEYS: record, history, index, active, domainlock
+-- ARGV: id, data, event, created_at
+local holder = redis.call('GET', KEYS[5])
+if holder and holder ~= ARGV[1] then return {'busy', holder} end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', ARGV[1]} end
+redis.call('SET', KEYS[5], ARGV[1])
+redis.call('HSET', KEYS[1], 'rev', 1, 'data', ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+return {'ok', '1'}
+"""
+
+_SAVE = """
+-- KEYS: record, history, epoch, active, domainlock
+-- ARGV: id, expected_rev, writer_epoch, data, event (or ''), final ('1'/'0')
+local rev = redis.call('HGET', KEYS[1], 'rev')
+if not rev then return {'missing', ''} end
+local epoch = redis.call('GET', KEYS[3]) or '0'
+if epoch ~= ARGV[3] then return {'stale', epoch} end
+if rev ~= ARGV[2] then return {'conflict', rev} end
+local newrev = tonumber(rev) + 1
+redis.call('HSET', KEYS[1], 'rev', newrev, 'data', ARGV[4])
+if ARGV[5] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[5]) end
+if ARGV[6] == '1' then
+  redis.call('SREM', KEYS[4], ARGV[1])
+  if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
+else
+  redis.call('SADD', KEYS[4], ARGV[1])
+end
+return {'ok', tostring(newrev)}
+"""
+
+_ACQUIRE = """
+-- KEYS: lease, epoch   ARGV: owner, ttl_ms
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, redis.call('GET', KEYS[1])} end
+local e = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], tostring(e) .. '|' .. ARGV[1], 'PX', ARGV[2])
+return {e, ''}
+"""
+
+_RENEW = """
+-- KEYS: lease   ARGV: value, ttl_ms
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
+return 0
+"""
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+class Lease:
+    """A held lease: the owner, its fencing epoch, and when it was last renewed."""
+
+    def __init__(self, store: "Store", wf_id: str, owner: str, epoch: int, ttl: float) -> None:
+        self.store, self.wf_id, self.owner, self.epoch, self.ttl = store, wf_id, owner, epoch, ttl
+        self.renewed_at = time.monotonic()
+        self.lost = False
+
+    @property
+    def value(self) -> str:
+        return f"{self.epoch}|{self.owner}"
+
+    def renew(self) -> bool:
+        if self.lost:
+            return False
+        # Judged on the monotonic clock first: a process that was stopped longer
+        # than the TTL has lost the lease, whatever Redis would answer now.
+        if time.monotonic() - self.renewed_at > self.ttl:
+            self.lost = True
+            return False
+        ok = self.store.renew_lease(self.wf_id, self.value, self.ttl)
+        if ok:
+            self.renewed_at = time.monotonic()
+        else:
+            self.lost = True
+        return ok
+
+    def check(self) -> None:
+        """Raise LeaseLost unless the lease is still ours (local clock + Redis)."""
+        if self.lost or time.monotonic() - self.renewed_at > self.ttl:
+            self.lost = True
+            raise LeaseLost(f"lease on workflow {self.wf_id} (epoch {self.epoch}) lost")
+        if self.store.lease_value(self.wf_id) != self.value:
+            self.lost = True
+            raise LeaseLost(f"lease on workflow {self.wf_id} (epoch {self.epoch}) taken over")
+
+    def release(self) -> None:
+        self.store.release_lease(self.wf_id, self.value)
+
+
+class Store:
+    def __init__(self, client: redis.Redis, prefix: str = "dc") -> None:
+        self.r = client
+        self.prefix = prefix
+        self._create = client.register_script(_CREATE)
+        self._save = client.register_script(_SAVE)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "dc") -> "Store":
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10,
+                                      health_check_interval=10)
+        return cls(client, prefix)
+
+    # -- keys ----------------------------------------------------------------
+    def _k(self, wf_id: str, suffix: str = "") -> str:
+        return f"{self.prefix}:wf:{wf_id}{suffix}"
+
+    def domain_key(self, uri: str, domain: str) -> str:
+        return f"{self.prefix}:domain:{uri}|{domain}"
+
+    def _call(self, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"redis unreachable: {exc}") from exc
+
+    def ping(self) -> None:
+        self._call(self.r.ping)
+
+    # -- records -------------------------------------------------------------
+    @staticmethod
+    def event(rec: Record, event: str, **detail: Any) -> dict[str, Any]:
+        return {"ts": time.time(), "event": event, "state": rec.state, "status": rec.status,
+                "mode": rec.mode, "worker": rec.worker, "epoch": rec.epoch, **detail}
+
+    def create(self, rec: Record, event: str = "submitted") -> None:
+        rec.rev = 1
+        data = _dumps(rec.to_dict())
+        res = self._call(self._create,
+                         keys=[self._k(rec.id), self._k(rec.id, ":history"), f"{self.prefix}:index",
+                               f"{self.prefix}:active", self.domain_key(rec.uri, rec.domain)],
+                         args=[rec.id, data, _dumps(self.event(rec, event)), rec.created_at])
+        tag, val = res[0].decode(), res[1].decode()
+        if tag == "busy":
+            raise DomainBusy(f"domain {rec.domain!r} is busy with workflow {val}; "
+                             f"wait for it, or see 'domcapture show {val}'")
+        if tag != "ok":
+            raise ConflictError(f"workflow {rec.id} already exists")
+
+    def load(self, wf_id: str) -> Record:
+        raw = self._call(self.r.hgetall, self._k(wf_id))
+        if not raw:
+            raise RecordNotFound(f"no workflow with id {wf_id!r}")
+        rec = Record.from_dict(json.loads(raw[b"data"]))
+        rec.rev = int(raw[b"rev"])
+        return rec
+
+    def save(self, rec: Record, event: str | None, *, epoch: int, **detail: Any) -> None:
+        """Compare-and-set the record (and append ``event`` to its history).
+
+        Refused with LeaseLost when ``epoch`` is not the current fencing epoch,
+        with ConflictError when the record changed since it was loaded.
+        """
+        rec.updated_at = time.time()
+        rec.epoch = epoch
+        expected = rec.rev
+        rec.rev = expected + 1
+        ev = _dumps(self.event(rec, event, **detail)) if event else ""
+        res = self._call(self._save,
+                         keys=[self._k(rec.id), self._k(rec.id, ":history"), self._k(rec.id, ":epoch"),
+                               f"{self.prefix}:active", self.domain_key(rec.uri, rec.domain)],
+                         args=[rec.id, expected, epoch, _dumps(rec.to_dict()), ev,
+                               "1" if rec.status in FINAL_STATUSES else "0"])
+        tag, val = res[0].decode(), res[1].decode()
+        if tag == "ok":
+            return
+        rec.rev = expected
+        if tag == "stale":
+            raise LeaseLost(f"workflow {rec.id}: write with epoch {epoch} refused, current epoch is {val}")
+        if tag == "conflict":
+            raise ConflictError(f"workflow {rec.id}: revision {expected} is stale (now {val})")
+        raise RecordNotFound(f"no workflow with id {rec.id!r}")
+
+    def history(self, wf_id: str) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self._call(self.r.lrange, self._k(wf_id, ":history"), 0, -1)]
+
+    def ids(self) -> list[str]:
+        return [x.decode() for x in self._call(self.r.zrange, f"{self.prefix}:index", 0, -1)]
+
+    def active_ids(self) -> list[str]:
+        return sorted(x.decode() for x in self._call(self.r.smembers, f"{self.prefix}:active"))
+
+    def records(self, status: str | None = None) -> Iterator[Record]:
+        for wf_id in self.ids():
+            try:
+                rec = self.load(wf_id)
+            except RecordNotFound:
+                continue
+            if status is None or rec.status == status:
+                yield rec
+
+    def domain_holder(self, uri: str, domain: str) -> str | None:
+        val = self._call(self.r.get, self.domain_key(uri, domain))
+        return val.decode() if val else None
+
+    # -- leases and fencing --------------------------------------------------------
+    def acquire_lease(self, wf_id: str, owner: str, ttl: float) -> Lease | None:
+        res = self._call(self._acquire, keys=[self._k(wf_id, ":lease"), self._k(wf_id, ":epoch")],
+                         args=[owner, int(ttl * 1000)])
+        epoch = int(res[0])
+        if epoch == 0:
+            return None
+        return Lease(self, wf_id, owner, epoch, ttl)
+
+    def renew_lease(self, wf_id: str, value: str, ttl: float) -> bool:
+        return bool(self._call(self._renew, keys=[self._k(wf_id, ":lease")], args=[value, int(ttl * 1000)]))
+
+    def release_lease(self, wf_id: str, value: str) -> None:
+        self._call(self._release, keys=[self._k(wf_id, ":lease")], args=[value])
+
+    def lease_value(self, wf_id: str) -> str | None:
+        val = self._call(self.r.get, self._k(wf_id, ":lease"))
+        return val.decode() if val else None
+
+    def lease_ttl(self, wf_id: str) -> float | None:
+        ms = self._call(self.r.pttl, self._k(wf_id, ":lease"))
+        return ms / 1000 if ms and ms > 0 else None
+
+    # -- cancellation -----------------------------------------------------------------
+    def request_cancel(self, wf_id: str, reason: str) -> None:
+        self._call(self.r.set, self._k(wf_id, ":cancel"), reason)
+
+    def cancel_requested(self, wf_id: str) -> str | None:
+        val = self._call(self.r.get, self._k(wf_id, ":cancel"))
+        return val.decode() if val else None
+
+    def clear_cancel(self, wf_id: str) -> None:
+        self._call(self.r.delete, self._k(wf_id, ":cancel"))

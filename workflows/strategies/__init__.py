@@ -1,0 +1,18 @@
+"""The capture strategies, by CLI name."""
+
+from __future__ import annotations
+
+from ..definition import Definition
+from ..errors import UnknownStrategy
+from . import snapshot_backup
+
+DEFINITIONS: dict[str, Definition] = {
+    snapshot_backup.NAME: snapshot_backup.DEFINITION,
+}
+
+
+def get(name: str) -> Definition:
+    try:
+        return DEFINITIONS[name]
+    except KeyError:
+        raise UnknownStrategy(f"unknown strategy {name!r}; choose one of: {', '.join(sorted(DEFINITIONS))}")

@@ -1,0 +1,224 @@
+"""Pieces several strategies share: input checks, quiesce steps, block-job helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any
+
+from .. import quiesce
+from ..errors import (DeadlineExceeded, DomainNotRunning, DomcaptureError, InputError, InvalidTarget,
+                      StepFailed, UnsupportedDisk)
+from ..hypervisor.base import Disk, Hypervisor
+from ..steps import Step, StepContext
+
+QUIESCE_MODES = ("off", "try", "require")
+DEFAULT_FREEZE_DEADLINE = 10.0
+DEFAULT_COMMIT_TIMEOUT = 600.0
+POLL = 0.2
+
+
+# -- input checks (no side effects) -------------------------------------------------
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)} (got {value!r})")
+    return value
+
+
+def check_target_dir(path: str | None) -> str:
+    if not path:
+        raise InvalidTarget("--target is required: the directory the backup is written to")
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise InvalidTarget(f"target directory {path} does not exist")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InvalidTarget(f"target directory {path} is not writable")
+    return path
+
+
+def capture_disks(hv: Hypervisor, domain: str) -> list[Disk]:
+    """The domain's disks a capture covers; refuses what cannot be captured."""
+    disks = [d for d in hv.disks(domain) if d.device == "disk"]
+    if not disks:
+        raise UnsupportedDisk(f"domain {domain} has no disks to capture")
+    for d in disks:
+        if d.type != "file" or not d.source:
+            raise UnsupportedDisk(f"disk {d.target} of {domain} is a {d.type} disk; only file disks are supported")
+        if d.format not in ("qcow2", "raw"):
+            raise UnsupportedDisk(f"disk {d.target} of {domain} has format {d.format}; qcow2 or raw expected")
+        if d.backing:
+            raise UnsupportedDisk(f"disk {d.target} of {domain} already has a backing chain "
+                                  f"({' <- '.join(d.backing)}); commit it first")
+        if d.mirror_job:
+            raise UnsupportedDisk(f"disk {d.target} of {domain} has a {d.mirror_job} block job running")
+        if not os.path.exists(d.source):
+            raise UnsupportedDisk(f"disk {d.target} of {domain}: {d.source} is not visible on this host")
+    return disks
+
+
+def require_running(hv: Hypervisor, domain: str) -> None:
+    state = hv.domain_state(domain)
+    if state != "running":
+        raise DomainNotRunning(f"domain {domain} is {state}; this strategy captures a running domain")
+
+
+def check_space(path: str, needed: int, what: str) -> None:
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise InvalidTarget(f"{what}: {path} has {free} bytes free, {needed} needed")
+
+
+# -- quiescing steps ------------------------------------------------------------------
+class Freeze(Step):
+    """FS freeze through the guest agent, with the thaw deadline written first."""
+
+    description = "freeze guest filesystems (guest agent)"
+
+    def execute(self, ctx: StepContext) -> None:
+        mode = ctx.params.get("quiesce", "off")
+        if mode == "off":
+            ctx.data["quiesced"] = False
+            return
+        deadline = float(ctx.params.get("freeze_deadline", DEFAULT_FREEZE_DEADLINE))
+        quiesce.mark_freezing(ctx.rec, deadline)
+        ctx.data.pop("freeze_broken", None)
+        ctx.save("freeze-intent", deadline_s=deadline)
+        try:
+            count = ctx.hv.fs_freeze(ctx.domain)
+        except DomcaptureError as exc:
+            # Thaw even though the freeze failed: the agent may have frozen and
+            # failed to answer in time.
+            quiesce.thaw(ctx.hv, ctx.rec, by="freeze-failure")
+            ctx.data["quiesced"] = False
+            ctx.data["quiesce_error"] = str(exc)
+            if mode == "require":
+                raise StepFailed(f"quiesce=require but the guest could not be frozen: {exc}") from exc
+            ctx.save("quiesce-skipped", reason=str(exc))
+            return
+        ctx.data["quiesced"] = True
+        ctx.data["frozen_filesystems"] = count
+
+    def revert(self, ctx: StepContext) -> None:
+        if quiesce.frozen_info(ctx.rec):
+            quiesce.thaw(ctx.hv, ctx.rec, by="rollback")
+
+
+class Thaw(Step):
+    description = "thaw guest filesystems"
+
+    def probe(self, ctx: StepContext) -> bool:
+        return not quiesce.frozen_info(ctx.rec)
+
+    def execute(self, ctx: StepContext) -> None:
+        outcome = quiesce.thaw(ctx.hv, ctx.rec, by=ctx.rec.worker or "worker")
+        ctx.data["downtime_s"] = outcome.get("frozen_seconds")
+
+    def revert(self, ctx: StepContext) -> None:
+        if quiesce.frozen_info(ctx.rec):
+            quiesce.thaw(ctx.hv, ctx.rec, by="rollback")
+
+
+def needs_refreeze(ctx: StepContext) -> bool:
+    """A quiesced capture whose freeze was lost (recovery thawed) must freeze again."""
+    return bool(ctx.data.get("quiesced")) and not quiesce.frozen_info(ctx.rec)
+
+
+# -- block jobs ------------------------------------------------------------------------
+def disk_map(ctx: StepContext) -> dict[str, Disk]:
+    return {d.target: d for d in ctx.hv.disks(ctx.domain)}
+
+
+def overlays(ctx: StepContext) -> dict[str, str]:
+    """target -> overlay path, as planned in the record."""
+    return {a["disk"]: a["path"] for a in ctx.rec.artifacts_of("overlay")}
+
+
+def originals(ctx: StepContext) -> dict[str, str]:
+    return {d["target"]: d["source"] for d in ctx.data["disks"]}
+
+
+def start_commits(ctx: StepContext) -> None:
+    """Active blockcommit of every disk still on our overlay and without a job."""
+    planned = overlays(ctx)
+    for target, disk in disk_map(ctx).items():
+        if target in planned and disk.source == planned[target] and disk.mirror_job is None:
+            if ctx.hv.block_job(ctx.domain, target) is None:
+                ctx.data.setdefault("commits", {})[target] = {"started_at": time.time()}
+                ctx.save("commit-intent", disk=target)
+                ctx.hv.block_commit_active(ctx.domain, target)
+
+
+def wait_ready(ctx: StepContext, deadline: float) -> list[str]:
+    """Poll until every disk on our overlay has a commit job ready to pivot.
+
+    Returns the disks whose job vanished while they were still on the
+    overlay: a vanished job is never taken as success.
+    """
+    planned = overlays(ctx)
+    while True:
+        ctx.check_cancel()
+        ctx.guard()
+        pending, vanished, done, total = [], [], 0, 0
+        for target, disk in disk_map(ctx).items():
+            if target not in planned or disk.source != planned[target]:
+                continue  # pivoted already (or never snapshotted)
+            job = ctx.hv.block_job(ctx.domain, target)
+            if job is not None:
+                done, total = done + job.cur, total + job.end
+            if disk.mirror_job and disk.mirror_ready:
+                continue
+            if job is None and not disk.mirror_job:
+                vanished.append(target)
+            else:
+                pending.append(target)
+        ctx.progress("commit", done, total)
+        if not pending:
+            return vanished
+        if time.time() > deadline:
+            raise DeadlineExceeded(f"block commit of {', '.join(pending)} not ready by its deadline")
+        ctx.sleep(POLL)
+
+
+def pivot_all(ctx: StepContext) -> None:
+    planned, original = overlays(ctx), originals(ctx)
+    for target, disk in disk_map(ctx).items():
+        if target in planned and disk.source == planned[target]:
+            ctx.save("pivot-intent", disk=target)
+            ctx.hv.block_pivot(ctx.domain, target)
+    still = [t for t, d in disk_map(ctx).items() if t in original and d.source != original[t]]
+    if still:
+        raise StepFailed(f"after pivot, disks {still} are not on their original images")
+
+
+def on_overlay(ctx: StepContext) -> list[str]:
+    planned = overlays(ctx)
+    return [t for t, d in disk_map(ctx).items() if t in planned and d.source == planned[t]]
+
+
+def remove_overlays(ctx: StepContext) -> None:
+    """Delete our overlay files that no disk uses any more."""
+    using = {d.source for d in ctx.hv.disks(ctx.domain)}
+    for art in ctx.rec.artifacts_of("overlay"):
+        if art["path"] in using:
+            raise StepFailed(f"overlay {art['path']} is still in use by {ctx.domain}")
+        if os.path.exists(art["path"]):
+            ctx.guard()
+            os.unlink(art["path"])
+        art["status"] = "deleted"
+
+
+def get_off_overlays(ctx: StepContext) -> None:
+    """Bring every disk back onto its original image: commit, wait, pivot, delete."""
+    if on_overlay(ctx):
+        start_commits(ctx)
+        timeout = float(ctx.params.get("commit_timeout", DEFAULT_COMMIT_TIMEOUT))
+        for _ in range(3):
+            vanished = wait_ready(ctx, time.time() + timeout)
+            if not vanished:
+                break
+            start_commits(ctx)
+        pivot_all(ctx)
+    remove_overlays(ctx)
+    ctx.save("overlays-removed")
+

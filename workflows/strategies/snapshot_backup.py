@@ -1,0 +1,286 @@
+"""Backup via a temporary external snapshot (the guide's first sequence).
+
+freeze -> disk-only external snapshot of every disk -> thaw -> copy each
+backing file -> active blockcommit -> wait for ready -> pivot -> delete the
+overlays -> write the manifest.  A crash in any state resumes (every step
+probes libvirt first); rollback commits and pivots any disk still on our
+overlay, thaws, and deletes overlays and partial files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from .. import naming
+from ..definition import RESUME, Definition
+from ..errors import InputError, StepFailed
+from ..filecopy import copy_resumable, fsync_dir
+from ..hypervisor.base import Hypervisor
+from ..record import Artifact
+from ..steps import Step, StepContext
+from . import common
+
+NAME = "snapshot-backup"
+VERSION = 1
+
+STATES = ["preflight", "freezing", "snapshotting", "thawing", "copying", "committing",
+          "waiting_ready", "pivoting", "cleaning", "finalizing"]
+
+TRANSITIONS = [
+    # trigger     source            dest
+    ["advance",  "preflight",      "freezing"],
+    ["advance",  "freezing",       "snapshotting"],
+    ["refreeze", "snapshotting",   "freezing"],      # the freeze was lost in a crash
+    ["advance",  "snapshotting",   "thawing"],
+    ["advance",  "thawing",        "copying"],
+    ["advance",  "copying",        "committing"],
+    ["advance",  "committing",     "waiting_ready"],
+    ["recommit", "waiting_ready",  "committing"],    # a job vanished before ready
+    ["advance",  "waiting_ready",  "pivoting"],
+    ["advance",  "pivoting",       "cleaning"],
+    ["advance",  "cleaning",       "finalizing"],
+    ["advance",  "finalizing",     "succeeded"],
+]
+
+
+def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    out = {
+        "target": common.check_target_dir(params.get("target")),
+        "quiesce": common.check_choice("quiesce", params.get("quiesce") or "try", common.QUIESCE_MODES),
+        "on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop")),
+        "freeze_deadline": float(params.get("freeze_deadline") or common.DEFAULT_FREEZE_DEADLINE),
+        "commit_timeout": float(params.get("commit_timeout") or common.DEFAULT_COMMIT_TIMEOUT),
+    }
+    if out["freeze_deadline"] <= 0 or out["commit_timeout"] <= 0:
+        raise InputError("--freeze-deadline and --commit-timeout must be positive")
+    common.require_running(hv, domain)
+    disks = common.capture_disks(hv, domain)
+    common.check_space(out["target"], sum(os.path.getsize(d.source) for d in disks), "backup target")
+    return out
+
+
+class Preflight(Step):
+    description = "inspect the disks; name every overlay and backup file before anything exists"
+
+    def execute(self, ctx: StepContext) -> None:
+        common.require_running(ctx.hv, ctx.domain)
+        disks = common.capture_disks(ctx.hv, ctx.domain)
+        target = ctx.params["target"]
+        common.check_space(target, sum(os.path.getsize(d.source) for d in disks), "backup target")
+        ctx.data["disks"] = [{"target": d.target, "source": d.source, "format": d.format,
+                              "size": os.path.getsize(d.source)} for d in disks]
+        for d in disks:
+            ctx.rec.plan_artifact(Artifact(f"overlay:{d.target}", "overlay",
+                                           naming.overlay_path(d.source, ctx.rec.id, d.target), d.target))
+            ctx.rec.plan_artifact(Artifact(f"backup:{d.target}", "backup-file",
+                                           naming.backup_file(target, ctx.domain, ctx.rec.id, d.target,
+                                                              d.format or "raw"), d.target))
+        ctx.rec.plan_artifact(Artifact("manifest", "manifest",
+                                       naming.manifest_path(target, ctx.domain, ctx.rec.id)))
+
+    def revert(self, ctx: StepContext) -> None:
+        """The last revert to run: removes the backup folder once it is empty."""
+        art = ctx.rec.artifacts.get("manifest")
+        if art:
+            folder = os.path.dirname(art["path"])
+            if os.path.isdir(folder) and not os.listdir(folder) and naming.is_ours(folder, ctx.rec.id):
+                os.rmdir(folder)
+
+
+class Snapshot(Step):
+    description = "external disk-only snapshot of every disk at once (atomic, no metadata)"
+
+    def redirect(self, ctx: StepContext) -> str | None:
+        return "refreeze" if not self.probe(ctx) and common.needs_refreeze(ctx) else None
+
+    def probe(self, ctx: StepContext) -> bool:
+        on = common.on_overlay(ctx)
+        if on and len(on) != len(common.overlays(ctx)):
+            raise StepFailed(f"only disks {on} are on their overlays: the snapshot was not atomic")
+        return bool(on)
+
+    def execute(self, ctx: StepContext) -> None:
+        planned = common.overlays(ctx)
+        for path in planned.values():
+            if os.path.exists(path):  # left by an attempt that never switched the domain
+                os.unlink(path)
+        ctx.data["snapshot_started_at"] = time.time()
+        ctx.save("snapshot-intent", overlays=planned)
+        ctx.hv.snapshot_disk_only(ctx.domain, planned)
+        ctx.data["snapshot_at"] = time.time()
+        ctx.data["snapshot_seconds"] = round(ctx.data["snapshot_at"] - ctx.data["snapshot_started_at"], 3)
+        for target in planned:
+            ctx.rec.set_artifact(f"overlay:{target}", status="present")
+
+    def revert(self, ctx: StepContext) -> None:
+        common.get_off_overlays(ctx)
+
+
+class CopyBackingFiles(Step):
+    description = "copy each original (now read-only backing) image to the target"
+
+    def probe(self, ctx: StepContext) -> bool:
+        return all(a["status"] == "present" and a.get("checksum") and os.path.exists(a["path"])
+                   for a in ctx.rec.artifacts_of("backup-file"))
+
+    def execute(self, ctx: StepContext) -> None:
+        on = common.on_overlay(ctx)
+        if len(on) != len(ctx.data["disks"]):
+            raise StepFailed("the domain left its overlays before the copy finished; the images are not frozen")
+        cursors = ctx.data.setdefault("copy", {})
+        total = sum(d["size"] for d in ctx.data["disks"])
+        base_done = 0
+        for disk in ctx.data["disks"]:
+            art = ctx.rec.artifacts[f"backup:{disk['target']}"]
+            if art["status"] == "present" and art.get("checksum") and os.path.exists(art["path"]):
+                base_done += art["size"]
+                continue
+            cur = cursors.setdefault(disk["target"], {"offset": 0})
+            partial = naming.partial_of(art["path"])
+            art["partial"] = partial
+            ctx.save("copy-intent", disk=disk["target"], partial=partial, offset=cur["offset"])
+
+            def durable(pos: int, cur: dict = cur) -> None:
+                cur["offset"] = pos
+                ctx.save(None)
+
+            def progress(pos: int, _total: int, done0: int = base_done, target: str = disk["target"]) -> None:
+                ctx.progress("copy", done0 + pos, total, disk=target)
+
+            def check() -> None:
+                ctx.check_cancel()
+                ctx.guard()
+
+            checksum, size = copy_resumable(disk["source"], partial, art["path"], offset=cur["offset"],
+                                            on_progress=progress, on_durable=durable, check=check)
+            ctx.rec.set_artifact(f"backup:{disk['target']}", status="present", checksum=f"sha256:{checksum}",
+                                 size=size)
+            ctx.save("copied", disk=disk["target"], bytes=size)
+            base_done += size
+        ctx.progress("copy", total, total, force=True)
+
+    def revert(self, ctx: StepContext) -> None:
+        for art in ctx.rec.artifacts_of("backup-file"):
+            for path in (art["path"], naming.partial_of(art["path"])):
+                if os.path.exists(path) and naming.is_ours(os.path.dirname(path), ctx.rec.id):
+                    ctx.guard()
+                    os.unlink(path)
+            art["status"] = "deleted"
+        ctx.data.pop("copy", None)
+
+
+class Commit(Step):
+    description = "active blockcommit of each overlay into its original image"
+
+    def probe(self, ctx: StepContext) -> bool:
+        disks = common.disk_map(ctx)
+        planned = common.overlays(ctx)
+        return all(disks[t].source != p or disks[t].mirror_job for t, p in planned.items())
+
+    def execute(self, ctx: StepContext) -> None:
+        common.start_commits(ctx)
+
+
+class WaitReady(Step):
+    description = "wait until every commit job is ready to pivot (confirmed in the domain XML)"
+
+    def execute(self, ctx: StepContext) -> None:
+        deadline = ctx.data.setdefault("commit_deadline", time.time() + float(ctx.params["commit_timeout"]))
+        ctx.data["vanished"] = common.wait_ready(ctx, deadline)
+
+    def next_trigger(self, ctx: StepContext) -> str:
+        return "recommit" if ctx.data.pop("vanished", None) else "advance"
+
+
+class Pivot(Step):
+    description = "pivot each disk back onto its original image"
+
+    def probe(self, ctx: StepContext) -> bool:
+        return not common.on_overlay(ctx)
+
+    def execute(self, ctx: StepContext) -> None:
+        common.pivot_all(ctx)
+
+
+class Cleanup(Step):
+    description = "delete the overlays"
+
+    def probe(self, ctx: StepContext) -> bool:
+        return all(not os.path.exists(a["path"]) for a in ctx.rec.artifacts_of("overlay"))
+
+    def execute(self, ctx: StepContext) -> None:
+        common.remove_overlays(ctx)
+
+
+class Finalize(Step):
+    description = "write the manifest (files, sizes, checksums); the backup is complete only now"
+
+    def _manifest(self, ctx: StepContext) -> str:
+        return ctx.rec.artifacts["manifest"]["path"]
+
+    def probe(self, ctx: StepContext) -> bool:
+        path = self._manifest(ctx)
+        try:
+            with open(path) as f:
+                return json.load(f).get("workflow") == ctx.rec.id
+        except (OSError, ValueError):
+            return False
+
+    def execute(self, ctx: StepContext) -> None:
+        files = [{"disk": a["disk"], "path": a["path"], "size": a["size"], "checksum": a["checksum"],
+                  "format": next(d["format"] for d in ctx.data["disks"] if d["target"] == a["disk"])}
+                 for a in ctx.rec.artifacts_of("backup-file")]
+        manifest = {"format": "domcapture-backup", "version": 1, "workflow": ctx.rec.id, "strategy": NAME,
+                    "domain": ctx.domain, "uri": ctx.rec.uri, "snapshot_at": ctx.data.get("snapshot_at"),
+                    "quiesced": bool(ctx.data.get("quiesced")) and not ctx.data.get("freeze_broken"),
+                    "files": files}
+        path = self._manifest(ctx)
+        tmp = naming.partial_of(path)
+        ctx.guard()
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
+
+    def next_trigger(self, ctx: StepContext) -> str:
+        ctx.rec.set_artifact("manifest", status="present")
+        ctx.rec.result = {"backup_dir": os.path.dirname(self._manifest(ctx)),
+                          "manifest": self._manifest(ctx),
+                          "files": {a["disk"]: {"path": a["path"], "size": a["size"], "checksum": a["checksum"]}
+                                    for a in ctx.rec.artifacts_of("backup-file")},
+                          "quiesced": bool(ctx.data.get("quiesced")) and not ctx.data.get("freeze_broken"),
+                          "downtime_s": ctx.data.get("downtime_s"),
+                          "snapshot_seconds": ctx.data.get("snapshot_seconds")}
+        return "advance"
+
+    def revert(self, ctx: StepContext) -> None:
+        path = self._manifest(ctx)
+        for p in (path, naming.partial_of(path)):
+            if os.path.exists(p):
+                os.unlink(p)
+        backup_dir = os.path.dirname(path)
+        if os.path.isdir(backup_dir) and not os.listdir(backup_dir):
+            os.rmdir(backup_dir)
+
+
+STEPS: dict[str, Step] = {
+    "preflight": Preflight(),
+    "freezing": common.Freeze(),
+    "snapshotting": Snapshot(),
+    "thawing": common.Thaw(),
+    "copying": CopyBackingFiles(),
+    "committing": Commit(),
+    "waiting_ready": WaitReady(),
+    "pivoting": Pivot(),
+    "cleaning": Cleanup(),
+    "finalizing": Finalize(),
+}
+
+DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
+                        validate=validate,
+                        summary="disk-only external snapshot, copy the backing images, active commit + pivot")
