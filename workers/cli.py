@@ -73,7 +73,8 @@ def _emit(args: argparse.Namespace, rec: Record, text: str) -> None:
 
 def cmd_submit(args: argparse.Namespace, rt: Runtime) -> int:
     params: dict[str, Any] = {"target": args.target, "quiesce": args.quiesce, "on_error": args.on_error,
-                              "freeze_deadline": args.freeze_deadline, "commit_timeout": args.commit_timeout}
+                              "freeze_deadline": args.freeze_deadline, "commit_timeout": args.commit_timeout,
+                              "bandwidth": args.bandwidth}
     rec = rt.captures.submit(args.strategy, args.domain, args.uri or rt.settings.libvirt_uri, params)
     if args.wait:
         rec = _wait(rt, rec.id, args.timeout, args.json)
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--on-error", default="rollback", help="rollback | stop (default rollback)")
     s.add_argument("--freeze-deadline", type=float, help="seconds the guest may stay frozen (default 10)")
     s.add_argument("--commit-timeout", type=float, help="seconds a blockcommit may take to be ready (default 600)")
+    s.add_argument("--bandwidth", help="limit the copy rate, e.g. 50M (bytes/s; default unlimited)")
     s.add_argument("--wait", action="store_true", help="wait for the workflow to end, showing progress")
     s.add_argument("--timeout", type=float, default=3600, help="with --wait: give up waiting after this")
     s.add_argument("--json", action="store_true")

@@ -149,8 +149,10 @@ class Engine:
         lease.check()
 
     def _save(self, rec: Record, lease: Lease, event: str | None, **detail: Any) -> None:
-        self._point(f"save:{event}:{rec.state}" if event else f"save:progress:{rec.state}")
+        label = f"{event or 'progress'}:{rec.state}"
+        self._point(f"save:{label}")
         self.store.save(rec, event, epoch=lease.epoch, **detail)
+        self._point(f"saved:{label}")
 
     def _context(self, rec: Record, hv: Hypervisor, lease: Lease) -> StepContext:
         return StepContext(rec, hv,

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from typing import Callable
 
-CHUNK = 4 * 1024 * 1024
-SYNC_EVERY = 64 * 1024 * 1024
+CHUNK = 1024 * 1024
+SYNC_EVERY = 8 * 1024 * 1024
 
 
 def fsync_dir(path: str) -> None:
@@ -41,12 +42,15 @@ def sha256_file(path: str, limit: int | None = None) -> str:
 
 def copy_resumable(src: str, partial: str, final: str, *, offset: int,
                    on_progress: Callable[[int, int], None], on_durable: Callable[[int], None],
-                   check: Callable[[], None]) -> tuple[str, int]:
+                   check: Callable[[], None], bandwidth: float = 0,
+                   sleep: Callable[[float], None] = time.sleep) -> tuple[str, int]:
     """Copy ``src`` to ``partial`` from ``offset``; fsync, rename to ``final``.
 
     ``check`` runs before every chunk (it raises when the caller lost its
-    lease or was cancelled).  Returns (sha256, size).
+    lease or was cancelled).  ``bandwidth`` (bytes/s, 0 = unlimited) limits
+    the read rate to spare the host's I/O.  Returns (sha256, size).
     """
+    check()  # before anything is created: a fenced-out caller leaves no file behind
     total = os.path.getsize(src)
     h = hashlib.sha256()
     if offset and os.path.exists(partial) and os.path.getsize(partial) >= offset:
@@ -67,6 +71,7 @@ def copy_resumable(src: str, partial: str, final: str, *, offset: int,
         with open(src, "rb") as fin:
             fin.seek(offset)
             pos, since_sync = offset, 0
+            started, start_pos = time.monotonic(), offset
             while True:
                 check()
                 buf = fin.read(CHUNK)
@@ -85,6 +90,10 @@ def copy_resumable(src: str, partial: str, final: str, *, offset: int,
                     on_durable(pos)
                     since_sync = 0
                 on_progress(pos, total)
+                if bandwidth > 0:
+                    ahead = (pos - start_pos) / bandwidth - (time.monotonic() - started)
+                    if ahead > 0:
+                        sleep(ahead)
         os.ftruncate(fd_out, pos)
         os.fsync(fd_out)
     finally:

@@ -26,6 +26,22 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
+def parse_bandwidth(value: Any) -> int:
+    """``--bandwidth`` as bytes per second; accepts 50M, 512K, 1G or a plain number; 0 = unlimited."""
+    if value in (None, "", 0, "0"):
+        return 0
+    text = str(value).strip().upper().removesuffix("/S").removesuffix("IB").removesuffix("B")
+    mult = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in "KMG" else text
+    try:
+        out = int(float(number) * mult)
+    except ValueError:
+        raise InputError(f"--bandwidth must look like 50M, 512K or a number of bytes/s (got {value!r})")
+    if out < 0:
+        raise InputError(f"--bandwidth must not be negative (got {value!r})")
+    return out
+
+
 def check_target_dir(path: str | None) -> str:
     if not path:
         raise InvalidTarget("--target is required: the directory the backup is written to")

@@ -53,6 +53,7 @@ def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, A
         "on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop")),
         "freeze_deadline": float(params.get("freeze_deadline") or common.DEFAULT_FREEZE_DEADLINE),
         "commit_timeout": float(params.get("commit_timeout") or common.DEFAULT_COMMIT_TIMEOUT),
+        "bandwidth": common.parse_bandwidth(params.get("bandwidth")),
     }
     if out["freeze_deadline"] <= 0 or out["commit_timeout"] <= 0:
         raise InputError("--freeze-deadline and --commit-timeout must be positive")
@@ -155,7 +156,8 @@ class CopyBackingFiles(Step):
                 ctx.guard()
 
             checksum, size = copy_resumable(disk["source"], partial, art["path"], offset=cur["offset"],
-                                            on_progress=progress, on_durable=durable, check=check)
+                                            on_progress=progress, on_durable=durable, check=check,
+                                            bandwidth=ctx.params.get("bandwidth") or 0, sleep=ctx.sleep)
             ctx.rec.set_artifact(f"backup:{disk['target']}", status="present", checksum=f"sha256:{checksum}",
                                  size=size)
             ctx.save("copied", disk=disk["target"], bytes=size)

@@ -1,0 +1,80 @@
+"""Shared fixtures: a real Redis, a real libvirtd, disposable domains, worker processes.
+
+Real-service tests skip when a service is unreachable, unless
+DOMCAPTURE_REQUIRE_REAL=1 (set by .ci/run), where they fail instead: a CI
+run must never pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+import redis
+
+from workflows.store import Store
+
+from .realenv import DiskDomain, WorkerCluster, libvirt_reachable
+
+REDIS_URL = os.environ.get("DOMCAPTURE_REDIS_URL", "redis://127.0.0.1:6379/0")
+LIBVIRT_URI = os.environ.get("DOMCAPTURE_TEST_URI", "qemu:///system")
+REQUIRE_REAL = os.environ.get("DOMCAPTURE_REQUIRE_REAL") == "1"
+
+
+def _unavailable(what: str) -> None:
+    if REQUIRE_REAL:
+        pytest.fail(f"{what} is not reachable and DOMCAPTURE_REQUIRE_REAL=1")
+    pytest.skip(f"{what} is not reachable")
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> redis.Redis:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        _unavailable(f"redis at {REDIS_URL}")
+    return client
+
+
+@pytest.fixture
+def prefix(redis_client: redis.Redis):
+    p = f"dct-{uuid.uuid4().hex[:8]}"
+    yield p
+    for key in redis_client.scan_iter(f"{p}:*"):
+        redis_client.delete(key)
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis, prefix: str) -> Store:
+    return Store(redis_client, prefix)
+
+
+@pytest.fixture(scope="session")
+def libvirt_uri() -> str:
+    if not libvirt_reachable(LIBVIRT_URI):
+        _unavailable(f"libvirtd at {LIBVIRT_URI}")
+    return LIBVIRT_URI
+
+
+@pytest.fixture
+def disk_domain(libvirt_uri: str, tmp_path):
+    """A factory of running no-OS QEMU domains with qcow2 disks of known content."""
+    made: list[DiskDomain] = []
+
+    def make(**kw) -> DiskDomain:
+        dom = DiskDomain.create(libvirt_uri, tmp_path / f"dom{len(made)}", **kw)
+        made.append(dom)
+        return dom
+    yield make
+    for dom in made:
+        dom.destroy()
+
+
+@pytest.fixture
+def cluster(libvirt_uri: str, prefix: str, tmp_path):
+    """Worker and recovery processes (the real CLI) on an isolated prefix and queue."""
+    c = WorkerCluster(REDIS_URL, libvirt_uri, prefix, tmp_path / "logs")
+    yield c
+    c.stop()

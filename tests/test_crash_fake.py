@@ -1,0 +1,235 @@
+"""Every crash point of snapshot-backup, exhaustively, on the in-memory hypervisor.
+
+A dry run lists every boundary the engine and the hypervisor pass (record
+saves, probes, effects, the instant before and after each libvirt call).
+Then, for each one, a fresh workflow is crashed exactly there, recovered the
+way the recovery process does it, and run to the end.  The outcome must be
+``succeeded`` or ``rolled_back`` with: no disk on an overlay, no block job,
+no frozen guest, no overlay file, guest writes preserved, and a succeeded
+backup byte-identical to the disks at snapshot time.  The same contract is
+checked against real libvirt in test_hypervisor_contract.py and
+test_snapshot_backup_real.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import pytest
+
+from workflows import strategies
+from workflows.engine import Engine
+from workflows.errors import LeaseLost
+from workflows.hypervisor.fake import FakeHypervisor
+from workflows.record import ROLLED_BACK, RUNNING, SUCCEEDED
+from workflows.service import Captures
+
+POST_SNAPSHOT_WRITE = (8192, b"\xee" * 4096)
+
+
+class SimulatedCrash(BaseException):
+    """Not an Exception: nothing in the engine may catch it, like SIGKILL."""
+
+
+class Crasher:
+    def __init__(self, target: tuple[str, int] | None = None) -> None:
+        self.target = target
+        self.seen: list[tuple[str, int]] = []
+        self.counts: collections.Counter = collections.Counter()
+
+    def __call__(self, label: str) -> None:
+        self.counts[label] += 1
+        point = (label, self.counts[label])
+        self.seen.append(point)
+        if point == self.target:
+            self.target = None
+            raise SimulatedCrash(label)
+
+
+class World:
+    def __init__(self, tmp_path, store, quiesce: str = "require") -> None:
+        self.store = store
+        self.dir = tmp_path / "disks"
+        self.dir.mkdir(parents=True)
+        (tmp_path / "bk").mkdir()
+        self.target = str(tmp_path / "bk")
+        self.paths = {"vda": str(self.dir / "vda.img"), "vdb": str(self.dir / "vdb.img")}
+        self.initial = {"vda": os.urandom(3 * 1024 * 1024 + 123), "vdb": os.urandom(200 * 1024)}
+        for t, p in self.paths.items():
+            with open(p, "wb") as f:
+                f.write(self.initial[t])
+        self.fake = FakeHypervisor()
+        self.fake.add_domain("dom", self.paths, agent=True)
+        self.crasher = Crasher()
+        self.wrote_after_snapshot = False
+        self.fake.hook = self._hv_hook
+        self.captures = Captures(store, lambda uri: self.fake, lambda rec: None)
+        self.rec = self.captures.submit("snapshot-backup", "dom", "fake:///default",
+                                        {"target": self.target, "quiesce": quiesce})
+
+    def _hv_hook(self, when: str, method: str) -> None:
+        if (when, method) == ("after", "snapshot_disk_only") and not self.wrote_after_snapshot:
+            self.wrote_after_snapshot = True  # the guest keeps writing: onto the overlay
+            self.fake.guest_write("dom", "vda", *POST_SNAPSHOT_WRITE)
+        self.crasher(f"hv-{when}:{method}")
+
+    def engine(self, worker: str = "w1") -> Engine:
+        return Engine(self.store, strategies.DEFINITIONS, lambda uri: self.fake, worker,
+                      retry_delays=(0, 0, 0, 0), crash_hook=self.crasher, sleep=lambda s: None)
+
+    def run(self, worker: str = "w1") -> bool:
+        try:
+            self.engine(worker).run(self.rec.id)
+            return False
+        except SimulatedCrash:
+            return True
+
+    def drive_to_end(self) -> dict:
+        for i in range(20):
+            rec = self.store.load(self.rec.id)
+            if rec.status in (SUCCEEDED, ROLLED_BACK):
+                return rec.to_dict()
+            if rec.status == RUNNING:
+                self.captures.recover(self.rec.id)
+            self.run(f"w{i + 2}")
+        raise AssertionError(f"workflow did not end: {self.store.load(self.rec.id).to_dict()}")
+
+    def expected_live(self, target: str) -> bytes:
+        data = bytearray(self.initial[target])
+        if target == "vda" and self.wrote_after_snapshot:
+            off, payload = POST_SNAPSHOT_WRITE
+            data[off:off + len(payload)] = payload
+        return bytes(data)
+
+    def check_invariants(self, rec: dict) -> None:
+        dom = self.fake.domains["dom"]
+        assert rec["status"] in (SUCCEEDED, ROLLED_BACK), rec["status"]
+        assert not dom.frozen, "guest left frozen"
+        for t, d in dom.disks.items():
+            assert d.overlay is None, f"{t} left on overlay {d.overlay}"
+            assert d.job_polls is None, f"{t} left with a block job"
+            with open(self.paths[t], "rb") as f:
+                assert f.read() == self.expected_live(t), f"guest data of {t} lost"
+        assert [p for p in os.listdir(self.dir) if "overlay" in p] == []
+        backup_dirs = os.listdir(self.target)
+        if rec["status"] == SUCCEEDED:
+            (bdir,) = backup_dirs
+            manifest = json.load(open(os.path.join(self.target, bdir, "manifest.json")))
+            assert manifest["workflow"] == self.rec.id and manifest["quiesced"] in (True, False)
+            for f in manifest["files"]:
+                with open(f["path"], "rb") as fh:
+                    assert fh.read() == self.initial[f["disk"]], f"backup of {f['disk']} differs"
+            assert not [p for p in os.listdir(os.path.join(self.target, bdir)) if p.endswith(".partial")]
+        else:
+            assert backup_dirs == [], f"rollback left {backup_dirs}"
+
+
+def _points(tmp_path, store, **kw) -> list[tuple[str, int]]:
+    w = World(tmp_path / "dry", store, **kw)
+    assert not w.run()
+    rec = store.load(w.rec.id)
+    assert rec.status == SUCCEEDED
+    w.check_invariants(rec.to_dict())
+    return w.crasher.seen
+
+
+def test_dry_run_passes_every_kind_of_boundary(tmp_path, store):
+    labels = {label for label, _ in _points(tmp_path, store)}
+    for expected in ("saved:snapshot-intent:snapshotting", "hv-after:snapshot_disk_only",
+                     "executed:snapshotting", "hv-before:block_commit_active", "hv-after:block_pivot",
+                     "saved:progress:copying", "hv-after:fs_freeze", "hv-after:fs_thaw"):
+        assert expected in labels
+
+
+def test_every_crash_point_resumes_or_rolls_back_cleanly(tmp_path, store):
+    points = _points(tmp_path, store)
+    outcomes: collections.Counter = collections.Counter()
+    for i, point in enumerate(points):
+        w = World(tmp_path / f"p{i}", store)
+        w.crasher.target = point
+        assert w.run(), f"no crash at {point}"
+        rec = w.drive_to_end()
+        w.check_invariants(rec)
+        outcomes[rec["status"]] += 1
+    # Every crash point resumes: nothing in this sequence needs a rollback.
+    assert outcomes == {SUCCEEDED: len(points)}, outcomes
+
+
+def test_recovery_thaws_a_guest_frozen_by_a_dead_worker(tmp_path, store):
+    w = World(tmp_path, store)
+    w.crasher.target = ("hv-after:fs_freeze", 1)
+    assert w.run()
+    assert w.fake.domains["dom"].frozen
+    assert w.captures.recover(w.rec.id) == "resume"
+    assert not w.fake.domains["dom"].frozen
+    rec = w.store.load(w.rec.id)
+    assert rec.data["freeze_broken"] and rec.data["last_thaw"]["by"] == "recovery"
+    final = w.drive_to_end()
+    w.check_invariants(final)
+    # the snapshot went back through freezing: the capture is still quiesced
+    assert final["result"]["quiesced"] is False or final["data"]["quiesced"] is True
+
+
+def _rollback_points(tmp_path, store, crash_first: tuple[str, int]) -> list[tuple[str, int]]:
+    w = World(tmp_path / "rb-dry", store)
+    w.crasher.target = crash_first
+    assert w.run()
+    w.captures.rollback(w.rec.id)
+    w.crasher = Crasher()
+    assert not w.run()
+    rec = w.store.load(w.rec.id).to_dict()
+    w.check_invariants(rec)
+    assert rec["status"] == ROLLED_BACK
+    return w.crasher.seen
+
+
+@pytest.mark.parametrize("first", [("executed:snapshotting", 1), ("saved:progress:copying", 1),
+                                   ("hv-after:block_commit_active", 1), ("hv-after:fs_freeze", 1)])
+def test_every_crash_point_of_an_operator_rollback(tmp_path, store, first):
+    points = _rollback_points(tmp_path, store, first)
+    for i, point in enumerate(points):
+        w = World(tmp_path / f"r{i}", store)
+        w.crasher.target = first
+        assert w.run()
+        w.captures.rollback(w.rec.id)
+        w.crasher = Crasher(point)
+        assert w.run(), f"no crash at {point}"
+        rec = w.drive_to_end()
+        assert rec["status"] == ROLLED_BACK
+        w.check_invariants(rec)
+
+
+def test_a_worker_woken_after_losing_its_lease_changes_nothing(tmp_path, store):
+    """SIGSTOP until the lease expires, another worker finishes, then SIGCONT."""
+    w = World(tmp_path, store)
+    outcome = {}
+
+    def stop_here(label: str) -> None:
+        if label == "saved:copy-intent:copying" and not outcome:
+            # "stopped": the lease expires, recovery hands the workflow to w2
+            store.r.delete(f"{store.prefix}:wf:{w.rec.id}:lease")
+            assert w.captures.recover(w.rec.id) == "resume"
+            outcome["other"] = w.engine("w2").run(w.rec.id)
+            outcome["snapshot"] = (store.load(w.rec.id).rev, open(w.paths["vda"], "rb").read(),
+                                   sorted(os.listdir(w.target)))
+    zombie = Engine(store, strategies.DEFINITIONS, lambda uri: w.fake, "w1", retry_delays=(0,),
+                    crash_hook=stop_here, sleep=lambda s: None)
+    # the zombie's local clock says its lease is gone as soon as it wakes
+    result = zombie.run(w.rec.id)
+    assert outcome["other"] == SUCCEEDED
+    assert result == "lease-lost"
+    rev, vda, listing = outcome["snapshot"]
+    assert store.load(w.rec.id).rev == rev
+    assert open(w.paths["vda"], "rb").read() == vda
+    assert sorted(os.listdir(w.target)) == listing
+    w.check_invariants(store.load(w.rec.id).to_dict())
+
+
+def test_lease_lost_is_raised_by_the_fence_before_any_effect(tmp_path, store):
+    w = World(tmp_path, store)
+    lease = store.acquire_lease(w.rec.id, "w1", 5)
+    store.r.delete(f"{store.prefix}:wf:{w.rec.id}:lease")
+    with pytest.raises(LeaseLost):
+        lease.check()
