@@ -1,0 +1,168 @@
+"""One contract, two hypervisors: the in-memory fake and real libvirt + QEMU.
+
+Every case runs against both, so the fake that the exhaustive crash tests
+rely on cannot drift from what libvirt really does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from workflows.errors import AgentUnavailable, DomainNotFound, OperationFailed
+from workflows.hypervisor.fake import FakeHypervisor
+from workflows.hypervisor.libvirt_adapter import LibvirtHypervisor
+
+from .realenv import image_has_pattern
+
+MIB = 1024 * 1024
+
+
+class FakeEnv:
+    kind = "fake"
+
+    def __init__(self, tmp_path) -> None:
+        self.dir = tmp_path
+        self.hv = FakeHypervisor()
+        self.name = "contract"
+        self.disks = {}
+        for i, t in enumerate(("vda", "vdb")):
+            p = str(tmp_path / f"{t}.img")
+            with open(p, "wb") as f:
+                f.write(bytes([0x11 * (i + 1)]) * 8 * MIB)
+            self.disks[t] = p
+        self.hv.add_domain(self.name, self.disks, agent=False)
+
+    def write(self, target: str, pattern: int, off_mib: int, len_mib: int) -> None:
+        self.hv.guest_write(self.name, target, off_mib * MIB, bytes([pattern]) * len_mib * MIB)
+
+    def original_has(self, target: str, pattern: int, off_mib: int, len_mib: int) -> bool:
+        with open(self.disks[target], "rb") as f:
+            f.seek(off_mib * MIB)
+            return f.read(len_mib * MIB) == bytes([pattern]) * len_mib * MIB
+
+
+class RealEnv:
+    kind = "libvirt"
+
+    def __init__(self, dom) -> None:
+        self.dom = dom
+        self.hv = LibvirtHypervisor(dom.uri)
+        self.name = dom.name
+        self.dir = dom.workdir
+        self.disks = {t: str(p) for t, p in dom.disks.items()}
+
+    def write(self, target: str, pattern: int, off_mib: int, len_mib: int) -> None:
+        self.dom.guest_write(target, pattern, off_mib, len_mib)
+
+    def original_has(self, target: str, pattern: int, off_mib: int, len_mib: int) -> bool:
+        return image_has_pattern(self.disks[target], pattern, off_mib, len_mib)
+
+
+@pytest.fixture(params=["fake", "libvirt"])
+def env(request, tmp_path):
+    if request.param == "fake":
+        yield FakeEnv(tmp_path)
+        return
+    dom = request.getfixturevalue("disk_domain")(sizes_mib={"vda": 16, "vdb": 16})
+    e = RealEnv(dom)
+    yield e
+    e.hv.close()
+
+
+def overlays_for(env) -> dict[str, str]:
+    return {t: os.path.join(str(env.dir), f"domcapture-contract-{t}.overlay.qcow2") for t in env.disks}
+
+
+def wait_ready(env, target: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        disk = {d.target: d for d in env.hv.disks(env.name)}[target]
+        if disk.mirror_job and disk.mirror_ready:
+            return
+        env.hv.block_job(env.name, target)
+        time.sleep(0.05)
+    raise AssertionError(f"{target} never became ready")
+
+
+def test_disks_lists_file_disks(env):
+    disks = {d.target: d for d in env.hv.disks(env.name)}
+    assert set(disks) == set(env.disks)
+    for t, d in disks.items():
+        assert d.source == env.disks[t] and d.type == "file" and d.device == "disk"
+        assert d.backing == [] and d.mirror_job is None
+    assert env.hv.domain_state(env.name) == "running"
+
+
+def test_unknown_domain(env):
+    with pytest.raises(DomainNotFound):
+        env.hv.disks("dctest-no-such-domain")
+    with pytest.raises(DomainNotFound):
+        env.hv.snapshot_disk_only("dctest-no-such-domain", {"vda": "/tmp/x"})
+
+
+def test_freeze_without_agent(env):
+    with pytest.raises(AgentUnavailable):
+        env.hv.fs_freeze(env.name)
+    with pytest.raises(AgentUnavailable):
+        env.hv.fs_thaw(env.name)
+
+
+def test_snapshot_commit_pivot_round_trip(env):
+    ov = overlays_for(env)
+    env.hv.snapshot_disk_only(env.name, ov)
+    disks = {d.target: d for d in env.hv.disks(env.name)}
+    for t in env.disks:
+        assert disks[t].source == ov[t]
+        assert disks[t].backing[:1] == [env.disks[t]]
+        assert os.path.exists(ov[t])
+    assert env.hv.block_job(env.name, "vda") is None
+    env.write("vda", 0x77, 1, 1)  # lands on the overlay
+    assert not env.original_has("vda", 0x77, 1, 1)
+    for t in env.disks:
+        env.hv.block_commit_active(env.name, t)
+        job = env.hv.block_job(env.name, t)
+        assert job is not None and job.type == "active-commit"
+    for t in env.disks:
+        wait_ready(env, t)
+        env.hv.block_pivot(env.name, t)
+    disks = {d.target: d for d in env.hv.disks(env.name)}
+    for t in env.disks:
+        assert disks[t].source == env.disks[t] and disks[t].backing == [] and disks[t].mirror_job is None
+        assert env.hv.block_job(env.name, t) is None
+    assert env.original_has("vda", 0x77, 1, 1)
+
+
+def test_snapshot_refuses_an_existing_overlay_file_and_changes_nothing(env):
+    ov = overlays_for(env)
+    with open(ov["vdb"], "wb") as f:
+        f.write(b"not ours to overwrite")
+    with pytest.raises(OperationFailed):
+        env.hv.snapshot_disk_only(env.name, ov)
+    disks = {d.target: d.source for d in env.hv.disks(env.name)}
+    assert disks == env.disks  # atomic: no disk moved
+    assert open(ov["vdb"], "rb").read() == b"not ours to overwrite"
+
+
+def test_commit_and_pivot_need_an_overlay_and_a_job(env):
+    with pytest.raises(OperationFailed):
+        env.hv.block_commit_active(env.name, "vda")
+    with pytest.raises(OperationFailed):
+        env.hv.block_pivot(env.name, "vda")
+    with pytest.raises(OperationFailed):
+        env.hv.block_job_abort(env.name, "vda")
+
+
+def test_abort_leaves_the_disk_on_its_overlay(env):
+    ov = overlays_for(env)
+    env.hv.snapshot_disk_only(env.name, {"vda": ov["vda"]})
+    env.hv.block_commit_active(env.name, "vda")
+    env.hv.block_job_abort(env.name, "vda")
+    deadline = time.time() + 10
+    while env.hv.block_job(env.name, "vda") is not None and time.time() < deadline:
+        time.sleep(0.05)
+    disks = {d.target: d for d in env.hv.disks(env.name)}
+    assert disks["vda"].source == ov["vda"] and disks["vda"].mirror_job is None
+    assert disks["vdb"].source == env.disks["vdb"]  # not in the snapshot
