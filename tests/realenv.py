@@ -130,6 +130,9 @@ class DiskDomain:
         cmd = f'qemu-io -d {qdev} "write -P {pattern} {offset_mib}M {length_mib}M"'
         out = self.virsh("qemu-monitor-command", self.name, "--hmp", cmd).strip()
         assert "error" not in out.lower(), out
+        # flush, as a guest's fsync would: the image file then holds the write
+        out = self.virsh("qemu-monitor-command", self.name, "--hmp", f'qemu-io -d {qdev} "flush"').strip()
+        assert "error" not in out.lower(), out
 
     def on_original_disks(self) -> bool:
         return self.blklist() == {t: str(p) for t, p in self.disks.items()}
