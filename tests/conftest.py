@@ -15,7 +15,7 @@ import redis
 
 from workflows.store import Store
 
-from .realenv import DiskDomain, WorkerCluster, libvirt_reachable
+from .realenv import DiskDomain, GuestDomain, WorkerCluster, build_guest_image, libvirt_reachable
 
 REDIS_URL = os.environ.get("DOMCAPTURE_REDIS_URL", "redis://127.0.0.1:6379/0")
 LIBVIRT_URI = os.environ.get("DOMCAPTURE_TEST_URI", "qemu:///system")
@@ -78,3 +78,22 @@ def cluster(libvirt_uri: str, prefix: str, tmp_path):
     c = WorkerCluster(REDIS_URL, libvirt_uri, prefix, tmp_path / "logs")
     yield c
     c.stop()
+
+
+@pytest.fixture(scope="session")
+def guest_image(libvirt_uri: str):
+    return build_guest_image()
+
+
+@pytest.fixture
+def guest_domain(libvirt_uri: str, guest_image, tmp_path):
+    """A factory of running tiny Linux guests (agent + writer); destroyed after the test."""
+    made: list[GuestDomain] = []
+
+    def make(**kw) -> GuestDomain:
+        g = GuestDomain.create(libvirt_uri, tmp_path / f"guest{len(made)}", **kw)
+        made.append(g)
+        return g
+    yield make
+    for g in made:
+        g.destroy()

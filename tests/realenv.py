@@ -222,3 +222,145 @@ class WorkerCluster:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=10)
+
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST_SCRIPTS = REPO / "guest"
+GUEST_CACHE = Path(os.environ.get("DOMCAPTURE_GUEST_DIR", "/var/lib/domcapture/guest"))
+COUNTER_LINE = __import__("re").compile(r"^(\d+) (\d+\.\d+)$")
+
+
+def build_guest_image() -> Path:
+    """Build (or reuse) the tiny guest's kernel + initramfs; see guest/README.md."""
+    run(str(GUEST_SCRIPTS / "build-guest.sh"), str(GUEST_CACHE), timeout=900)
+    return GUEST_CACHE
+
+
+@dataclass
+class GuestDomain:
+    """The tiny real Linux guest (guest/): qemu-guest-agent, and a writer that
+    appends numbered, fsynced lines to /mnt/vdb/counter.log on its data disk."""
+
+    uri: str
+    name: str
+    workdir: Path
+
+    @classmethod
+    def create(cls, uri: str, workdir: Path, *, data_mib: int = 64, start: bool = True) -> "GuestDomain":
+        workdir.mkdir(parents=True, exist_ok=True)
+        name = f"dctest-g{uuid.uuid4().hex[:7]}"
+        env = {**os.environ, "LIBVIRT_DEFAULT_URI": uri}
+        args = [str(GUEST_SCRIPTS / "make-guest.sh"), name, str(workdir), "--guest-dir", str(GUEST_CACHE),
+                "--data-mib", str(data_mib)] + (["--start"] if start else [])
+        out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise AssertionError(f"make-guest.sh failed: {out.stdout}{out.stderr}")
+        return cls(uri, name, workdir)
+
+    @property
+    def disks(self) -> dict[str, Path]:
+        return {"vda": self.workdir / f"{self.name}-vda.qcow2", "vdb": self.workdir / f"{self.name}-vdb.qcow2"}
+
+    @property
+    def writer_log(self) -> Path:
+        return self.workdir / f"{self.name}-writer.log"
+
+    def virsh(self, *args: str, check: bool = True, timeout: float = 60) -> str:
+        return run("virsh", "-c", self.uri, *args, check=check, timeout=timeout).stdout
+
+    def state(self) -> str:
+        return self.virsh("domstate", self.name).strip()
+
+    def blklist(self) -> dict[str, str]:
+        out = {}
+        for line in self.virsh("domblklist", self.name).splitlines()[2:]:
+            parts = line.split(None, 1)
+            if len(parts) == 2:
+                out[parts[0]] = parts[1].strip()
+        return out
+
+    def on_original_disks(self) -> bool:
+        return self.blklist() == {t: str(p) for t, p in self.disks.items()}
+
+    def agent(self, cmd: str, timeout: int = 10, **arguments) -> object:
+        msg: dict = {"execute": cmd}
+        if arguments:
+            msg["arguments"] = arguments
+        out = self.virsh("qemu-agent-command", self.name, json.dumps(msg), "--timeout", str(timeout))
+        return json.loads(out)["return"]
+
+    def wait_agent(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if run("virsh", "-c", self.uri, "qemu-agent-command", self.name, '{"execute":"guest-ping"}',
+                   "--timeout", "2", check=False).returncode == 0:
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"guest agent of {self.name} did not answer in {timeout}s")
+
+    def frozen(self) -> bool:
+        return self.agent("guest-fsfreeze-status") == "frozen"
+
+    def sh(self, script: str, timeout: float = 30) -> str:
+        """Run a shell command in the guest (guest-exec) and return its stdout."""
+        import base64
+        pid = self.agent("guest-exec", path="/bin/sh", arg=["-c", script], **{"capture-output": True})["pid"]
+        deadline = time.time() + timeout
+        while True:
+            status = self.agent("guest-exec-status", pid=pid)
+            if status["exited"]:
+                break
+            if time.time() > deadline:
+                raise AssertionError(f"guest command did not finish in {timeout} s: {script}")
+            time.sleep(0.1)
+        assert status.get("exitcode") == 0, f"{script!r} -> {status}"
+        return base64.b64decode(status.get("out-data", "")).decode()
+
+    def last_counter(self) -> int:
+        line = self.sh("tail -n 1 /mnt/vdb/counter.log").strip()
+        m = COUNTER_LINE.match(line)
+        assert m, f"bad counter line {line!r}"
+        return int(m.group(1))
+
+    def mirrored_lines(self) -> int:
+        """Lines the writer has mirrored to the host (a cheap 'is it still writing' probe)."""
+        return len(self.writer_log.read_text().splitlines()) if self.writer_log.exists() else 0
+
+    def shutdown(self, timeout: float = 60) -> None:
+        self.virsh("shutdown", self.name, "--mode", "agent")
+        deadline = time.time() + timeout
+        while self.state() != "shut off":
+            if time.time() > deadline:
+                raise AssertionError(f"{self.name} did not power off")
+            time.sleep(0.3)
+
+    def destroy(self) -> None:
+        run(str(GUEST_SCRIPTS / "destroy-guest.sh"), self.name, str(self.workdir), check=False)
+
+
+def counter_in_image(image: Path | str, scratch: Path, *, replay_journal: bool = True) -> tuple[list[int], str]:
+    """The writer's numbers read out of a data-disk image, and e2fsck's verdict.
+
+    The image is converted to raw in ``scratch``; ``e2fsck -fn`` runs first (its
+    output is returned), then the journal is replayed on the copy when asked
+    (a crash-consistent image needs it before its files can be read).
+    """
+    scratch.mkdir(parents=True, exist_ok=True)
+    raw = scratch / (Path(image).name + ".raw")
+    run("qemu-img", "convert", "-U", "-O", "raw", str(image), str(raw))
+    fsck = run("e2fsck", "-fn", str(raw), check=False)
+    verdict = f"rc={fsck.returncode}\n{fsck.stdout}{fsck.stderr}"
+    if replay_journal:
+        run("e2fsck", "-fy", str(raw), check=False)
+    text = run("debugfs", "-R", "cat /counter.log", str(raw)).stdout
+    numbers = []
+    for line in text.splitlines():
+        m = COUNTER_LINE.match(line)
+        if m:
+            numbers.append(int(m.group(1)))
+    raw.unlink()
+    return numbers, verdict
+
+
+def is_gapless_prefix(numbers: list[int]) -> bool:
+    return numbers == list(range(1, len(numbers) + 1))

@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from workflows import strategies
-from workflows.errors import DomcaptureError
+from workflows.definition import Option
+from workflows.errors import DomcaptureError, InputError
 from workflows.record import FINAL_STATUSES, STATUSES, STOPPED_STATUSES, Record
 from workflows.service import summary
 
@@ -72,9 +73,16 @@ def _emit(args: argparse.Namespace, rec: Record, text: str) -> None:
 
 
 def cmd_submit(args: argparse.Namespace, rt: Runtime) -> int:
-    params: dict[str, Any] = {"target": args.target, "quiesce": args.quiesce, "on_error": args.on_error,
-                              "freeze_deadline": args.freeze_deadline, "commit_timeout": args.commit_timeout,
-                              "bandwidth": args.bandwidth}
+    defn = strategies.get(args.strategy)
+    own = {o.name for o in defn.options}
+    params: dict[str, Any] = {}
+    for opt in _all_options():
+        value = getattr(args, opt.name)
+        if value in (None, False):
+            continue
+        if opt.name not in own:
+            raise InputError(f"--{opt.name.replace('_', '-')} does not apply to strategy {defn.name}")
+        params[opt.name] = value
     rec = rt.captures.submit(args.strategy, args.domain, args.uri or rt.settings.libvirt_uri, params)
     if args.wait:
         rec = _wait(rt, rec.id, args.timeout, args.json)
@@ -150,6 +158,18 @@ def _operator(args: argparse.Namespace, rt: Runtime, action: str) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace, rt: Runtime) -> int:
+    checks = rt.captures.verify(args.id)
+    ok = all(c["ok"] for c in checks)
+    if args.json:
+        print(json.dumps({"id": args.id, "ok": ok, "checks": checks}, sort_keys=True))
+    else:
+        for c in checks:
+            print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['item']:<10} {c.get('path', '')} {c.get('error', '')}".rstrip())
+        print(f"{args.id}: {'verified' if ok else 'VERIFICATION FAILED'}")
+    return 0 if ok else 1
+
+
 def cmd_worker(args: argparse.Namespace, rt: Runtime) -> int:
     from rq import SimpleWorker
     from rq.serializers import JSONSerializer
@@ -172,6 +192,15 @@ def cmd_recovery(args: argparse.Namespace, rt: Runtime) -> int:
     return 0
 
 
+def _all_options() -> list[Option]:
+    """Every strategy's submit options, once each, in a stable order."""
+    seen: dict[str, Option] = {}
+    for defn in strategies.DEFINITIONS.values():
+        for opt in defn.options:
+            seen.setdefault(opt.name, opt)
+    return list(seen.values())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="domcapture", description="Durable libvirt domain state capture")
     p.add_argument("--redis-url", help="Redis URL (env DOMCAPTURE_REDIS_URL)")
@@ -182,12 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("strategy", help=f"one of: {', '.join(sorted(strategies.DEFINITIONS))}")
     s.add_argument("--domain", required=True)
     s.add_argument("--uri", help="libvirt URI (env LIBVIRT_DEFAULT_URI)")
-    s.add_argument("--target", help="directory the backup is written to")
-    s.add_argument("--quiesce", default="try", help="off | try | require (default try)")
-    s.add_argument("--on-error", default="rollback", help="rollback | stop (default rollback)")
-    s.add_argument("--freeze-deadline", type=float, help="seconds the guest may stay frozen (default 10)")
-    s.add_argument("--commit-timeout", type=float, help="seconds a blockcommit may take to be ready (default 600)")
-    s.add_argument("--bandwidth", help="limit the copy rate, e.g. 50M (bytes/s; default unlimited)")
+    for opt in _all_options():
+        if opt.flag:
+            s.add_argument(f"--{opt.name.replace('_', '-')}", dest=opt.name, action="store_true", help=opt.help)
+        else:
+            s.add_argument(f"--{opt.name.replace('_', '-')}", dest=opt.name, help=opt.help)
     s.add_argument("--wait", action="store_true", help="wait for the workflow to end, showing progress")
     s.add_argument("--timeout", type=float, default=3600, help="with --wait: give up waiting after this")
     s.add_argument("--json", action="store_true")
@@ -212,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--timeout", type=float, default=3600)
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=lambda a, rt, action=action: _operator(a, rt, action))
+
+    s = sub.add_parser("verify", help="re-read a succeeded capture and check its recorded checksums")
+    s.add_argument("id")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("worker", help="run an RQ worker for capture jobs")
     s.add_argument("--burst", action="store_true", help="exit when the queue is empty")

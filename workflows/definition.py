@@ -33,6 +33,16 @@ RESUME = "resume"
 ROLLBACK = "rollback"
 
 
+@dataclass(frozen=True)
+class Option:
+    """A submit parameter of a strategy; the CLI turns it into ``--name-with-dashes``."""
+
+    name: str
+    help: str
+    flag: bool = False  # a switch (store_true) rather than a value
+    choices: tuple[str, ...] | None = None
+
+
 class _Model:
     """What a record looks like to the machine: just its state."""
 
@@ -49,6 +59,9 @@ class Definition:
     steps: dict[str, "Step"]
     on_crash: dict[str, str]  # state -> resume | rollback
     validate: Callable[..., dict[str, Any]]  # (hypervisor, domain, params) -> normalised params
+    options: tuple[Option, ...] = ()
+    # (record, hypervisor) -> checks [{"item", "ok", ...}]; None: the files in result["files"]
+    verify: Callable[..., list[dict[str, Any]]] | None = None
     max_attempts: int = 3
     summary: str = ""
     _machine: Machine = field(init=False, repr=False)

@@ -18,6 +18,7 @@ from .errors import DomainBusy, DomcaptureError, InvalidOperation
 from .hypervisor.base import Hypervisor
 from .record import FINAL_STATUSES, FORWARD, QUEUED, RUNNING, Record, new_id
 from .store import Lease, Store
+from .verify import verify_files
 
 Enqueue = Callable[[Record], None]
 
@@ -112,6 +113,32 @@ class Captures:
         except InvalidOperation:
             # A live worker holds it: it sees the cancel at its next check and rolls back.
             return self.store.load(wf_id), "cancel requested; the running worker will roll back"
+
+    def verify(self, wf_id: str) -> list[dict[str, Any]]:
+        """Re-read a succeeded capture and check it against its record; the outcome joins its history."""
+        rec = self.store.load(wf_id)
+        if rec.status != "succeeded":
+            raise InvalidOperation(f"workflow {wf_id} is {rec.status}; only a succeeded capture can be verified")
+        defn = self.definition(rec.strategy)
+        hv = self.hypervisor_factory(rec.uri) if defn.verify else None
+        try:
+            checks = (defn.verify or verify_files)(rec, hv)
+        finally:
+            if hv is not None:
+                hv.close()
+        if not checks:
+            raise InvalidOperation(f"workflow {wf_id} recorded nothing to verify")
+        lease = self.store.acquire_lease(wf_id, "operator:verify", self.lease_ttl)
+        if lease is not None:
+            try:
+                rec = self.store.load(wf_id)
+                ok = all(c["ok"] for c in checks)
+                rec.data.setdefault("verifications", []).append({"at": time.time(), "ok": ok})
+                self.store.save(rec, "verified", epoch=lease.epoch, ok=ok,
+                                failed=[c["item"] for c in checks if not c["ok"]])
+            finally:
+                lease.release()
+        return checks
 
     # -- recovery ------------------------------------------------------------------------
     def recover(self, wf_id: str, owner: str = "recovery") -> str | None:

@@ -32,10 +32,14 @@ class BlockJob:
     end: int
 
 
-# Methods that change the domain: a fenced wrapper checks the lease before each.
-MUTATING = frozenset({
-    "fs_freeze", "fs_thaw", "snapshot_disk_only", "block_commit_active", "block_pivot", "block_job_abort",
-})
+# Methods that only look: every other public method may change something, so a
+# fenced wrapper checks the lease before it (a new method is fenced by default).
+READ_ONLY = frozenset({"canonical_uri", "domain_state", "disks", "domain_xml", "block_job", "fs_frozen", "close"})
+READ_ONLY_PREFIXES = ("get_", "list_", "has_", "is_", "read_", "lookup_")
+
+
+def is_read_only(name: str) -> bool:
+    return name in READ_ONLY or name.startswith(READ_ONLY_PREFIXES)
 
 
 class Hypervisor(Protocol):
@@ -69,7 +73,7 @@ class Fenced:
 
     def __getattr__(self, name: str):
         attr = getattr(self._inner, name)
-        if name in MUTATING:
+        if callable(attr) and not name.startswith("_") and not is_read_only(name):
             def fenced(*args, **kwargs):
                 self._guard()
                 return attr(*args, **kwargs)

@@ -21,6 +21,9 @@ from typing import Callable
 
 from ..errors import AgentUnavailable, DomainNotFound, NotReady, OperationFailed
 from .base import BlockJob, Disk
+from .fake_backup import FakeBackupOps
+from .fake_save import FakeSaveOps
+from .fake_snapshot import FakeSnapshotOps
 
 READY_AFTER_POLLS = 2
 
@@ -45,7 +48,7 @@ class _FakeDomain:
     log: list[str] = field(default_factory=list)
 
 
-class FakeHypervisor:
+class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
     def __init__(self, uri: str = "fake:///default", hook: Callable[[str, str], None] | None = None) -> None:
         self.uri = uri
         self.domains: dict[str, _FakeDomain] = {}

@@ -15,6 +15,9 @@ import libvirt
 from ..errors import (AgentUnavailable, DomainNotFound, DomcaptureError, HypervisorError,
                       HypervisorUnavailable, NotReady, OperationFailed)
 from .base import BlockJob, Disk
+from .libvirt_backup import LibvirtBackupOps
+from .libvirt_save import LibvirtSaveOps
+from .libvirt_snapshot import LibvirtSnapshotOps
 
 T = TypeVar("T")
 
@@ -99,8 +102,12 @@ def parse_disks(xml: str) -> list[Disk]:
     return disks
 
 
-class LibvirtHypervisor:
-    """A libvirt connection that reconnects after libvirtd restarts."""
+class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
+    """A libvirt connection that reconnects after libvirtd restarts.
+
+    The core (inspection, quiescing, disk-only snapshots, block jobs) is here;
+    each group of strategies adds its calls through a mixin module beside it.
+    """
 
     def __init__(self, uri: str | None = None) -> None:
         self.uri = uri or ""

@@ -10,6 +10,7 @@ from typing import Any
 from .. import quiesce
 from ..errors import (DeadlineExceeded, DomainNotRunning, DomcaptureError, InputError, InvalidTarget,
                       StepFailed, UnsupportedDisk)
+from ..definition import Option
 from ..hypervisor.base import Disk, Hypervisor
 from ..steps import Step, StepContext
 
@@ -18,12 +19,33 @@ DEFAULT_FREEZE_DEADLINE = 10.0
 DEFAULT_COMMIT_TIMEOUT = 600.0
 POLL = 0.2
 
+OPT_TARGET = Option("target", "directory the capture is written to")
+OPT_QUIESCE = Option("quiesce", "freeze guest filesystems through the agent: off | try | require (default try)",
+                     choices=QUIESCE_MODES)
+OPT_ON_ERROR = Option("on_error", "on a permanent error: rollback (default) | stop (leave it for an operator)",
+                      choices=("rollback", "stop"))
+OPT_FREEZE_DEADLINE = Option("freeze_deadline", "seconds the guest may stay frozen before it is thawed (default 10)")
+OPT_COMMIT_TIMEOUT = Option("commit_timeout", "seconds a blockcommit may take to become ready (default 600)")
+OPT_BANDWIDTH = Option("bandwidth", "limit the copy rate, e.g. 50M (bytes/s; default unlimited)")
+
 
 # -- input checks (no side effects) -------------------------------------------------
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)} (got {value!r})")
     return value
+
+
+def parse_seconds(name: str, value: Any, default: float) -> float:
+    if value in (None, ""):
+        return default
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--{name.replace('_', '-')} must be a number of seconds (got {value!r})")
+    if out <= 0:
+        raise InputError(f"--{name.replace('_', '-')} must be positive (got {value!r})")
+    return out
 
 
 def parse_bandwidth(value: Any) -> int:

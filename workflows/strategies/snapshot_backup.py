@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import naming
 from ..definition import RESUME, Definition
-from ..errors import InputError, StepFailed
+from ..errors import StepFailed
 from ..filecopy import copy_resumable, fsync_dir
 from ..hypervisor.base import Hypervisor
 from ..record import Artifact
@@ -51,12 +51,12 @@ def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, A
         "target": common.check_target_dir(params.get("target")),
         "quiesce": common.check_choice("quiesce", params.get("quiesce") or "try", common.QUIESCE_MODES),
         "on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop")),
-        "freeze_deadline": float(params.get("freeze_deadline") or common.DEFAULT_FREEZE_DEADLINE),
-        "commit_timeout": float(params.get("commit_timeout") or common.DEFAULT_COMMIT_TIMEOUT),
+        "freeze_deadline": common.parse_seconds("freeze_deadline", params.get("freeze_deadline"),
+                                                common.DEFAULT_FREEZE_DEADLINE),
+        "commit_timeout": common.parse_seconds("commit_timeout", params.get("commit_timeout"),
+                                               common.DEFAULT_COMMIT_TIMEOUT),
         "bandwidth": common.parse_bandwidth(params.get("bandwidth")),
     }
-    if out["freeze_deadline"] <= 0 or out["commit_timeout"] <= 0:
-        raise InputError("--freeze-deadline and --commit-timeout must be positive")
     common.require_running(hv, domain)
     disks = common.capture_disks(hv, domain)
     common.check_space(out["target"], sum(os.path.getsize(d.source) for d in disks), "backup target")
@@ -285,4 +285,6 @@ STEPS: dict[str, Step] = {
 
 DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
                         validate=validate,
+                        options=(common.OPT_TARGET, common.OPT_QUIESCE, common.OPT_ON_ERROR,
+                                 common.OPT_FREEZE_DEADLINE, common.OPT_COMMIT_TIMEOUT, common.OPT_BANDWIDTH),
                         summary="disk-only external snapshot, copy the backing images, active commit + pivot")

@@ -1,0 +1,32 @@
+"""Re-reading what a capture produced and checking it against its record.
+
+Every capture that writes files records them in ``result["files"]`` as
+``{disk: {"path", "size", "checksum": "sha256:<hex>"}}``; ``verify_files``
+re-reads each one.  A strategy whose capture lives inside libvirt (an
+internal snapshot, a checkpoint) supplies its own check in its definition.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .filecopy import sha256_file
+from .record import Record
+
+
+def verify_files(rec: Record, hv: Any = None) -> list[dict[str, Any]]:
+    checks = []
+    for disk, info in sorted((rec.result.get("files") or {}).items()):
+        check: dict[str, Any] = {"item": disk, "path": info["path"], "expected": info.get("checksum")}
+        if not os.path.exists(info["path"]):
+            check.update(ok=False, error="missing")
+        else:
+            actual = f"sha256:{sha256_file(info['path'])}"
+            size = os.path.getsize(info["path"])
+            check.update(actual=actual, size=size, ok=actual == info.get("checksum") and
+                         (info.get("size") is None or size == info["size"]))
+            if not check["ok"]:
+                check["error"] = "checksum or size differs"
+        checks.append(check)
+    return checks
