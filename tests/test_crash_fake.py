@@ -23,29 +23,12 @@ from workflows import strategies
 from workflows.engine import Engine
 from workflows.errors import LeaseLost
 from workflows.hypervisor.fake import FakeHypervisor
-from workflows.record import ROLLED_BACK, RUNNING, SUCCEEDED
+from workflows.record import ROLLED_BACK, SUCCEEDED
 from workflows.service import Captures
 
+from .crashkit import Crasher, drive_to_end, make_engine, run_once
+
 POST_SNAPSHOT_WRITE = (8192, b"\xee" * 4096)
-
-
-class SimulatedCrash(BaseException):
-    """Not an Exception: nothing in the engine may catch it, like SIGKILL."""
-
-
-class Crasher:
-    def __init__(self, target: tuple[str, int] | None = None) -> None:
-        self.target = target
-        self.seen: list[tuple[str, int]] = []
-        self.counts: collections.Counter = collections.Counter()
-
-    def __call__(self, label: str) -> None:
-        self.counts[label] += 1
-        point = (label, self.counts[label])
-        self.seen.append(point)
-        if point == self.target:
-            self.target = None
-            raise SimulatedCrash(label)
 
 
 class World:
@@ -76,25 +59,13 @@ class World:
         self.crasher(f"hv-{when}:{method}")
 
     def engine(self, worker: str = "w1") -> Engine:
-        return Engine(self.store, strategies.DEFINITIONS, lambda uri: self.fake, worker,
-                      retry_delays=(0, 0, 0, 0), crash_hook=self.crasher, sleep=lambda s: None)
+        return make_engine(self.store, self.fake, self.crasher, worker)
 
     def run(self, worker: str = "w1") -> bool:
-        try:
-            self.engine(worker).run(self.rec.id)
-            return False
-        except SimulatedCrash:
-            return True
+        return run_once(self.store, self.fake, self.rec.id, self.crasher, worker)
 
     def drive_to_end(self) -> dict:
-        for i in range(20):
-            rec = self.store.load(self.rec.id)
-            if rec.status in (SUCCEEDED, ROLLED_BACK):
-                return rec.to_dict()
-            if rec.status == RUNNING:
-                self.captures.recover(self.rec.id)
-            self.run(f"w{i + 2}")
-        raise AssertionError(f"workflow did not end: {self.store.load(self.rec.id).to_dict()}")
+        return drive_to_end(self.store, self.captures, self.fake, self.rec.id, self.crasher)
 
     def expected_live(self, target: str) -> bytes:
         data = bytearray(self.initial[target])
