@@ -75,7 +75,7 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
         try:
             return self.domains[name]
         except KeyError:
-            raise DomainNotFound(f"domain {name}: Domain not found: no domain with matching name '{name}'")
+            raise DomainNotFound(f"domain {name}: Domain not found: no domain with matching name '{name}'") from None
 
     def _running(self, name: str) -> _FakeDomain:
         dom = self._dom(name)

@@ -15,4 +15,4 @@ def get(name: str) -> Definition:
     try:
         return DEFINITIONS[name]
     except KeyError:
-        raise UnknownStrategy(f"unknown strategy {name!r}; choose one of: {', '.join(sorted(DEFINITIONS))}")
+        raise UnknownStrategy(f"unknown strategy {name!r}; choose one of: {', '.join(sorted(DEFINITIONS))}") from None

@@ -42,7 +42,7 @@ def parse_seconds(name: str, value: Any, default: float) -> float:
     try:
         out = float(value)
     except (TypeError, ValueError):
-        raise InputError(f"--{name.replace('_', '-')} must be a number of seconds (got {value!r})")
+        raise InputError(f"--{name.replace('_', '-')} must be a number of seconds (got {value!r})") from None
     if out <= 0:
         raise InputError(f"--{name.replace('_', '-')} must be positive (got {value!r})")
     return out
@@ -58,7 +58,7 @@ def parse_bandwidth(value: Any) -> int:
     try:
         out = int(float(number) * mult)
     except ValueError:
-        raise InputError(f"--bandwidth must look like 50M, 512K or a number of bytes/s (got {value!r})")
+        raise InputError(f"--bandwidth must look like 50M, 512K or a number of bytes/s (got {value!r})") from None
     if out < 0:
         raise InputError(f"--bandwidth must not be negative (got {value!r})")
     return out
