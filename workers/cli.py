@@ -158,6 +158,12 @@ def _operator(args: argparse.Namespace, rt: Runtime, action: str) -> int:
     return 0
 
 
+def cmd_wait(args: argparse.Namespace, rt: Runtime) -> int:
+    rec = _wait(rt, args.id, args.timeout, args.json)
+    _emit(args, rec, _describe(rt, rec, history=False))
+    return 0 if rec.status == "succeeded" else 1
+
+
 def cmd_verify(args: argparse.Namespace, rt: Runtime) -> int:
     checks = rt.captures.verify(args.id)
     ok = all(c["ok"] for c in checks)
@@ -240,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--timeout", type=float, default=3600)
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=lambda a, rt, action=action: _operator(a, rt, action))
+
+    s = sub.add_parser("wait", help="wait until a workflow ends or stops, showing progress; exit 0 if it succeeded")
+    s.add_argument("id")
+    s.add_argument("--timeout", type=float, default=3600)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_wait)
 
     s = sub.add_parser("verify", help="re-read a succeeded capture and check its recorded checksums")
     s.add_argument("id")
