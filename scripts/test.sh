@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite on real services, on a fresh Debian 12 machine as root:
+# installs and starts what is missing (scripts/setup.sh), builds the tiny test
+# guest, lints, then runs every test.  Real-service tests fail (never skip)
+# here when a service is missing.  Extra arguments go to pytest.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+bash scripts/setup.sh
+bash guest/build-guest.sh "${DOMCAPTURE_HOME:-/var/lib/domcapture}/guest"
+export DOMCAPTURE_REQUIRE_REAL=1
+export DOMCAPTURE_GUEST_DIR="${DOMCAPTURE_HOME:-/var/lib/domcapture}/guest"
+echo "[test] ruff"
+.venv/bin/ruff check workflows workers tests bench
+echo "[test] pytest"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
