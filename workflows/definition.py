@@ -64,6 +64,9 @@ class Definition:
     verify: Callable[..., list[dict[str, Any]]] | None = None
     max_attempts: int = 3
     summary: str = ""
+    # (load_record, params) -> params: turns a reference to another workflow (``--from ID``) into what
+    # validate needs, before validate runs; load_record raises RecordNotFound
+    resolve: Callable[..., dict[str, Any]] | None = None
     _machine: Machine = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

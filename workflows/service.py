@@ -49,7 +49,10 @@ class Captures:
             if holder:
                 raise DomainBusy(f"domain {domain!r} is busy with workflow {holder}; "
                                  f"see 'domcapture show {holder}'")
-            normalised = defn.validate(hv, domain, dict(params))
+            raw = dict(params)
+            if defn.resolve is not None:
+                raw = defn.resolve(self.store.load, raw)
+            normalised = defn.validate(hv, domain, raw)
         finally:
             hv.close()
         rec = Record(id=new_id(), strategy=defn.name, definition_version=defn.version, domain=domain,
