@@ -22,6 +22,7 @@ from workflows.errors import DomcaptureError, InputError
 from workflows.record import FINAL_STATUSES, STATUSES, STOPPED_STATUSES, Record
 from workflows.service import summary
 
+from . import cli_checkpoints
 from .runtime import Runtime
 from .settings import Settings, process_id
 
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--once", action="store_true", help="one sweep, then exit")
     s.add_argument("--interval", type=float)
     s.set_defaults(func=cmd_recovery)
+
+    cli_checkpoints.register(sub)
     return p
 
 

@@ -28,7 +28,7 @@ from .hypervisor.base import Fenced, Hypervisor
 from .record import (FAILED, FINAL_STATUSES, FORWARD, NEEDS_ATTENTION, QUEUED, ROLLBACK, RUNNING,
                      STOPPED_STATUSES, Record)
 from .steps import StepContext
-from .store import Lease, Store
+from .store import Lease, Store, using
 
 log = logging.getLogger("domcapture.engine")
 
@@ -102,6 +102,10 @@ class Engine:
         Returns the record's status, ``"lease-held"`` when another process
         holds the workflow, or ``"lease-lost"``.
         """
+        with using(self.store):
+            return self._run(wf_id)
+
+    def _run(self, wf_id: str) -> str:
         lease = self.store.acquire_lease(wf_id, self.worker_id, self.lease_ttl)
         if lease is None:
             return "lease-held"

@@ -125,3 +125,12 @@ class DeadlineExceeded(StepFailed):
 
 class Cancelled(DomcaptureError):
     """An operator asked the workflow to stop."""
+
+
+# --- checkpoints (direct backups) ------------------------------------------------
+class CheckpointNotFound(HypervisorError):
+    """libvirt has no checkpoint of that name on the domain."""
+
+
+class CheckpointInconsistent(HypervisorError):
+    """A checkpoint's bitmap is missing or broken in a disk image: its chain cannot be used."""

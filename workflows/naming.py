@@ -34,3 +34,34 @@ def manifest_path(target_dir: str, domain: str, wf_id: str) -> str:
 
 def is_ours(path: str, wf_id: str) -> bool:
     return f"{PREFIX}-" in os.path.basename(path) and wf_id in path
+
+
+# -- direct backups, checkpoints, restores ----------------------------------------------------
+RUN_DIR = os.environ.get("DOMCAPTURE_RUN_DIR", "/run/domcapture")
+
+
+def checkpoint_name(wf_id: str) -> str:
+    """The libvirt checkpoint a workflow creates (with its backup, or alone)."""
+    return f"{PREFIX}-{wf_id}"
+
+
+def scratch_file(target_dir: str, domain: str, wf_id: str, target: str) -> str:
+    """A pull backup's scratch file (libvirt keeps the blocks the guest overwrites there)."""
+    return os.path.join(backup_dir(target_dir, domain, wf_id), f"{target}.scratch")
+
+
+def nbd_socket(wf_id: str) -> str:
+    """The unix socket a pull backup's NBD server listens on (short: sockets are limited to 107 bytes)."""
+    return os.path.join(RUN_DIR, f"{PREFIX}-{wf_id}.sock")
+
+
+def domain_xml_path(target_dir: str, domain: str, wf_id: str) -> str:
+    return os.path.join(backup_dir(target_dir, domain, wf_id), "domain.xml")
+
+
+def restore_dir(target_dir: str, domain: str, wf_id: str) -> str:
+    return os.path.join(target_dir, f"{PREFIX}-restore-{domain}-{wf_id}")
+
+
+def restore_file(target_dir: str, domain: str, wf_id: str, target: str) -> str:
+    return os.path.join(restore_dir(target_dir, domain, wf_id), f"{target}.qcow2")

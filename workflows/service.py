@@ -17,7 +17,7 @@ from .engine import begin_rollback, requeue
 from .errors import DomainBusy, DomcaptureError, InvalidOperation
 from .hypervisor.base import Hypervisor
 from .record import FINAL_STATUSES, FORWARD, QUEUED, RUNNING, Record, new_id
-from .store import Lease, Store
+from .store import Lease, Store, using
 from .verify import verify_files
 
 Enqueue = Callable[[Record], None]
@@ -50,9 +50,10 @@ class Captures:
                 raise DomainBusy(f"domain {domain!r} is busy with workflow {holder}; "
                                  f"see 'domcapture show {holder}'")
             raw = dict(params)
-            if defn.resolve is not None:
-                raw = defn.resolve(self.store.load, raw)
-            normalised = defn.validate(hv, domain, raw)
+            with using(self.store):
+                if defn.resolve is not None:
+                    raw = defn.resolve(self.store.load, raw)
+                normalised = defn.validate(hv, domain, raw)
         finally:
             hv.close()
         rec = Record(id=new_id(), strategy=defn.name, definition_version=defn.version, domain=domain,
@@ -125,7 +126,8 @@ class Captures:
         defn = self.definition(rec.strategy)
         hv = self.hypervisor_factory(rec.uri) if defn.verify else None
         try:
-            checks = (defn.verify or verify_files)(rec, hv)
+            with using(self.store):
+                checks = (defn.verify or verify_files)(rec, hv)
         finally:
             if hv is not None:
                 hv.close()

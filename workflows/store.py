@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Iterator
 
 import redis
 
-from .errors import ConflictError, DomainBusy, LeaseLost, RecordNotFound, StoreUnavailable
+from .errors import ConflictError, DomainBusy, LeaseLost, RecordNotFound, StoreError, StoreUnavailable
 from .record import FINAL_STATUSES, Record
 
 _CREATE = """
@@ -271,3 +273,26 @@ class Store:
 
     def clear_cancel(self, wf_id: str) -> None:
         self._call(self.r.delete, self._k(wf_id, ":cancel"))
+
+
+# -- the store of the running process ---------------------------------------------------
+# Set by the engine while it advances a workflow, and by Captures while it
+# validates one: strategies that keep records beside the workflows (the
+# checkpoint store of the direct backups) reach Redis through it.
+_CURRENT: ContextVar[Store | None] = ContextVar("domcapture_store", default=None)
+
+
+@contextmanager
+def using(store: Store) -> Iterator[Store]:
+    token = _CURRENT.set(store)
+    try:
+        yield store
+    finally:
+        _CURRENT.reset(token)
+
+
+def current() -> Store:
+    store = _CURRENT.get()
+    if store is None:
+        raise StoreError("no store is bound: this runs only inside the engine or Captures")
+    return store

@@ -12,8 +12,8 @@ from typing import Callable, TypeVar
 
 import libvirt
 
-from ..errors import (AgentUnavailable, DomainNotFound, DomcaptureError, HypervisorError,
-                      HypervisorUnavailable, NotReady, OperationFailed)
+from ..errors import (AgentUnavailable, CheckpointInconsistent, CheckpointNotFound, DomainNotFound, DomcaptureError,
+                      HypervisorError, HypervisorUnavailable, NotReady, OperationFailed)
 from .base import BlockJob, Disk
 from .libvirt_backup import LibvirtBackupOps
 from .libvirt_save import LibvirtSaveOps
@@ -41,6 +41,8 @@ _ERROR_TABLE: dict[int, tuple[type[DomcaptureError], bool]] = {
     libvirt.VIR_ERR_CONFIG_UNSUPPORTED: (OperationFailed, False),
     libvirt.VIR_ERR_INVALID_ARG: (OperationFailed, False),
     libvirt.VIR_ERR_OPERATION_FAILED: (OperationFailed, False),
+    libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT: (CheckpointNotFound, False),
+    libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT: (CheckpointInconsistent, False),
 }
 
 _JOB_TYPES = {

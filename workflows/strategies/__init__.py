@@ -5,9 +5,13 @@ from __future__ import annotations
 from ..definition import Definition
 from ..errors import UnknownStrategy
 from . import snapshot_backup
+from . import checkpoint, direct_backup, restore
 
 DEFINITIONS: dict[str, Definition] = {
     snapshot_backup.NAME: snapshot_backup.DEFINITION,
+    direct_backup.NAME: direct_backup.DEFINITION,
+    checkpoint.NAME: checkpoint.DEFINITION,
+    restore.NAME: restore.DEFINITION,
 }
 
 

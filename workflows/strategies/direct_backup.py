@@ -1,0 +1,489 @@
+"""Direct backup (the guide's second sequence), full or incremental, push or pull.
+
+preflight -> restore the checkpoint chain (redefine what libvirt lost) ->
+freeze -> backup begin (creates checkpoint ``domcapture-<id>`` in the same
+call; incremental from the last committed checkpoint of our store) -> thaw
+-> push: wait for libvirt's job to complete | pull: read the extents over NBD
+-> backup end -> commit the checkpoint in our store -> write the manifest.
+
+The domain definition is never touched.  A crash in any state resumes: the
+backup job lives in libvirtd (a push keeps writing, a pull keeps serving), and
+every step asks libvirt first.  Rollback ends our job, deletes the files, the
+libvirt checkpoint we created and its pending entry in our store, and thaws.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from .. import naming, nbdio
+from ..checkpoints import COMMITTED, KIND_BACKUP, PENDING, Checkpoint, backup_base, owned_pending, restore_chain
+from ..definition import RESUME, Definition, Option
+from ..errors import CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, StepFailed
+from ..filecopy import fsync_dir, sha256_file
+from ..hypervisor.base import Hypervisor
+from ..record import Artifact
+from ..steps import Step, StepContext
+from . import backup_common as bc
+from . import common
+
+NAME = "direct-backup"
+VERSION = 1
+
+STATES = ["preflight", "checking_chain", "freezing", "beginning", "thawing", "transferring", "ending",
+          "committing", "finalizing"]
+
+TRANSITIONS = [
+    # trigger     source             dest
+    ["advance",  "preflight",       "checking_chain"],
+    ["advance",  "checking_chain",  "freezing"],
+    ["advance",  "freezing",        "beginning"],       # virDomainFSFreeze()
+    ["refreeze", "beginning",       "freezing"],        # the freeze was lost in a crash
+    ["advance",  "beginning",       "thawing"],         # virDomainBackupBegin() + checkpoint
+    ["advance",  "thawing",         "transferring"],    # virDomainFSThaw()
+    ["advance",  "transferring",    "ending"],          # wait for push | pull over NBD
+    ["advance",  "ending",          "committing"],      # virDomainBackupEnd() (abortJob)
+    ["advance",  "committing",      "finalizing"],      # the checkpoint counts from now on
+    ["advance",  "finalizing",      "succeeded"],
+]
+
+MODES = ("push", "pull")
+DEFAULT_BACKUP_TIMEOUT = 3600.0
+POLL = 0.2
+
+OPT_MODE = Option("mode", "direct-backup: push (libvirt writes the files) | pull (read over NBD); default push",
+                  choices=MODES)
+OPT_INCREMENTAL = Option("incremental", "direct-backup: only what changed since the last committed checkpoint "
+                                        "(full when there is none, and the record says why)", flag=True)
+OPT_BACKUP_TIMEOUT = Option("backup_timeout", "direct-backup: seconds a push backup job may take (default 3600)")
+
+
+def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    out = {
+        "target": common.check_target_dir(params.get("target")),
+        "mode": common.check_choice("mode", params.get("mode") or "push", MODES),
+        "incremental": bool(params.get("incremental")),
+        "quiesce": common.check_choice("quiesce", params.get("quiesce") or "try", common.QUIESCE_MODES),
+        "on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop")),
+        "freeze_deadline": common.parse_seconds("freeze_deadline", params.get("freeze_deadline"),
+                                                common.DEFAULT_FREEZE_DEADLINE),
+        "backup_timeout": common.parse_seconds("backup_timeout", params.get("backup_timeout"),
+                                               DEFAULT_BACKUP_TIMEOUT),
+    }
+    common.require_running(hv, domain)
+    disks = bc.bitmap_disks(hv, domain)
+    if not out["incremental"]:  # an incremental's size is not known before its bitmap is read
+        common.check_space(out["target"], sum(os.path.getsize(d.source or "") for d in disks), "backup target")
+    return out
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _cp_name(ctx: StepContext) -> str:
+    return naming.checkpoint_name(ctx.rec.id)
+
+
+def _job_files(ctx: StepContext) -> dict[str, str]:
+    """target -> the file libvirt writes: the push target's partial name, or the pull scratch file."""
+    if ctx.params["mode"] == "push":
+        return {a["disk"]: a["partial"] for a in ctx.rec.artifacts_of("backup-file")}
+    return {a["disk"]: a["path"] for a in ctx.rec.artifacts_of("scratch-file")}
+
+
+def _our_job(ctx: StepContext):
+    job = ctx.hv.get_backup_job(ctx.domain)
+    if job is not None and not job.mentions(ctx.rec.id):
+        raise StepFailed(f"a backup job that is not ours runs on {ctx.domain} ({job.mode}); "
+                         "domcapture leaves it alone")
+    return job
+
+
+def _manifest(ctx: StepContext) -> str:
+    return ctx.rec.artifacts["manifest"]["path"]
+
+
+class Preflight(Step):
+    description = "inspect the disks (qcow2); name every file, the socket and the checkpoint before anything exists"
+
+    def execute(self, ctx: StepContext) -> None:
+        common.require_running(ctx.hv, ctx.domain)
+        disks = bc.bitmap_disks(ctx.hv, ctx.domain)
+        target, wf = ctx.params["target"], ctx.rec.id
+        ctx.data["disks"] = [{"target": d.target, "source": d.source, "format": d.format,
+                              "virtual_size": ctx.hv.get_disk_capacity(ctx.domain, d.target)} for d in disks]
+        ctx.data["domain_xml"] = ctx.hv.get_inactive_xml(ctx.domain)
+        for d in disks:
+            path = naming.backup_file(target, ctx.domain, wf, d.target, "qcow2")
+            art = ctx.rec.plan_artifact(Artifact(f"backup:{d.target}", "backup-file", path, d.target))
+            art["partial"] = naming.partial_of(path)
+            if ctx.params["mode"] == "pull":
+                ctx.rec.plan_artifact(Artifact(f"scratch:{d.target}", "scratch-file",
+                                               naming.scratch_file(target, ctx.domain, wf, d.target), d.target))
+        if ctx.params["mode"] == "pull":
+            ctx.rec.plan_artifact(Artifact("socket", "nbd-socket", naming.nbd_socket(wf)))
+        ctx.rec.plan_artifact(Artifact("checkpoint", "checkpoint", naming.checkpoint_name(wf)))
+        ctx.rec.plan_artifact(Artifact("domain-xml", "domain-xml", naming.domain_xml_path(target, ctx.domain, wf)))
+        ctx.rec.plan_artifact(Artifact("manifest", "manifest", naming.manifest_path(target, ctx.domain, wf)))
+
+    def revert(self, ctx: StepContext) -> None:
+        """The last revert to run: removes the backup folder once it is empty."""
+        art = ctx.rec.artifacts.get("manifest")
+        if art:
+            folder = os.path.dirname(art["path"])
+            if os.path.isdir(folder) and not os.listdir(folder) and naming.is_ours(folder, ctx.rec.id):
+                os.rmdir(folder)
+
+
+class CheckChain(Step):
+    description = "redefine the checkpoints libvirt lost (parents first, validated); choose full or incremental"
+
+    def execute(self, ctx: StepContext) -> None:
+        cps = bc.checkpoint_store()
+        ctx.data["chain"] = restore_chain(ctx.hv, cps, ctx.rec, check=ctx.guard)
+        ctx.data.pop("base", None)
+        ctx.data.pop("fallback", None)
+        kind = "full"
+        if ctx.params["incremental"]:
+            present = {c.name for c in ctx.hv.list_checkpoints(ctx.domain)}
+            targets = [d["target"] for d in ctx.data["disks"]]
+            base, why = backup_base(cps, ctx.rec, targets, present, lambda p: bc.read_manifest(p) is not None)
+            manifest = bc.read_manifest(base.backup["manifest"]) if base and base.backup else None
+            if base and manifest:
+                files = {f["disk"]: f["path"] for f in manifest["files"]}
+                missing = [t for t in targets if not os.path.exists(files.get(t, ""))]
+                if missing:
+                    why = f"the backup of {base.name} ({base.workflow}) lost its files for {missing}"
+                else:
+                    kind = "incremental"
+                    ctx.data["base"] = {"checkpoint": base.name, "workflow": base.workflow,
+                                        "manifest": base.backup["manifest"], "files": files,
+                                        "chain": manifest.get("chain") or [base.workflow]}
+            if kind == "full":
+                ctx.data["fallback"] = f"incremental requested, taking a full backup: {why}"
+        ctx.data["kind"] = kind
+
+
+class Begin(Step):
+    description = "backup begin (push target files | pull NBD export + scratch files) and its checkpoint, at once"
+
+    def redirect(self, ctx: StepContext) -> str | None:
+        return "refreeze" if not self.probe(ctx) and common.needs_refreeze(ctx) else None
+
+    def probe(self, ctx: StepContext) -> bool:
+        # backupBegin creates the checkpoint with the job, atomically: it exists iff the backup began
+        return ctx.hv.lookup_checkpoint(ctx.domain, _cp_name(ctx)) is not None
+
+    def _pending(self, ctx: StepContext) -> Checkpoint:
+        return Checkpoint(name=_cp_name(ctx), workflow=ctx.rec.id, kind=KIND_BACKUP, state=PENDING,
+                          disks=[d["target"] for d in ctx.data["disks"]],
+                          backup={"manifest": _manifest(ctx), "dir": os.path.dirname(_manifest(ctx)),
+                                  "mode": ctx.params["mode"], "kind": ctx.data["kind"]})
+
+    def _begin(self, ctx: StepContext) -> None:
+        files = _job_files(ctx)
+        bc.remove_ours(ctx, list(files.values()))  # left by an attempt libvirt refused
+        socket = ctx.rec.artifacts.get("socket", {}).get("path")
+        if socket:
+            os.makedirs(os.path.dirname(socket), exist_ok=True)
+            bc.remove_ours(ctx, [socket])
+        os.makedirs(os.path.dirname(_manifest(ctx)), exist_ok=True)
+        base = ctx.data.get("base", {}).get("checkpoint")
+        ctx.data["began_at"] = time.time()
+        ctx.save("backup-intent", checkpoint=_cp_name(ctx), kind=ctx.data["kind"], base=base,
+                 mode=ctx.params["mode"])
+        ctx.hv.backup_begin(ctx.domain, mode=ctx.params["mode"], disks=files, checkpoint=_cp_name(ctx),
+                            incremental=base, socket=socket)
+
+    def execute(self, ctx: StepContext) -> None:
+        cps = bc.checkpoint_store()
+        cps.put(ctx.rec, self._pending(ctx))  # pending before libvirt knows it: never an unknown checkpoint
+        try:
+            self._begin(ctx)
+        except (CheckpointInconsistent, CheckpointNotFound) as exc:
+            base = ctx.data.get("base", {}).get("checkpoint")
+            if not base:
+                raise
+            # pitfall: a bitmap lost (e.g. in a QEMU crash): the chain is broken, fall back to full
+            cps.mark_broken(ctx.rec, base, str(exc))
+            ctx.data.pop("base")
+            ctx.data["kind"] = "full"
+            ctx.data["fallback"] = f"incremental from {base} refused, taking a full backup: {exc}"
+            cps.put(ctx.rec, self._pending(ctx))
+            ctx.save("fallback-to-full", reason=str(exc))
+            self._begin(ctx)
+        ctx.data["began"] = time.time()
+        ctx.rec.set_artifact("checkpoint", status="present")
+
+    def revert(self, ctx: StepContext) -> None:
+        bc.end_our_job(ctx)
+        name = _cp_name(ctx)
+        cps = bc.checkpoint_store()
+        if ctx.hv.lookup_checkpoint(ctx.domain, name) is not None:
+            ctx.save("checkpoint-delete-intent", checkpoint=name)
+            ctx.hv.checkpoint_delete(ctx.domain, name)  # its bitmap merges into the parent's
+        if owned_pending(cps.get(ctx.rec.uri, ctx.domain, name), ctx.rec.id):
+            cps.remove(ctx.rec, name)
+        ctx.rec.set_artifact("checkpoint", status="deleted")
+        bc.remove_ours(ctx, list(_job_files(ctx).values()))
+        socket = ctx.rec.artifacts.get("socket")
+        if socket:
+            bc.remove_ours(ctx, [socket["path"]])
+
+
+class Transfer(Step):
+    description = "push: wait for libvirt's job to complete | pull: read the extents over NBD into qcow2 files"
+
+    def probe(self, ctx: StepContext) -> bool:
+        return all(a["status"] == "present" and a.get("checksum") and os.path.exists(a["path"])
+                   for a in ctx.rec.artifacts_of("backup-file"))
+
+    def execute(self, ctx: StepContext) -> None:
+        ctx.data.setdefault("transfer_started_at", time.time())
+        if ctx.params["mode"] == "push":
+            self._wait_push(ctx)
+        else:
+            self._pull(ctx)
+        ctx.data["transfer_seconds"] = round(time.time() - ctx.data["began_at"], 3)
+
+    # -- push --------------------------------------------------------------------------------------
+    def _wait_push(self, ctx: StepContext) -> None:
+        deadline = ctx.data.setdefault("transfer_deadline", time.time() + float(ctx.params["backup_timeout"]))
+        while True:
+            ctx.check_cancel()
+            ctx.guard()
+            job = _our_job(ctx)
+            if job is None:
+                break
+            ctx.progress("backup", job.processed, job.total)
+            if time.time() > deadline:
+                raise DeadlineExceeded(f"the push backup of {ctx.domain} did not complete by its deadline")
+            ctx.sleep(POLL)
+        pending = [a for a in ctx.rec.artifacts_of("backup-file") if a["status"] != "present"]
+        if any(not os.path.exists(a["path"]) for a in pending):
+            # pitfall: a job that is gone is not a job that completed; libvirt's record of its end decides
+            done = ctx.hv.get_completed_backup(ctx.domain)
+            if done is None or not done.success:
+                why = (done.error or "it did not complete") if done else "libvirt has no record of its end"
+                raise StepFailed(f"the push backup job of {ctx.domain} ended without completing: {why}")
+            ctx.data["job"] = {"processed": done.processed, "total": done.total}
+            ctx.progress("backup", done.processed, done.total, force=True)
+        for a in pending:
+            self._finish(ctx, a)
+
+    # -- pull ---------------------------------------------------------------------------------------
+    def _pull(self, ctx: StepContext) -> None:
+        job = _our_job(ctx)
+        pending = [a for a in ctx.rec.artifacts_of("backup-file") if a["status"] != "present"]
+        if job is None and any(not os.path.exists(a["path"]) for a in pending):
+            raise StepFailed(f"the pull backup job of {ctx.domain} is gone before its data was read")
+        dirty = ctx.data["kind"] == "incremental"
+        plan = ctx.data.setdefault("plan", {})
+        cursors = ctx.data.setdefault("cursor", {})
+        for a in pending:  # how much there is to read, for the progress figures
+            if a["disk"] not in plan and not os.path.exists(a["path"]):
+                export = ctx.hv.open_backup_export(ctx.domain, job, a["disk"])
+                try:
+                    ext = export.extents(dirty)
+                finally:
+                    export.close()
+                plan[a["disk"]] = {"extents": len(ext), "bytes": sum(n for _, n in ext)}
+        total = sum(p["bytes"] for p in plan.values())
+        for a in pending:
+            if not os.path.exists(a["path"]):
+                self._pull_disk(ctx, job, a, dirty, cursors, total)
+            self._finish(ctx, a)
+        ctx.progress("transfer", total, total, force=True)
+
+    def _pull_disk(self, ctx: StepContext, job: Any, art: dict[str, Any], dirty: bool,
+                   cursors: dict[str, Any], total: int) -> None:
+        disk = art["disk"]
+        before = sum(min(c["done"], ctx.data["plan"][t]["bytes"]) for t, c in cursors.items() if t != disk)
+        cur = cursors.setdefault(disk, {"offset": 0, "done": 0, "stats": {}})
+        partial = art["partial"]
+        if cur["offset"] == 0 or not os.path.exists(partial):
+            bc.remove_ours(ctx, [partial])
+            cur.update(offset=0, done=0, stats={})
+        export = ctx.hv.open_backup_export(ctx.domain, job, disk)
+        try:
+            extents = export.extents(dirty)
+            ctx.save("transfer-intent", disk=disk, offset=cur["offset"], extents=len(extents),
+                     bytes=sum(n for _, n in extents))
+            writer = nbdio.QcowWriter(partial, export.size if cur["offset"] == 0 else None)
+            try:
+                def durable(pos: int, stats: dict[str, int]) -> None:
+                    cur.update(offset=pos, stats=stats, done=stats["read"])
+                    ctx.save(None)
+
+                def progress(done: int) -> None:
+                    ctx.progress("transfer", before + done, total, disk=disk)
+
+                def check() -> None:
+                    ctx.check_cancel()
+                    ctx.guard()
+                stats = nbdio.copy_extents(export, extents, writer, start=cur["offset"], stats=cur["stats"],
+                                           check=check, on_progress=progress, on_durable=durable,
+                                           zero_writes=dirty)
+            finally:
+                writer.close()
+        finally:
+            export.close()
+        cur.update(offset=export.size, stats=stats, done=stats["read"])
+        ctx.save("pulled", disk=disk, **stats)
+
+    # -- both -----------------------------------------------------------------------------------------
+    def _finish(self, ctx: StepContext, art: dict[str, Any]) -> None:
+        """Check a written file, name its parent backup, fsync and rename it; record its checksum."""
+        path, partial, disk = art["path"], art["partial"], art["disk"]
+        if not os.path.exists(path):
+            if not os.path.exists(partial):
+                raise StepFailed(f"the backup of {disk} left no file ({partial})")
+            ctx.guard()
+            base = ctx.data.get("base")
+            if base:  # the header names the parent backup's file, so qemu-img can read the chain
+                nbdio.set_backing(partial, os.path.relpath(base["files"][disk], os.path.dirname(path)))
+            nbdio.check_image(partial)
+            want = next(d["virtual_size"] for d in ctx.data["disks"] if d["target"] == disk)
+            got = nbdio.image_info(partial)["virtual-size"]
+            if got != want:
+                raise StepFailed(f"the backup of {disk} has {got} bytes, the disk {want}")
+            bc.fsync_file(partial)
+            os.replace(partial, path)
+            fsync_dir(os.path.dirname(path))
+        ctx.rec.set_artifact(f"backup:{disk}", status="present", checksum=f"sha256:{sha256_file(path)}",
+                             size=os.path.getsize(path), allocated=nbdio.allocated_bytes(path))
+        ctx.save("transferred", disk=disk)
+
+    def revert(self, ctx: StepContext) -> None:
+        bc.end_our_job(ctx)
+        for art in ctx.rec.artifacts_of("backup-file"):
+            bc.remove_ours(ctx, [art["path"], art["partial"]])
+            art["status"] = "deleted"
+        bc.remove_ours(ctx, [a["path"] for a in ctx.rec.artifacts_of("scratch-file")])
+        ctx.data.pop("cursor", None)
+
+
+class End(Step):
+    description = "backup end: a pull job is ended (abortJob) once its data is read; a push job ended itself"
+
+    def probe(self, ctx: StepContext) -> bool:
+        return _our_job(ctx) is None
+
+    def execute(self, ctx: StepContext) -> None:
+        bc.end_our_job(ctx)
+
+
+class Commit(Step):
+    description = "commit the checkpoint in our store with libvirt's XML: it counts from now on"
+
+    def probe(self, ctx: StepContext) -> bool:
+        cp = bc.checkpoint_store().get(ctx.rec.uri, ctx.domain, _cp_name(ctx))
+        return cp is not None and cp.state == COMMITTED
+
+    def execute(self, ctx: StepContext) -> None:
+        cps = bc.checkpoint_store()
+        cp = cps.get(ctx.rec.uri, ctx.domain, _cp_name(ctx)) or Begin()._pending(ctx)
+        info = ctx.hv.lookup_checkpoint(ctx.domain, cp.name)
+        if info is None:  # deleted behind our back: the backup stands, but nothing can follow from it
+            cp.broken = "libvirt lost the checkpoint before it was committed"
+        else:
+            cp.parent, cp.xml, cp.disks = info.parent, info.xml, info.disks
+        cp.state, cp.committed_at = COMMITTED, time.time()
+        cps.put(ctx.rec, cp)
+
+    def revert(self, ctx: StepContext) -> None:
+        cps = bc.checkpoint_store()
+        cp = cps.get(ctx.rec.uri, ctx.domain, _cp_name(ctx))
+        if cp is not None and cp.workflow == ctx.rec.id and cp.state == COMMITTED:
+            cp.state = PENDING  # the backing out below deletes it
+            cps.put(ctx.rec, cp)
+
+
+class Finalize(Step):
+    description = "write domain.xml and the manifest (files, checksums, parent backup); complete only now"
+
+    def probe(self, ctx: StepContext) -> bool:
+        doc = bc.read_manifest(_manifest(ctx))
+        return bool(doc) and doc.get("workflow") == ctx.rec.id
+
+    def _transfer(self, ctx: StepContext) -> dict[str, Any]:
+        files = ctx.rec.artifacts_of("backup-file")
+        if ctx.params["mode"] == "pull":
+            stats = {t: c["stats"] for t, c in ctx.data.get("cursor", {}).items()}
+            read = sum(s.get("read", 0) for s in stats.values())
+            written = sum(s.get("written", 0) + s.get("zeroed", 0) for s in stats.values())
+            return {"bytes_read": read, "bytes_written": written, "per_disk": stats}
+        job = ctx.data.get("job", {})
+        return {"bytes_read": job.get("processed"), "bytes_written": sum(a.get("allocated") or 0 for a in files),
+                "per_disk": {a["disk"]: {"allocated": a.get("allocated")} for a in files}}
+
+    def execute(self, ctx: StepContext) -> None:
+        xml_path = ctx.rec.artifacts["domain-xml"]["path"]
+        ctx.guard()
+        with open(xml_path + ".partial", "w") as f:
+            f.write(ctx.data["domain_xml"])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(xml_path + ".partial", xml_path)
+        base = ctx.data.get("base")
+        files = [{"disk": a["disk"], "path": a["path"], "size": a["size"], "checksum": a["checksum"],
+                  "format": "qcow2", "allocated": a.get("allocated"),
+                  "virtual_size": next(d["virtual_size"] for d in ctx.data["disks"] if d["target"] == a["disk"])}
+                 for a in ctx.rec.artifacts_of("backup-file")]
+        manifest = {"format": "domcapture-backup", "version": 1, "workflow": ctx.rec.id, "strategy": NAME,
+                    "domain": ctx.domain, "uri": ctx.rec.uri, "kind": ctx.data["kind"], "mode": ctx.params["mode"],
+                    "checkpoint": _cp_name(ctx), "began_at": ctx.data.get("began"),
+                    "parent": ({"workflow": base["workflow"], "manifest": base["manifest"],
+                                "checkpoint": base["checkpoint"]} if base else None),
+                    "chain": (list(base["chain"]) if base else []) + [ctx.rec.id],
+                    "quiesced": self._quiesced(ctx), "fallback": ctx.data.get("fallback"),
+                    "domain_xml": os.path.basename(xml_path), "files": files, "transfer": self._transfer(ctx)}
+        bc.write_json_durably(ctx, _manifest(ctx), manifest)
+
+    @staticmethod
+    def _quiesced(ctx: StepContext) -> bool:
+        return bool(ctx.data.get("quiesced")) and not ctx.data.get("freeze_broken")
+
+    def next_trigger(self, ctx: StepContext) -> str:
+        for name in ("manifest", "domain-xml"):
+            ctx.rec.set_artifact(name, status="present")
+        doc = bc.read_manifest(_manifest(ctx)) or {}
+        transfer = doc.get("transfer") or self._transfer(ctx)
+        ctx.rec.result = {
+            "backup_dir": os.path.dirname(_manifest(ctx)), "manifest": _manifest(ctx),
+            "files": {a["disk"]: {"path": a["path"], "size": a["size"], "checksum": a["checksum"]}
+                      for a in ctx.rec.artifacts_of("backup-file")},
+            "kind": ctx.data["kind"], "mode": ctx.params["mode"], "checkpoint": _cp_name(ctx),
+            "parent_backup": (ctx.data.get("base") or {}).get("workflow"), "chain": doc.get("chain"),
+            "fallback": ctx.data.get("fallback"), "quiesced": self._quiesced(ctx),
+            "downtime_s": ctx.data.get("downtime_s"), "transfer_seconds": ctx.data.get("transfer_seconds"),
+            "bytes_read": transfer.get("bytes_read"), "bytes_written": transfer.get("bytes_written"),
+            "redefined": ctx.data.get("chain", {}).get("redefined"),
+        }
+        return "advance"
+
+    def revert(self, ctx: StepContext) -> None:
+        for name in ("manifest", "domain-xml"):
+            art = ctx.rec.artifacts.get(name)
+            if art:
+                bc.remove_ours(ctx, [art["path"], art["path"] + ".partial"])
+                art["status"] = "deleted"
+
+
+STEPS: dict[str, Step] = {
+    "preflight": Preflight(),
+    "checking_chain": CheckChain(),
+    "freezing": common.Freeze(),
+    "beginning": Begin(),
+    "thawing": common.Thaw(),
+    "transferring": Transfer(),
+    "ending": End(),
+    "committing": Commit(),
+    "finalizing": Finalize(),
+}
+
+DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
+                        validate=validate,
+                        options=(common.OPT_TARGET, OPT_MODE, OPT_INCREMENTAL, common.OPT_QUIESCE,
+                                 common.OPT_ON_ERROR, common.OPT_FREEZE_DEADLINE, OPT_BACKUP_TIMEOUT),
+                        summary="backup begin with a checkpoint (full or incremental), push or pull over NBD")

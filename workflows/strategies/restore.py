@@ -1,0 +1,329 @@
+"""Restore direct backups into new disk images, optionally as a new domain.
+
+``--from ID`` names a succeeded direct-backup; its chain (the full backup,
+then each incremental in order) is followed through the records.  Each disk
+is written as a new qcow2 image (the full's data, then each incremental's
+changed clusters over it), checked against the chain (``qemu-img compare``)
+and checksummed.  With ``--define NAME`` a new domain is defined from the
+source domain's XML saved with the backup: new name, no UUID (libvirt makes
+one), the restored images as its disks.  Nothing existing is modified: the
+backups are only read, the source domain is not touched.
+
+A crash in any state resumes (an image is rewritten from the start; a
+defined domain is recognised by the workflow id in its description).
+Rollback deletes the restored images and undefines the domain it defined.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import xml.etree.ElementTree as ET
+from typing import Any, Callable
+
+from .. import naming, nbdio
+from ..definition import RESUME, Definition, Option
+from ..errors import InputError, StepFailed
+from ..filecopy import fsync_dir, sha256_file
+from ..hypervisor.base import Hypervisor
+from ..record import Artifact, Record
+from ..steps import Step, StepContext
+from . import backup_common as bc
+from . import common
+
+NAME = "restore"
+VERSION = 1
+
+STATES = ["preflight", "restoring", "verifying", "defining", "finalizing"]
+
+TRANSITIONS = [
+    # trigger    source        dest
+    ["advance", "preflight",  "restoring"],    # the chain's files are there and intact
+    ["advance", "restoring",  "verifying"],    # full, then each incremental, into a new image per disk
+    ["advance", "verifying",  "defining"],     # restored image == chain; checksums recorded
+    ["advance", "defining",   "finalizing"],   # --define NAME: a new domain on the restored images
+    ["advance", "finalizing", "succeeded"],
+]
+
+MAX_CHAIN = 1000
+OPT_FROM = Option("from", "the id of the capture workflow to go back to")
+OPT_DEFINE = Option("define", "restore: define a new domain of this name on the restored images")
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+# -- input -------------------------------------------------------------------------------------------
+def resolve(load: Callable[[str], Record], params: dict[str, Any]) -> dict[str, Any]:
+    """``--from ID``: the backup to restore, and its chain back to the full backup, from the records."""
+    ref = params.get("from")
+    if not ref:
+        raise InputError("--from is required: the id of a succeeded direct-backup")
+    chain: list[dict[str, Any]] = []
+    wf_id: str | None = str(ref)
+    while wf_id:
+        src = load(wf_id)
+        if src.strategy != "direct-backup":
+            raise InputError(f"workflow {wf_id} is a {src.strategy} workflow; --from needs a direct-backup")
+        if src.status != "succeeded":
+            raise InputError(f"backup {wf_id} is {src.status}; only a succeeded direct-backup can be restored")
+        if len(chain) > MAX_CHAIN or any(link["id"] == src.id for link in chain):
+            raise InputError(f"the chain of backup {ref} loops at {src.id}")
+        chain.insert(0, {"id": src.id, "domain": src.domain, "kind": src.result["kind"],
+                         "manifest": src.result["manifest"], "files": src.result["files"]})
+        wf_id = src.result.get("parent_backup")
+    params["chain"] = chain
+    return params
+
+
+def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    chain = params.get("chain")
+    if not chain:
+        raise InputError("--from is required: the id of a succeeded direct-backup")
+    if chain[0]["kind"] != "full":
+        raise InputError(f"the chain of backup {params.get('from')} does not start with a full backup")
+    disks = set(chain[-1]["files"])
+    for link in chain:
+        if link["domain"] != domain:
+            raise InputError(f"backup {link['id']} is of domain {link['domain']}, not {domain}")
+        if set(link["files"]) != disks:
+            raise InputError(f"backup {link['id']} holds disks {sorted(link['files'])}, the chain {sorted(disks)}")
+        for disk, info in link["files"].items():
+            if not os.path.exists(info["path"]):
+                raise InputError(f"backup {link['id']}: its {disk} file {info['path']} is missing")
+            if os.path.getsize(info["path"]) != info["size"]:
+                raise InputError(f"backup {link['id']}: its {disk} file {info['path']} changed size")
+    out: dict[str, Any] = {
+        "from": chain[-1]["id"], "chain": chain, "target": common.check_target_dir(params.get("target")),
+        "on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop")),
+        "define": params.get("define") or None,
+    }
+    if out["define"]:
+        if not _NAME_OK.match(out["define"]):
+            raise InputError(f"--define {out['define']!r} is not a valid domain name")
+        if hv.lookup_domain_description(out["define"]) is not None:
+            raise InputError(f"--define: domain {out['define']} already exists")
+        if not os.path.exists(_domain_xml(chain[-1])):
+            raise InputError(f"backup {chain[-1]['id']} has no domain.xml to define a domain from")
+    need = sum(info["size"] for link in chain for info in link["files"].values())
+    common.check_space(out["target"], need, "restore target")
+    return out
+
+
+def _domain_xml(link: dict[str, Any]) -> str:
+    return os.path.join(os.path.dirname(link["manifest"]), "domain.xml")
+
+
+def _marker(wf_id: str) -> str:
+    return f"restored by domcapture workflow {wf_id}"
+
+
+def restored_domain_xml(source_xml: str, name: str, disks: dict[str, str], wf_id: str, note: str,
+                        folder: str) -> str:
+    """The source domain's XML with a new name, no UUID, the restored disks, its own log/channel files."""
+    root = ET.fromstring(source_xml)
+    root.find("name").text = name  # type: ignore[union-attr]
+    for tag in ("uuid", "description"):
+        for el in root.findall(tag):
+            root.remove(el)
+    desc = ET.Element("description")
+    desc.text = f"{_marker(wf_id)}: {note}"
+    root.insert(1, desc)
+    for d in root.findall("./devices/disk"):
+        target = d.find("target")
+        if target is None or target.get("dev") not in disks:
+            continue
+        d.set("type", "file")
+        for bs in d.findall("backingStore"):
+            d.remove(bs)
+        src = d.find("source")
+        if src is None:
+            src = ET.SubElement(d, "source")
+        src.attrib.clear()
+        src.set("file", disks[target.get("dev", "")])
+        drv = d.find("driver")
+        if drv is None:
+            drv = ET.SubElement(d, "driver", {"name": "qemu"})
+        drv.set("type", "qcow2")
+    for iface in root.findall("./devices/interface"):
+        for mac in iface.findall("mac"):
+            iface.remove(mac)  # libvirt makes a new one
+    # files the source domain writes (console logs, file channels) get their own copies here
+    for el in root.iter():
+        if el.tag == "log" and el.get("file"):
+            el.set("file", os.path.join(folder, os.path.basename(el.get("file", ""))))
+        if el.tag in ("serial", "console", "channel", "parallel") and el.get("type") == "file":
+            src = el.find("source")
+            if src is not None and src.get("path"):
+                src.set("path", os.path.join(folder, os.path.basename(src.get("path", ""))))
+    return ET.tostring(root, encoding="unicode")
+
+
+# -- steps ---------------------------------------------------------------------------------------------
+def _chain_files(ctx: StepContext, disk: str) -> list[str]:
+    return [link["files"][disk]["path"] for link in ctx.params["chain"]]
+
+
+class Preflight(Step):
+    description = "check every file of the chain against its recorded checksum; name the restored images"
+
+    def execute(self, ctx: StepContext) -> None:
+        for link in ctx.params["chain"]:
+            for info in link["files"].values():
+                ctx.guard()
+                actual = f"sha256:{sha256_file(info['path'])}"
+                if actual != info["checksum"]:
+                    raise StepFailed(f"backup {link['id']}: {info['path']} does not match its checksum")
+        target, wf = ctx.params["target"], ctx.rec.id
+        for disk in sorted(ctx.params["chain"][-1]["files"]):
+            ctx.rec.plan_artifact(Artifact(f"restored:{disk}", "restored-image",
+                                           naming.restore_file(target, ctx.domain, wf, disk), disk))
+        folder = naming.restore_dir(target, ctx.domain, wf)
+        ctx.rec.plan_artifact(Artifact("manifest", "manifest", os.path.join(folder, "restore.json")))
+        if ctx.params.get("define"):
+            ctx.rec.plan_artifact(Artifact("domain", "domain", ctx.params["define"]))
+
+    def revert(self, ctx: StepContext) -> None:
+        folder = naming.restore_dir(ctx.params["target"], ctx.domain, ctx.rec.id)
+        if os.path.isdir(folder) and not os.listdir(folder) and naming.is_ours(folder, ctx.rec.id):
+            os.rmdir(folder)
+
+
+class Restore(Step):
+    description = "write each disk's image: the full backup's data, then each incremental's, in order"
+
+    def probe(self, ctx: StepContext) -> bool:
+        return all(a["status"] == "present" and os.path.exists(a["path"])
+                   for a in ctx.rec.artifacts_of("restored-image"))
+
+    def execute(self, ctx: StepContext) -> None:
+        arts = ctx.rec.artifacts_of("restored-image")
+        sizes = {a["disk"]: sum(os.path.getsize(p) for p in _chain_files(ctx, a["disk"])) for a in arts}
+        total, done = sum(sizes.values()), 0
+        for art in arts:
+            ctx.check_cancel()
+            if art["status"] == "present" and os.path.exists(art["path"]):
+                done += sizes[art["disk"]]
+                continue
+            partial = naming.partial_of(art["path"])
+            if not os.path.exists(art["path"]):  # else: renamed complete just before a crash
+                bc.remove_ours(ctx, [partial])
+                os.makedirs(os.path.dirname(partial), exist_ok=True)
+                ctx.save("restore-intent", disk=art["disk"], partial=partial,
+                         chain=[link["id"] for link in ctx.params["chain"]])
+                ctx.guard()
+                nbdio.convert_chain(_chain_files(ctx, art["disk"]), partial)
+                bc.fsync_file(partial)
+                ctx.guard()
+                os.replace(partial, art["path"])
+                fsync_dir(os.path.dirname(art["path"]))
+            ctx.rec.set_artifact(f"restored:{art['disk']}", status="present")
+            done += sizes[art["disk"]]
+            ctx.progress("restore", done, total, force=True, disk=art["disk"])
+            ctx.save("restored", disk=art["disk"])
+
+    def revert(self, ctx: StepContext) -> None:
+        for art in ctx.rec.artifacts_of("restored-image"):
+            bc.remove_ours(ctx, [art["path"], naming.partial_of(art["path"])])
+            art["status"] = "deleted"
+
+
+class Verify(Step):
+    description = "each restored image equals its chain (qemu-img compare), passes qemu-img check; checksums"
+
+    def probe(self, ctx: StepContext) -> bool:
+        return all(a.get("checksum") for a in ctx.rec.artifacts_of("restored-image"))
+
+    def execute(self, ctx: StepContext) -> None:
+        for art in ctx.rec.artifacts_of("restored-image"):
+            ctx.guard()
+            nbdio.check_image(art["path"])
+            if not nbdio.same_content(_chain_files(ctx, art["disk"]), art["path"]):
+                raise StepFailed(f"the restored image of {art['disk']} differs from its backup chain")
+            info = nbdio.image_info(art["path"])
+            ctx.rec.set_artifact(f"restored:{art['disk']}", checksum=f"sha256:{sha256_file(art['path'])}",
+                                 size=os.path.getsize(art["path"]), virtual_size=info["virtual-size"])
+            ctx.save("verified", disk=art["disk"])
+
+
+class Define(Step):
+    description = "--define NAME: define a new domain from the backed-up XML on the restored images"
+
+    def probe(self, ctx: StepContext) -> bool:
+        name = ctx.params.get("define")
+        if not name:
+            return True
+        desc = ctx.hv.lookup_domain_description(name)
+        if desc is not None and _marker(ctx.rec.id) not in desc:
+            raise StepFailed(f"a domain named {name} appeared that this restore did not define")
+        return desc is not None
+
+    def execute(self, ctx: StepContext) -> None:
+        name = ctx.params["define"]
+        last = ctx.params["chain"][-1]
+        with open(_domain_xml(last)) as f:
+            source = f.read()
+        disks = {a["disk"]: a["path"] for a in ctx.rec.artifacts_of("restored-image")}
+        xml = restored_domain_xml(source, name, disks, ctx.rec.id, f"backup {last['id']} of {ctx.domain}",
+                                  naming.restore_dir(ctx.params["target"], ctx.domain, ctx.rec.id))
+        ctx.save("define-intent", domain=name)
+        ctx.hv.define_restored_domain(xml)
+        ctx.rec.set_artifact("domain", status="present")
+
+    def revert(self, ctx: StepContext) -> None:
+        name = ctx.params.get("define")
+        if not name:
+            return
+        desc = ctx.hv.lookup_domain_description(name)
+        if desc is not None and _marker(ctx.rec.id) in desc:
+            if ctx.hv.domain_state(name) != "shutoff":
+                raise StepFailed(f"domain {name} (defined by this restore) is running; shut it down, then roll "
+                                 "back again")
+            ctx.hv.undefine_restored_domain(name)
+        if "domain" in ctx.rec.artifacts:
+            ctx.rec.set_artifact("domain", status="deleted")
+
+
+class Finalize(Step):
+    description = "write restore.json (images, checksums, the chain, the domain); complete only now"
+
+    def _path(self, ctx: StepContext) -> str:
+        return ctx.rec.artifacts["manifest"]["path"]
+
+    def probe(self, ctx: StepContext) -> bool:
+        doc = bc.read_manifest(self._path(ctx))
+        return bool(doc) and doc.get("workflow") == ctx.rec.id
+
+    def _files(self, ctx: StepContext) -> dict[str, Any]:
+        return {a["disk"]: {"path": a["path"], "size": a["size"], "checksum": a["checksum"]}
+                for a in ctx.rec.artifacts_of("restored-image")}
+
+    def execute(self, ctx: StepContext) -> None:
+        doc = {"format": "domcapture-restore", "version": 1, "workflow": ctx.rec.id, "strategy": NAME,
+               "domain": ctx.domain, "from": ctx.params["from"],
+               "chain": [link["id"] for link in ctx.params["chain"]],
+               "defined": ctx.params.get("define"), "files": self._files(ctx)}
+        bc.write_json_durably(ctx, self._path(ctx), doc)
+
+    def next_trigger(self, ctx: StepContext) -> str:
+        ctx.rec.set_artifact("manifest", status="present")
+        ctx.rec.result = {"restore_dir": os.path.dirname(self._path(ctx)), "manifest": self._path(ctx),
+                          "files": self._files(ctx), "chain": [link["id"] for link in ctx.params["chain"]],
+                          "from": ctx.params["from"], "defined": ctx.params.get("define")}
+        return "advance"
+
+    def revert(self, ctx: StepContext) -> None:
+        path = self._path(ctx)
+        bc.remove_ours(ctx, [path, path + ".partial"])
+
+
+STEPS: dict[str, Step] = {
+    "preflight": Preflight(),
+    "restoring": Restore(),
+    "verifying": Verify(),
+    "defining": Define(),
+    "finalizing": Finalize(),
+}
+
+DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
+                        validate=validate, resolve=resolve,
+                        options=(OPT_FROM, common.OPT_TARGET, OPT_DEFINE, common.OPT_ON_ERROR),
+                        summary="restore a direct backup chain into new images; optionally define a new domain")
