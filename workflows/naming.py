@@ -65,3 +65,19 @@ def restore_dir(target_dir: str, domain: str, wf_id: str) -> str:
 
 def restore_file(target_dir: str, domain: str, wf_id: str, target: str) -> str:
     return os.path.join(restore_dir(target_dir, domain, wf_id), f"{target}.qcow2")
+
+
+# -- snapshot (the user's snapshots, kept with libvirt metadata) ---------------------
+def snapshot_name(wf_id: str) -> str:
+    """The snapshot a ``snapshot`` workflow creates when no ``--name`` is given."""
+    return f"{PREFIX}-{wf_id}"
+
+
+def snapshot_overlay_path(folder: str, wf_id: str, target: str) -> str:
+    """The overlay an external snapshot puts a disk on (the disk's new active image)."""
+    return os.path.join(folder, f"{PREFIX}-{wf_id}-{target}.snapshot.qcow2")
+
+
+def snapshot_memory_path(folder: str, wf_id: str) -> str:
+    """The memory state of an external snapshot with ``--memory``."""
+    return os.path.join(folder, f"{PREFIX}-{wf_id}.memory")

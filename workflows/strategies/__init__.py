@@ -6,12 +6,16 @@ from ..definition import Definition
 from ..errors import UnknownStrategy
 from . import snapshot_backup
 from . import checkpoint, direct_backup, restore
+from . import snapshot, snapshot_delete, snapshot_revert
 
 DEFINITIONS: dict[str, Definition] = {
     snapshot_backup.NAME: snapshot_backup.DEFINITION,
     direct_backup.NAME: direct_backup.DEFINITION,
     checkpoint.NAME: checkpoint.DEFINITION,
     restore.NAME: restore.DEFINITION,
+    snapshot.NAME: snapshot.DEFINITION,
+    snapshot_revert.NAME: snapshot_revert.DEFINITION,
+    snapshot_delete.NAME: snapshot_delete.DEFINITION,
 }
 
 
