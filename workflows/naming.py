@@ -36,6 +36,43 @@ def is_ours(path: str, wf_id: str) -> bool:
     return f"{PREFIX}-" in os.path.basename(path) and wf_id in path
 
 
+# -- save / save-restore ------------------------------------------------------------
+def memory_image_path(target_dir: str, domain: str, wf_id: str) -> str:
+    """The memory image a ``save`` capture writes (libvirt writes it: no partial name)."""
+    return os.path.join(backup_dir(target_dir, domain, wf_id), "memory.save")
+
+
+def staged_disk_path(disk_source: str, wf_id: str, target: str) -> str:
+    """A captured disk image copied beside the live disk, waiting to replace it."""
+    return os.path.join(os.path.dirname(disk_source), f"{PREFIX}-{wf_id}-{target}.staged")
+
+
+def set_aside_path(disk_source: str, wf_id: str, target: str) -> str:
+    """Where a live disk image is moved while a rewind replaces it (kept until the rewind commits)."""
+    return os.path.join(os.path.dirname(disk_source), f"{PREFIX}-{wf_id}-{target}.set-aside")
+
+
+def safety_image_path(disk_source: str, wf_id: str) -> str:
+    """The memory image of the domain's state before a rewind (its way back until the rewind commits)."""
+    return os.path.join(os.path.dirname(disk_source), f"{PREFIX}-{wf_id}-before-rewind.save")
+
+
+# -- snapshot (the user's snapshots, kept with libvirt metadata) ---------------------
+def snapshot_name(wf_id: str) -> str:
+    """The snapshot a ``snapshot`` workflow creates when no ``--name`` is given."""
+    return f"{PREFIX}-{wf_id}"
+
+
+def snapshot_overlay_path(folder: str, wf_id: str, target: str) -> str:
+    """The overlay an external snapshot puts a disk on (the disk's new active image)."""
+    return os.path.join(folder, f"{PREFIX}-{wf_id}-{target}.snapshot.qcow2")
+
+
+def snapshot_memory_path(folder: str, wf_id: str) -> str:
+    """The memory state of an external snapshot with ``--memory``."""
+    return os.path.join(folder, f"{PREFIX}-{wf_id}.memory")
+
+
 # -- direct backups, checkpoints, restores ----------------------------------------------------
 RUN_DIR = os.environ.get("DOMCAPTURE_RUN_DIR", "/run/domcapture")
 
@@ -65,19 +102,3 @@ def restore_dir(target_dir: str, domain: str, wf_id: str) -> str:
 
 def restore_file(target_dir: str, domain: str, wf_id: str, target: str) -> str:
     return os.path.join(restore_dir(target_dir, domain, wf_id), f"{target}.qcow2")
-
-
-# -- snapshot (the user's snapshots, kept with libvirt metadata) ---------------------
-def snapshot_name(wf_id: str) -> str:
-    """The snapshot a ``snapshot`` workflow creates when no ``--name`` is given."""
-    return f"{PREFIX}-{wf_id}"
-
-
-def snapshot_overlay_path(folder: str, wf_id: str, target: str) -> str:
-    """The overlay an external snapshot puts a disk on (the disk's new active image)."""
-    return os.path.join(folder, f"{PREFIX}-{wf_id}-{target}.snapshot.qcow2")
-
-
-def snapshot_memory_path(folder: str, wf_id: str) -> str:
-    """The memory state of an external snapshot with ``--memory``."""
-    return os.path.join(folder, f"{PREFIX}-{wf_id}.memory")

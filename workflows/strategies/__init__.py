@@ -7,6 +7,7 @@ from ..errors import UnknownStrategy
 from . import snapshot_backup
 from . import checkpoint, direct_backup, restore
 from . import snapshot, snapshot_delete, snapshot_revert
+from . import managed_save, managed_save_restore, save, save_restore
 
 DEFINITIONS: dict[str, Definition] = {
     snapshot_backup.NAME: snapshot_backup.DEFINITION,
@@ -16,6 +17,10 @@ DEFINITIONS: dict[str, Definition] = {
     snapshot.NAME: snapshot.DEFINITION,
     snapshot_revert.NAME: snapshot_revert.DEFINITION,
     snapshot_delete.NAME: snapshot_delete.DEFINITION,
+    managed_save.NAME: managed_save.DEFINITION,
+    managed_save_restore.NAME: managed_save_restore.DEFINITION,
+    save.NAME: save.DEFINITION,
+    save_restore.NAME: save_restore.DEFINITION,
 }
 
 

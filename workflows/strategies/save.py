@@ -1,0 +1,279 @@
+"""Save (virDomainSave): the guest's memory to a file the user owns, plus
+copies of its disks taken while it is stopped, so the pair can be rewound to
+later (``save-restore --from ID``).
+
+preflight -> saving -> copying -> restoring -> finalizing -> succeeded.
+The guest is down from the save until the restore: that is the save, the
+disk copies and the restore (the guide: potentially long downtime; measured
+in ``result["downtime_s"]``).  libvirt writes the memory image itself, so its
+path is recorded before the call and a probe accepts it only when libvirt
+reads it back as a complete image of this domain.  A crash in any state
+resumes; rollback restores the guest from its image (a guest stopped by this
+workflow is never left off), then deletes the image and the copies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from .. import naming
+from ..definition import RESUME, Definition
+from ..errors import StepFailed
+from ..filecopy import copy_resumable, fsync_dir, sha256_file
+from ..hypervisor.base import Hypervisor
+from ..record import Artifact
+from ..steps import Step, StepContext
+from . import common, save_common
+
+NAME = "save"
+VERSION = 1
+
+STATES = ["preflight", "saving", "copying", "restoring", "finalizing"]
+
+TRANSITIONS = [
+    # trigger    source         dest
+    ["advance", "preflight",   "saving"],
+    ["advance", "saving",      "copying"],
+    ["advance", "copying",     "restoring"],
+    ["advance", "restoring",   "finalizing"],
+    ["advance", "finalizing",  "succeeded"],
+]
+
+
+def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    out = {
+        "target": common.check_target_dir(params.get("target")),
+        "keep_stopped": bool(params.get("keep_stopped")),
+        "on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop")),
+        "bandwidth": common.parse_bandwidth(params.get("bandwidth")),
+    }
+    common.require_running(hv, domain)
+    disks = common.capture_disks(hv, domain)
+    needed = hv.get_memory_bytes(domain) + sum(os.path.getsize(d.source) for d in disks)
+    common.check_space(out["target"], needed, "save target")
+    return out
+
+
+def _memory(ctx: StepContext) -> dict[str, Any]:
+    return ctx.rec.artifacts["memory"]
+
+
+class Preflight(Step):
+    description = "inspect the domain and its disks; name the memory image and every copy before anything exists"
+
+    def execute(self, ctx: StepContext) -> None:
+        common.require_running(ctx.hv, ctx.domain)
+        disks = common.capture_disks(ctx.hv, ctx.domain)
+        target = ctx.params["target"]
+        memory = ctx.hv.get_memory_bytes(ctx.domain)
+        common.check_space(target, memory + sum(os.path.getsize(d.source) for d in disks), "save target")
+        ctx.data["uuid"] = ctx.hv.get_uuid(ctx.domain)
+        ctx.data["memory_bytes"] = memory
+        ctx.data["disks"] = [{"target": d.target, "source": d.source, "format": d.format,
+                              "size": os.path.getsize(d.source)} for d in disks]
+        ctx.rec.plan_artifact(Artifact("memory", "memory-image",
+                                       naming.memory_image_path(target, ctx.domain, ctx.rec.id)))
+        for d in disks:
+            ctx.rec.plan_artifact(Artifact(f"disk:{d.target}", "disk-copy",
+                                           naming.backup_file(target, ctx.domain, ctx.rec.id, d.target,
+                                                              d.format or "raw"), d.target))
+        ctx.rec.plan_artifact(Artifact("manifest", "manifest", naming.manifest_path(target, ctx.domain, ctx.rec.id)))
+
+    def revert(self, ctx: StepContext) -> None:
+        """The last revert to run: removes the capture folder once it is empty."""
+        art = ctx.rec.artifacts.get("manifest")
+        if art:
+            folder = os.path.dirname(art["path"])
+            if os.path.isdir(folder) and not os.listdir(folder) and naming.is_ours(folder, ctx.rec.id):
+                os.rmdir(folder)
+
+
+class Save(Step):
+    description = "virDomainSave: memory to the recorded file, then the guest stops"
+
+    def probe(self, ctx: StepContext) -> bool:
+        return save_common.saved_to(ctx, _memory(ctx)["path"])
+
+    def execute(self, ctx: StepContext) -> None:
+        path = _memory(ctx)["path"]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        ctx.data["save_seconds"] = save_common.save_to(ctx, path, "save")
+        ctx.data["saved_at"] = time.time()
+        ctx.rec.set_artifact("memory", status="present")
+
+    def revert(self, ctx: StepContext) -> None:
+        """A guest this workflow stopped runs again from its image; then the image goes."""
+        path = _memory(ctx)["path"]
+        save_common.wait_no_job(ctx)
+        if ctx.hv.domain_state(ctx.domain) == "shutoff":
+            if not save_common.image_is_ours(ctx.hv, path, ctx.data["uuid"]):
+                if "save_started_at" not in ctx.data.get("timing", {}):
+                    return  # shut off before this workflow did anything to it
+                raise StepFailed(f"domain {ctx.domain} is shut off but {path} is not a complete save image of "
+                                 f"it; start the domain (virsh start {ctx.domain}), then continue the rollback")
+            ctx.data["rollback_restore_seconds"] = save_common.restore_from(ctx, path, "rollback-restore")
+        save_common.unlink_ours(ctx, path, naming.is_ours(os.path.dirname(path), ctx.rec.id))
+        ctx.rec.set_artifact("memory", status="deleted")
+
+
+class CopyDisks(Step):
+    description = "copy each disk image (the guest is stopped: they match the memory image) with checksums"
+
+    def probe(self, ctx: StepContext) -> bool:
+        return all(a["status"] == "present" and a.get("checksum") and os.path.exists(a["path"])
+                   for a in ctx.rec.artifacts_of("disk-copy"))
+
+    def execute(self, ctx: StepContext) -> None:
+        state = ctx.hv.domain_state(ctx.domain)
+        if state != "shutoff":
+            raise StepFailed(f"domain {ctx.domain} is {state}: its disks no longer match the saved memory")
+        started = time.time()
+        cursors = ctx.data.setdefault("copy", {})
+        total = sum(d["size"] for d in ctx.data["disks"])
+        base_done = 0
+        for disk in ctx.data["disks"]:
+            art = ctx.rec.artifacts[f"disk:{disk['target']}"]
+            if art["status"] == "present" and art.get("checksum") and os.path.exists(art["path"]):
+                base_done += art["size"]
+                continue
+            cur = cursors.setdefault(disk["target"], {"offset": 0})
+            partial = naming.partial_of(art["path"])
+            ctx.save("copy-intent", disk=disk["target"], partial=partial, offset=cur["offset"])
+
+            def durable(pos: int, cur: dict = cur) -> None:
+                cur["offset"] = pos
+                ctx.save(None)
+
+            def progress(pos: int, _total: int, done0: int = base_done, target: str = disk["target"]) -> None:
+                ctx.progress("copy", done0 + pos, total, disk=target)
+
+            def check() -> None:
+                ctx.check_cancel()
+                ctx.guard()
+
+            checksum, size = copy_resumable(disk["source"], partial, art["path"], offset=cur["offset"],
+                                            on_progress=progress, on_durable=durable, check=check,
+                                            bandwidth=ctx.params.get("bandwidth") or 0, sleep=ctx.sleep)
+            ctx.rec.set_artifact(f"disk:{disk['target']}", status="present", checksum=f"sha256:{checksum}",
+                                 size=size)
+            ctx.save("copied", disk=disk["target"], bytes=size)
+            base_done += size
+        ctx.data["copy_seconds"] = round(ctx.data.get("copy_seconds", 0) + time.time() - started, 3)
+        ctx.progress("copy", total, total, force=True)
+
+    def revert(self, ctx: StepContext) -> None:
+        for art in ctx.rec.artifacts_of("disk-copy"):
+            for path in (art["path"], naming.partial_of(art["path"])):
+                save_common.unlink_ours(ctx, path, naming.is_ours(os.path.dirname(path), ctx.rec.id))
+            art["status"] = "deleted"
+        ctx.data.pop("copy", None)
+
+
+class Restore(Step):
+    description = "virDomainRestore from the memory image: the guest runs on (skipped with --keep-stopped)"
+
+    def probe(self, ctx: StepContext) -> bool:
+        if ctx.params.get("keep_stopped"):
+            return True
+        save_common.wait_no_job(ctx)
+        return ctx.hv.domain_state(ctx.domain) == "running" and "restore_started_at" in ctx.data.get("timing", {})
+
+    def execute(self, ctx: StepContext) -> None:
+        ctx.data.setdefault("timing", {})["restore_started_at"] = time.time()
+        seconds = save_common.restore_from(ctx, _memory(ctx)["path"], "restore")
+        if seconds is None:
+            raise StepFailed(f"domain {ctx.domain} was started by someone else while its disks were copied")
+        ctx.data["restore_seconds"] = seconds
+        ctx.data["running_again_at"] = time.time()
+
+    def next_trigger(self, ctx: StepContext) -> str:
+        if "running_again_at" not in ctx.data and "restore_started_at" in ctx.data.get("timing", {}):
+            # restored before a crash that lost the time: the moment it was found running bounds it
+            ctx.data["running_again_at"] = time.time()
+            ctx.data["downtime_is_upper_bound"] = True
+        return "advance"
+
+
+class Finalize(Step):
+    description = "checksum the memory image, write the manifest; the capture is complete only now"
+
+    def _manifest(self, ctx: StepContext) -> str:
+        return ctx.rec.artifacts["manifest"]["path"]
+
+    def probe(self, ctx: StepContext) -> bool:
+        if not _memory(ctx).get("checksum"):
+            return False
+        try:
+            with open(self._manifest(ctx)) as f:
+                return json.load(f).get("workflow") == ctx.rec.id
+        except (OSError, ValueError):
+            return False
+
+    def execute(self, ctx: StepContext) -> None:
+        mem = _memory(ctx)
+        ctx.progress("checksum", 0, os.path.getsize(mem["path"]), force=True)
+        ctx.rec.set_artifact("memory", checksum=f"sha256:{sha256_file(mem['path'])}",
+                             size=os.path.getsize(mem["path"]))
+        ctx.save("memory-checksummed")
+        manifest = {"format": "domcapture-save", "version": 1, "workflow": ctx.rec.id, "strategy": NAME,
+                    "domain": ctx.domain, "uri": ctx.rec.uri, "uuid": ctx.data["uuid"],
+                    "saved_at": ctx.data.get("saved_at"), "files": self._files(ctx)}
+        path = self._manifest(ctx)
+        tmp = naming.partial_of(path)
+        ctx.guard()
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
+
+    @staticmethod
+    def _files(ctx: StepContext) -> dict[str, Any]:
+        files = {"memory": {**save_common.file_info(_memory(ctx)), "kind": "memory"}}
+        for a in ctx.rec.artifacts_of("disk-copy"):
+            disk = next(d for d in ctx.data["disks"] if d["target"] == a["disk"])
+            files[a["disk"]] = {**save_common.file_info(a), "kind": "disk", "format": disk["format"],
+                                "source": disk["source"]}
+        return files
+
+    def next_trigger(self, ctx: StepContext) -> str:
+        ctx.rec.set_artifact("manifest", status="present")
+        timing = ctx.data.get("timing", {})
+        running_again = ctx.data.get("running_again_at")
+        ctx.rec.result = {
+            "capture_dir": os.path.dirname(self._manifest(ctx)), "manifest": self._manifest(ctx),
+            "files": {k: save_common.file_info(v) for k, v in self._files(ctx).items()},
+            "memory_image_bytes": _memory(ctx)["size"], "saved_at": ctx.data.get("saved_at"),
+            "save_seconds": ctx.data.get("save_seconds"), "copy_seconds": ctx.data.get("copy_seconds"),
+            "restore_seconds": ctx.data.get("restore_seconds"),
+            "downtime_s": round(running_again - timing["save_started_at"], 3) if running_again else None,
+            "downtime_is_upper_bound": bool(ctx.data.get("downtime_is_upper_bound")),
+            "domain_state": "shutoff" if ctx.params.get("keep_stopped") else "running",
+            "rewind_with": f"domcapture submit save-restore --domain {ctx.domain} --from {ctx.rec.id}",
+        }
+        return "advance"
+
+    def revert(self, ctx: StepContext) -> None:
+        path = self._manifest(ctx)
+        for p in (path, naming.partial_of(path)):
+            save_common.unlink_ours(ctx, p, naming.is_ours(os.path.dirname(p), ctx.rec.id))
+        ctx.rec.set_artifact("manifest", status="deleted")
+
+
+STEPS: dict[str, Step] = {
+    "preflight": Preflight(),
+    "saving": Save(),
+    "copying": CopyDisks(),
+    "restoring": Restore(),
+    "finalizing": Finalize(),
+}
+
+DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
+                        validate=validate,
+                        options=(common.OPT_TARGET, save_common.OPT_KEEP_STOPPED, common.OPT_ON_ERROR,
+                                 common.OPT_BANDWIDTH),
+                        summary="virDomainSave to a file + copies of the stopped disks; restore; rewind later")
