@@ -41,10 +41,10 @@ class Recovery:
                         actions.append((wf_id, decision))
                         log.warning("workflow %s: worker lost; %s", wf_id, decision)
                 elif rec.status == QUEUED and time.time() - rec.updated_at > self.queued_grace:
-                    status = self.rt.job_status(rec)
-                    if status not in ("queued", "deferred", "scheduled") and store.lease_value(wf_id) is None:
+                    if not self.rt.job_waiting(rec) and store.lease_value(wf_id) is None:
+                        status = self.rt.job_status(rec)
                         if self.rt.captures.reenqueue(wf_id, self.owner):
-                            actions.append((wf_id, f"re-enqueued (job {status or 'missing'})"))
+                            actions.append((wf_id, f"re-enqueued (job {status or 'missing'}, not in the queue)"))
             except DomcaptureError as exc:
                 log.error("workflow %s: recovery failed: %s", wf_id, exc)
                 actions.append((wf_id, f"error: {exc}"))

@@ -45,6 +45,15 @@ class Runtime:
         self.queue.enqueue(JOB_FUNC, rec.id, job_id=job_id, job_timeout=JOB_TIMEOUT, result_ttl=3600,
                            failure_ttl=7 * 24 * 3600, description=f"{rec.strategy} {rec.domain} ({rec.id})")
 
+    def job_waiting(self, rec: Record) -> bool:
+        """Is the record's current job really waiting in the queue?
+
+        A job's status alone is not enough: a worker that dequeued it and died
+        before marking it started leaves it 'queued' but in no queue.
+        """
+        job_id = self.job_id(rec)
+        return self.store.r.lpos(self.queue.key, job_id) is not None
+
     def job_status(self, rec: Record) -> str | None:
         job_id = self.job_id(rec)
         if not self.store.r.exists(f"rq:job:{job_id}"):

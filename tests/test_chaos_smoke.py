@@ -1,0 +1,28 @@
+"""A bounded chaos run (tests/chaos.py) on every CI run: all fault kinds, fixed seed.
+
+The long run is `python -m tests.chaos --duration 600 --seed N` (README).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .chaos import Chaos, parse_args
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="restarts libvirtd and mounts a tmpfs: root only")
+def test_bounded_chaos_run_has_no_violations(libvirt_uri, redis_client, guest_image, capsys):
+    seed = int(os.environ.get("DOMCAPTURE_CHAOS_SEED", "20261126"))
+    duration = float(os.environ.get("DOMCAPTURE_CHAOS_SECONDS", "75"))
+    chaos = Chaos(parse_args(["--seed", str(seed), "--duration", str(duration), "--workers", "3",
+                              "--disk-domains", "2", "--guests", "1", "--fault-interval", "1", "3"]))
+    violations = chaos.run()
+    report = capsys.readouterr().out
+    print(report)
+    assert sum(chaos.faults.values()) >= 10, report
+    assert len(chaos.workflows) >= 5, report
+    assert violations == 0, report
