@@ -58,18 +58,23 @@ def libvirt_uri() -> str:
     return LIBVIRT_URI
 
 
-@pytest.fixture
-def disk_domain(libvirt_uri: str, tmp_path):
-    """A factory of running no-OS QEMU domains with qcow2 disks of known content."""
-    made: list[DiskDomain] = []
+def _domain_factory(cls, uri: str, folder):
+    """Yields ``make(**kw)`` creating domains of ``cls`` in numbered folders; destroys them afterwards."""
+    made: list = []
 
-    def make(**kw) -> DiskDomain:
-        dom = DiskDomain.create(libvirt_uri, tmp_path / f"dom{len(made)}", **kw)
+    def make(**kw):
+        dom = cls.create(uri, folder / str(len(made)), **kw)
         made.append(dom)
         return dom
     yield make
     for dom in made:
         dom.destroy()
+
+
+@pytest.fixture
+def disk_domain(libvirt_uri: str, tmp_path):
+    """A factory of running no-OS QEMU domains with qcow2 disks of known content."""
+    yield from _domain_factory(DiskDomain, libvirt_uri, tmp_path / "dom")
 
 
 @pytest.fixture
@@ -88,12 +93,4 @@ def guest_image(libvirt_uri: str):
 @pytest.fixture
 def guest_domain(libvirt_uri: str, guest_image, tmp_path):
     """A factory of running tiny Linux guests (agent + writer); destroyed after the test."""
-    made: list[GuestDomain] = []
-
-    def make(**kw) -> GuestDomain:
-        g = GuestDomain.create(libvirt_uri, tmp_path / f"guest{len(made)}", **kw)
-        made.append(g)
-        return g
-    yield make
-    for g in made:
-        g.destroy()
+    yield from _domain_factory(GuestDomain, libvirt_uri, tmp_path / "guest")

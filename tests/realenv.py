@@ -34,8 +34,33 @@ def kvm_usable() -> bool:
     return os.access("/dev/kvm", os.W_OK)
 
 
+class VirshDomain:
+    """What tests read of any domain, the way an operator would: through virsh."""
+
+    uri: str
+    name: str
+
+    def virsh(self, *args: str, check: bool = True, timeout: float = 60) -> str:
+        return run("virsh", "-c", self.uri, *args, check=check, timeout=timeout).stdout
+
+    def state(self) -> str:
+        return self.virsh("domstate", self.name).strip()
+
+    def blklist(self) -> dict[str, str]:
+        """``virsh domblklist``: target -> source."""
+        out = {}
+        for line in self.virsh("domblklist", self.name).splitlines()[2:]:
+            parts = line.split(None, 1)
+            if len(parts) == 2:
+                out[parts[0]] = parts[1].strip()
+        return out
+
+    def on_original_disks(self) -> bool:
+        return self.blklist() == {t: str(p) for t, p in self.disks.items()}  # type: ignore[attr-defined]
+
+
 @dataclass
-class DiskDomain:
+class DiskDomain(VirshDomain):
     """A running QEMU domain with no guest OS and qcow2 disks holding known patterns.
 
     Without a guest OS nothing writes to the disks unless a test does, through
@@ -88,20 +113,8 @@ class DiskDomain:
         return dom
 
     # -- inspection ------------------------------------------------------------------
-    def virsh(self, *args: str, check: bool = True) -> str:
-        return run("virsh", "-c", self.uri, *args, check=check).stdout
-
     def xml(self) -> ET.Element:
         return ET.fromstring(self.virsh("dumpxml", self.name))
-
-    def blklist(self) -> dict[str, str]:
-        """``virsh domblklist``: target -> source."""
-        out = {}
-        for line in self.virsh("domblklist", self.name).splitlines()[2:]:
-            parts = line.split(None, 1)
-            if len(parts) == 2:
-                out[parts[0]] = parts[1].strip()
-        return out
 
     def block_jobs(self) -> dict[str, str]:
         jobs = {}
@@ -114,9 +127,6 @@ class DiskDomain:
     def mirrors(self) -> list[str]:
         return [d.find("target").get("dev") for d in self.xml().findall("./devices/disk")
                 if d.find("mirror") is not None]
-
-    def state(self) -> str:
-        return self.virsh("domstate", self.name).strip()
 
     def alias(self, target: str) -> str:
         for d in self.xml().findall("./devices/disk"):
@@ -133,9 +143,6 @@ class DiskDomain:
         # flush, as a guest's fsync would: the image file then holds the write
         out = self.virsh("qemu-monitor-command", self.name, "--hmp", f'qemu-io -d {qdev} "flush"').strip()
         assert "error" not in out.lower(), out
-
-    def on_original_disks(self) -> bool:
-        return self.blklist() == {t: str(p) for t, p in self.disks.items()}
 
     def leftover_overlays(self) -> list[str]:
         return sorted(p.name for p in self.workdir.iterdir() if "overlay" in p.name)
@@ -237,7 +244,7 @@ def build_guest_image() -> Path:
 
 
 @dataclass
-class GuestDomain:
+class GuestDomain(VirshDomain):
     """The tiny real Linux guest (guest/): qemu-guest-agent, and a writer that
     appends numbered, fsynced lines to /mnt/vdb/counter.log on its data disk."""
 
@@ -264,23 +271,6 @@ class GuestDomain:
     @property
     def writer_log(self) -> Path:
         return self.workdir / f"{self.name}-writer.log"
-
-    def virsh(self, *args: str, check: bool = True, timeout: float = 60) -> str:
-        return run("virsh", "-c", self.uri, *args, check=check, timeout=timeout).stdout
-
-    def state(self) -> str:
-        return self.virsh("domstate", self.name).strip()
-
-    def blklist(self) -> dict[str, str]:
-        out = {}
-        for line in self.virsh("domblklist", self.name).splitlines()[2:]:
-            parts = line.split(None, 1)
-            if len(parts) == 2:
-                out[parts[0]] = parts[1].strip()
-        return out
-
-    def on_original_disks(self) -> bool:
-        return self.blklist() == {t: str(p) for t, p in self.disks.items()}
 
     def agent(self, cmd: str, timeout: int = 10, **arguments) -> object:
         msg: dict = {"execute": cmd}
