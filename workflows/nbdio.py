@@ -213,9 +213,9 @@ def check_image(path: str) -> None:
 
 
 def allocated_bytes(path: str) -> int:
-    """Bytes of guest data the file itself holds (data and zeroed clusters, not holes)."""
+    """Bytes of guest data the file itself holds (clusters with data; not holes, not zeroed clusters)."""
     extents = json.loads(run_qemu_img("map", "--output=json", "-U", chain_spec([path])))
-    return sum(e["length"] for e in extents if e.get("present") and e.get("depth", 0) == 0)
+    return sum(e["length"] for e in extents if e.get("data") and e.get("depth", 0) == 0)
 
 
 def set_backing(path: str, backing: str | None) -> None:

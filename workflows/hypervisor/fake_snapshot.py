@@ -101,8 +101,8 @@ class FakeSnapshotOps:
         if overlays is None:
             for t, d in dom.disks.items():
                 if running and not memory:
-                    raise OperationFailed(f"{what}: unsupported configuration: active qemu domains require "
-                                          f"external disk snapshots; disk {t} requested internal")
+                    raise OperationFailed(f"{what}: Operation not supported: internal snapshot of a running VM "
+                                          "must include the memory state")
                 if d.fmt != "qcow2":
                     raise OperationFailed(f"{what}: unsupported configuration: internal snapshot for disk {t} "
                                           f"unsupported for storage type {d.fmt}")

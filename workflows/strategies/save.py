@@ -217,6 +217,7 @@ class Finalize(Step):
         ctx.progress("checksum", 0, os.path.getsize(mem["path"]), force=True)
         ctx.rec.set_artifact("memory", checksum=f"sha256:{sha256_file(mem['path'])}",
                              size=os.path.getsize(mem["path"]))
+        ctx.progress("checksum", mem["size"], mem["size"])
         ctx.save("memory-checksummed")
         manifest = {"format": "domcapture-save", "version": 1, "workflow": ctx.rec.id, "strategy": NAME,
                     "domain": ctx.domain, "uri": ctx.rec.uri, "uuid": ctx.data["uuid"],

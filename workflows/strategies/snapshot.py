@@ -18,7 +18,7 @@ import re
 import time
 from typing import Any
 
-from .. import naming
+from .. import naming, quiesce
 from ..definition import RESUME, Definition
 from ..errors import InputError, StepFailed
 from ..filecopy import sha256_file
@@ -160,6 +160,9 @@ class Snapshot(Step):
         return "advance"
 
     def revert(self, ctx: StepContext) -> None:
+        if quiesce.frozen_info(ctx.rec):  # an operator's rollback of a dead worker's freeze: thaw before any commit
+            quiesce.thaw(ctx.hv, ctx.rec, by="rollback")
+            ctx.save("thawed", reason="rolling back")
         how = snapshot_common.delete_snapshot(ctx, ctx.data.get("snapshot") or ctx.rec.artifacts["snapshot"]["path"],
                                               owner=ctx.rec.id)
         ctx.data["deleted_by"] = how
