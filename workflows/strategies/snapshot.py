@@ -82,14 +82,14 @@ def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, A
         "commit_timeout": common.parse_seconds("commit_timeout", params.get("commit_timeout"),
                                                common.DEFAULT_COMMIT_TIMEOUT),
     }
+    if name is not None and hv.lookup_snapshot(domain, name) is not None:
+        raise InputError(f"domain {domain} already has a snapshot named {name!r}")
     disks = common.capture_disks(hv, domain)
     if kind == "internal":
         raw = [d.target for d in disks if d.format != "qcow2"]
         if raw:
             raise InputError(f"internal snapshots need qcow2 disks; {', '.join(raw)} of {domain} is raw "
                              "(use --kind external)")
-    if name is not None and hv.lookup_snapshot(domain, name) is not None:
-        raise InputError(f"domain {domain} already has a snapshot named {name!r}")
     if kind == "external" and memory:
         folder = target or os.path.dirname(disks[0].source or "")
         common.check_space(folder, _memory_bytes(hv, domain), "memory state")
