@@ -397,3 +397,33 @@ def test_bad_input_is_refused_before_anything_happens(tmp_path, store):
     with open(mem, "ab") as f:
         f.write(b"x")
     _refused(w, "save-restore", InputError, "has changed size", **{"from": w.wf})
+
+
+def test_a_save_libvirtd_still_runs_is_waited_for_not_repeated(tmp_path, store):
+    """The worker died after asking for the save; libvirtd goes on with it, the guest paused."""
+    w, sc = fresh(tmp_path, store, "save")
+    w.crasher.target = ("hv-before:save", 1)
+    assert w.run()
+    path = store.load(w.wf).artifacts["memory"]["path"]
+    w.fake.domains["dom"].state = "paused"
+    polls = {"left": 4}
+    real_job = w.fake.get_active_job
+
+    def job(name: str):
+        if polls["left"]:
+            polls["left"] -= 1
+            if not polls["left"]:  # libvirtd finishes the save it was running
+                w.fake.domains["dom"].state = "running"
+                w.fake.hook = None
+                w.fake.save("dom", path)
+                w.fake.hook = w._hv_hook
+                return None
+            return "save"
+        return real_job(name)
+    w.fake.get_active_job = job  # type: ignore[method-assign]
+    w.at_save_locked, w.at_save = True, {"disks": w.disks(), "memory": w.fake.memory_of("dom")}
+    rec = w.drive_to_end()
+    sc.check(w, rec)
+    assert rec["status"] == SUCCEEDED and polls["left"] == 0
+    intents = [e for e in store.history(w.wf) if e["event"] == "save-intent"]
+    assert len(intents) == 1, "the save was started a second time"
