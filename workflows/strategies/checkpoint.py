@@ -132,19 +132,29 @@ class Apply(Step):
                 doomed.add(cp.name)
         return [c.name for c in cps if c.name in doomed]
 
+    def _doomed(self, ctx: StepContext) -> list[str]:
+        """What the delete removes, in libvirt or our store: the checkpoint (and its descendants)."""
+        doomed = [ctx.params["checkpoint"]]
+        if ctx.params["children"]:
+            for cp in ctx.hv.list_checkpoints(ctx.domain):  # parents first
+                if cp.parent in doomed:
+                    doomed.append(cp.name)
+        return doomed + [n for n in self._doomed_in_store(ctx) if n not in doomed]
+
     def _delete(self, ctx: StepContext) -> None:
         name, cps = ctx.params["checkpoint"], bc.checkpoint_store()
+        if "deleting" not in ctx.data:
+            ctx.data["deleting"] = self._doomed(ctx)
+            ctx.save("checkpoint-delete-intent", checkpoint=name, children=ctx.params["children"],
+                     deleting=ctx.data["deleting"])
         if ctx.hv.lookup_checkpoint(ctx.domain, name) is not None:
-            ctx.data["deleting"] = self._doomed_in_store(ctx)
-            ctx.save("checkpoint-delete-intent", checkpoint=name, children=ctx.params["children"])
             ctx.hv.checkpoint_delete(ctx.domain, name, children=ctx.params["children"])
-        doomed = set(ctx.data.get("deleting") or self._doomed_in_store(ctx))
+        doomed = set(ctx.data["deleting"]) | set(self._doomed_in_store(ctx))
         for cp in reversed(cps.all(ctx.rec.uri, ctx.domain)):  # children first
             if cp.name in doomed:
                 cps.remove(ctx.rec, cp.name)
         # libvirt re-parented the children: our store follows
         restore_chain(ctx.hv, cps, ctx.rec, check=ctx.guard)
-        ctx.data["deleted"] = sorted(doomed)
 
     def next_trigger(self, ctx: StepContext) -> str:
         action = ctx.params["action"]
@@ -154,7 +164,7 @@ class Apply(Step):
         if action == "create":
             ctx.rec.result["checkpoint"] = naming.checkpoint_name(ctx.rec.id)
         elif action == "delete":
-            ctx.rec.result.update(checkpoint=ctx.params["checkpoint"], deleted=ctx.data.get("deleted", []))
+            ctx.rec.result.update(checkpoint=ctx.params["checkpoint"], deleted=ctx.data.get("deleting", []))
         return "advance"
 
     def revert(self, ctx: StepContext) -> None:
