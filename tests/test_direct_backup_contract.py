@@ -1,0 +1,239 @@
+"""One contract for the checkpoint and backup calls, two hypervisors: the fake and libvirt + QEMU.
+
+The crash tests of direct-backup, checkpoint and restore run on the fake;
+these cases keep it honest: the same calls, the same outcomes (files, bytes,
+extents, job lifecycle) and the same errors on both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from workflows import nbdio
+from workflows.errors import CheckpointInconsistent, CheckpointNotFound, OperationFailed
+from workflows.hypervisor.fake import FakeHypervisor
+from workflows.hypervisor.libvirt_adapter import LibvirtHypervisor
+
+MIB = 1024 * 1024
+
+
+class FakeEnv:
+    kind = "fake"
+
+    def __init__(self, tmp_path) -> None:
+        self.dir = tmp_path
+        self.hv = FakeHypervisor()
+        self.name = "contract"
+        self.disks = {}
+        for i, t in enumerate(("vda", "vdb")):
+            p = str(tmp_path / f"{t}.img")
+            with open(p, "wb") as f:
+                pattern = 0x11 * (i + 1)  # as DiskDomain: a pattern, then pattern + 1 at the middle
+                f.write(bytes([pattern]) * 4 * MIB + bytes([pattern + 1]) * MIB + bytes(3 * MIB))
+            self.disks[t] = p
+        self.hv.add_domain(self.name, self.disks, agent=False)
+
+    def write(self, target: str, pattern: int, off_mib: int, len_mib: int) -> None:
+        self.hv.guest_write(self.name, target, off_mib * MIB, bytes([pattern]) * len_mib * MIB)
+
+    def zero(self, target: str, off_mib: int, len_mib: int) -> None:
+        self.hv.guest_write(self.name, target, off_mib * MIB, bytes(len_mib * MIB))
+
+    def disk_bytes(self, target: str) -> bytes:
+        with open(self.disks[target], "rb") as f:
+            return f.read()
+
+    def drop_bitmap(self, target: str, checkpoint: str) -> None:
+        self.hv.drop_bitmap(self.name, target, checkpoint)
+
+
+class RealEnv:
+    kind = "libvirt"
+
+    def __init__(self, dom) -> None:
+        self.dom = dom
+        self.hv = LibvirtHypervisor(dom.uri)
+        self.name = dom.name
+        self.dir = dom.workdir
+        self.disks = {t: str(p) for t, p in dom.disks.items()}
+
+    def write(self, target: str, pattern: int, off_mib: int, len_mib: int) -> None:
+        self.dom.guest_write(target, pattern, off_mib, len_mib)
+
+    def zero(self, target: str, off_mib: int, len_mib: int) -> None:
+        """Write zeroes as a guest's discard-less zeroing does (qemu-io write -z)."""
+        qdev = f"/machine/peripheral/{self.dom.alias(target)}/virtio-backend"
+        for cmd in (f"write -z {off_mib}M {len_mib}M", "flush"):
+            out = self.dom.virsh("qemu-monitor-command", self.name, "--hmp", f'qemu-io -d {qdev} "{cmd}"')
+            assert "error" not in out.lower(), out
+
+    def disk_bytes(self, target: str) -> bytes:
+        out = str(self.dir / f"{target}.now.raw")
+        nbdio.run_qemu_img("convert", "-U", "-f", "qcow2", "-O", "raw", self.disks[target], out)
+        with open(out, "rb") as f:
+            data = f.read()
+        os.unlink(out)
+        return data
+
+    def drop_bitmap(self, target: str, checkpoint: str) -> None:
+        def qmp(cmd: dict) -> dict:
+            out = subprocess.run(["virsh", "-c", self.dom.uri, "qemu-monitor-command", self.name, json.dumps(cmd)],
+                                 capture_output=True, text=True, check=True).stdout
+            return json.loads(out)
+        nodes = qmp({"execute": "query-named-block-nodes", "arguments": {"flat": True}})["return"]
+        node = next(n["node-name"] for n in nodes if n["drv"] == "qcow2" and n["file"] == self.disks[target])
+        qmp({"execute": "block-dirty-bitmap-remove", "arguments": {"node": node, "name": checkpoint}})
+
+
+@pytest.fixture(params=["fake", "libvirt"])
+def env(request, tmp_path):
+    if request.param == "fake":
+        yield FakeEnv(tmp_path)
+        return
+    dom = request.getfixturevalue("disk_domain")(sizes_mib={"vda": 8, "vdb": 8})
+    e = RealEnv(dom)
+    yield e
+    e.hv.close()
+
+
+def wait_job_gone(env, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while env.hv.get_backup_job(env.name) is not None:
+        assert time.time() < deadline, "the backup job did not end"
+        time.sleep(0.05)
+
+
+def read_chain(env, files: list[str]) -> bytes:
+    out = str(env.dir / "chain.raw")
+    nbdio.run_qemu_img("convert", "-O", "raw", nbdio.chain_spec(files), out)
+    with open(out, "rb") as f:
+        data = f.read()
+    os.unlink(out)
+    return data
+
+
+def test_checkpoints_create_list_delete(env):
+    assert env.hv.list_checkpoints(env.name) == []
+    a = env.hv.checkpoint_create(env.name, "dc-a", ["vda", "vdb"])
+    b = env.hv.checkpoint_create(env.name, "dc-b", ["vda", "vdb"])
+    assert (a.parent, b.parent) == (None, "dc-a") and sorted(b.disks) == ["vda", "vdb"]
+    assert [c.name for c in env.hv.list_checkpoints(env.name)] == ["dc-a", "dc-b"]
+    assert env.hv.lookup_checkpoint(env.name, "dc-b").xml == b.xml
+    assert env.hv.lookup_checkpoint(env.name, "dc-none") is None
+    with pytest.raises(OperationFailed, match="already exists"):
+        env.hv.checkpoint_create(env.name, "dc-a", ["vda"])
+    env.hv.checkpoint_delete(env.name, "dc-a")
+    (only,) = env.hv.list_checkpoints(env.name)
+    assert only.name == "dc-b" and only.parent is None  # the child is re-parented
+    with pytest.raises(CheckpointNotFound):
+        env.hv.checkpoint_delete(env.name, "dc-a")
+
+
+def test_redefine_parents_first_and_validated(env):
+    a = env.hv.checkpoint_create(env.name, "dc-a", ["vda", "vdb"])
+    b = env.hv.checkpoint_create(env.name, "dc-b", ["vda", "vdb"])
+    for cp in ("dc-b", "dc-a"):
+        env.hv.checkpoint_delete(env.name, cp, metadata_only=True)  # libvirt forgets; the bitmaps stay
+    assert env.hv.list_checkpoints(env.name) == []
+    with pytest.raises(OperationFailed, match="parent dc-a"):
+        env.hv.checkpoint_redefine(env.name, b.xml)  # a child before its parent
+    env.hv.checkpoint_redefine(env.name, a.xml)
+    env.hv.checkpoint_redefine(env.name, b.xml)
+    env.hv.checkpoint_redefine(env.name, b.xml)  # again: the same definition, no error
+    assert [(c.name, c.parent) for c in env.hv.list_checkpoints(env.name)] == [("dc-a", None), ("dc-b", "dc-a")]
+    env.hv.checkpoint_delete(env.name, "dc-b", metadata_only=True)
+    env.drop_bitmap("vdb", "dc-b")
+    with pytest.raises(CheckpointInconsistent, match="missing or broken bitmap"):
+        env.hv.checkpoint_redefine(env.name, b.xml)
+
+
+def test_push_full_then_incremental_holds_only_the_changes(env):
+    full = str(env.dir / "full-vda.qcow2")
+    env.hv.backup_begin(env.name, mode="push", disks={"vda": full}, checkpoint="dc-1")
+    assert env.hv.lookup_checkpoint(env.name, "dc-1").disks == ["vda"]
+    wait_job_gone(env)
+    done = env.hv.get_completed_backup(env.name)
+    assert done.success and done.processed == done.total == 8 * MIB
+    assert read_chain(env, [full]) == env.disk_bytes("vda")
+    assert nbdio.image_info(full)["virtual-size"] == 8 * MIB
+
+    env.write("vda", 0x5A, 5, 1)
+    inc = str(env.dir / "inc-vda.qcow2")
+    env.hv.backup_begin(env.name, mode="push", disks={"vda": inc}, checkpoint="dc-2", incremental="dc-1")
+    assert env.hv.lookup_checkpoint(env.name, "dc-2").parent == "dc-1"
+    wait_job_gone(env)
+    done = env.hv.get_completed_backup(env.name)
+    assert done.success and done.total == 1 * MIB
+    assert nbdio.allocated_bytes(inc) == 1 * MIB  # only the changed clusters
+    assert read_chain(env, [full, inc]) == env.disk_bytes("vda")
+
+
+def test_pull_incremental_serves_the_dirty_extents_until_ended(env):
+    env.hv.checkpoint_create(env.name, "dc-1", ["vda", "vdb"])
+    env.write("vdb", 0x3C, 2, 1)
+    env.zero("vdb", 0, 1)  # zeroes over data: a change too
+    scratch = str(env.dir / "vdb.scratch")
+    sock = str(env.dir / "pull.sock")
+    env.hv.backup_begin(env.name, mode="pull", disks={"vdb": scratch}, checkpoint="dc-2", incremental="dc-1",
+                        socket=sock)
+    job = env.hv.get_backup_job(env.name)
+    assert job.mode == "pull" and job.incremental == "dc-1" and job.disks == {"vdb": scratch}
+    assert job.socket == sock and job.mentions("pull.sock") and not job.mentions("nothing-like-it")
+    export = env.hv.open_backup_export(env.name, job, "vdb")
+    try:
+        assert export.size == 8 * MIB
+        assert export.extents(dirty=True) == [(0, 1 * MIB), (2 * MIB, 1 * MIB)]
+        assert export.extents(dirty=False) == [(1 * MIB, 4 * MIB)]  # data, not the zeroed first MiB
+        assert export.pread(4096, 2 * MIB) == b"\x3c" * 4096
+        env.write("vdb", 0x77, 2, 1)  # the export keeps the point in time
+        assert export.pread(4096, 2 * MIB) == b"\x3c" * 4096
+    finally:
+        export.close()
+    env.hv.backup_abort(env.name)
+    wait_job_gone(env)
+    done = env.hv.get_completed_backup(env.name)
+    assert not done.success and "cancel" in (done.error or "").lower()
+    assert not os.path.exists(scratch)
+    with pytest.raises(OperationFailed, match="no job"):
+        env.hv.backup_abort(env.name)
+
+
+def test_backup_begin_refusals(env):
+    target = str(env.dir / "t.qcow2")
+    with open(target, "w") as f:
+        f.write("not ours")
+    with pytest.raises(OperationFailed, match="exists"):
+        env.hv.backup_begin(env.name, mode="push", disks={"vda": target}, checkpoint="dc-1")
+    os.unlink(target)
+    with pytest.raises(CheckpointNotFound):
+        env.hv.backup_begin(env.name, mode="push", disks={"vda": target}, checkpoint="dc-1", incremental="dc-0")
+    env.hv.checkpoint_create(env.name, "dc-0", ["vda", "vdb"])
+    with pytest.raises(OperationFailed, match="already exists"):
+        env.hv.backup_begin(env.name, mode="push", disks={"vda": target}, checkpoint="dc-0")
+    env.drop_bitmap("vda", "dc-0")
+    with pytest.raises(CheckpointInconsistent, match="missing or broken bitmap"):
+        env.hv.backup_begin(env.name, mode="push", disks={"vda": target}, checkpoint="dc-1", incremental="dc-0")
+    assert env.hv.get_backup_job(env.name) is None and not os.path.exists(target)
+    assert [c.name for c in env.hv.list_checkpoints(env.name)] == ["dc-0"]  # nothing half-made
+
+
+def test_restored_domain_define_and_undefine(env):
+    name = f"{env.name}-restored"
+    assert env.hv.lookup_domain_description(name) is None
+    xml = env.hv.get_inactive_xml(env.name).replace(f"<name>{env.name}</name>",
+                                                    f"<name>{name}</name><description>made here</description>")
+    xml = re.sub(r"<uuid>[^<]*</uuid>", "", xml)
+    env.hv.define_restored_domain(xml)
+    try:
+        assert env.hv.lookup_domain_description(name) == "made here"
+        assert env.hv.domain_state(name) == "shutoff"
+        assert env.hv.get_disk_capacity(env.name, "vda") == 8 * MIB
+    finally:
+        env.hv.undefine_restored_domain(name)
+    assert env.hv.lookup_domain_description(name) is None
