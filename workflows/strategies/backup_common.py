@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import store as store_mod
 from ..checkpoints import CheckpointStore
-from ..errors import DeadlineExceeded, OperationFailed, StepFailed, UnsupportedDisk
+from ..errors import DeadlineExceeded, DomainNotRunning, OperationFailed, StepFailed, UnsupportedDisk
 from ..filecopy import fsync_dir
 from ..hypervisor.base import Disk, Hypervisor
 from ..steps import StepContext
@@ -21,6 +21,13 @@ JOB_END_TIMEOUT = 60.0
 
 def checkpoint_store() -> CheckpointStore:
     return CheckpointStore(store_mod.current())
+
+
+def require_active(hv: Hypervisor, domain: str) -> None:
+    """Backups and checkpoints need QEMU running the domain; paused is fine (the guest is held still)."""
+    state = hv.domain_state(domain)
+    if state not in ("running", "paused"):
+        raise DomainNotRunning(f"domain {domain} is {state}; this strategy needs it running (or paused)")
 
 
 def bitmap_disks(hv: Hypervisor, domain: str) -> list[Disk]:

@@ -55,7 +55,7 @@ def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, A
     out: dict[str, Any] = {"action": action, "children": bool(params.get("children")),
                            "on_error": common.check_choice("on_error", params.get("on_error") or "rollback",
                                                            ("rollback", "stop"))}
-    common.require_running(hv, domain)  # validation of redefined bitmaps needs a running domain
+    bc.require_active(hv, domain)  # validation of redefined bitmaps needs a running domain
     bc.bitmap_disks(hv, domain)
     name = params.get("checkpoint")
     if action == "delete":
@@ -77,7 +77,7 @@ class Preflight(Step):
     description = "inspect the disks; name the checkpoint to create"
 
     def execute(self, ctx: StepContext) -> None:
-        common.require_running(ctx.hv, ctx.domain)
+        bc.require_active(ctx.hv, ctx.domain)
         ctx.data["disks"] = [d.target for d in bc.bitmap_disks(ctx.hv, ctx.domain)]
         if ctx.params["action"] == "create":
             ctx.rec.plan_artifact(Artifact("checkpoint", "checkpoint", naming.checkpoint_name(ctx.rec.id)))

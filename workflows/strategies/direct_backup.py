@@ -72,7 +72,7 @@ def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, A
         "backup_timeout": common.parse_seconds("backup_timeout", params.get("backup_timeout"),
                                                DEFAULT_BACKUP_TIMEOUT),
     }
-    common.require_running(hv, domain)
+    bc.require_active(hv, domain)
     disks = bc.bitmap_disks(hv, domain)
     if not out["incremental"]:  # an incremental's size is not known before its bitmap is read
         common.check_space(out["target"], sum(os.path.getsize(d.source or "") for d in disks), "backup target")
@@ -107,7 +107,7 @@ class Preflight(Step):
     description = "inspect the disks (qcow2); name every file, the socket and the checkpoint before anything exists"
 
     def execute(self, ctx: StepContext) -> None:
-        common.require_running(ctx.hv, ctx.domain)
+        bc.require_active(ctx.hv, ctx.domain)
         disks = bc.bitmap_disks(ctx.hv, ctx.domain)
         target, wf = ctx.params["target"], ctx.rec.id
         ctx.data["disks"] = [{"target": d.target, "source": d.source, "format": d.format,
