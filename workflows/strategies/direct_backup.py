@@ -21,7 +21,7 @@ from typing import Any
 from .. import naming, nbdio
 from ..checkpoints import COMMITTED, KIND_BACKUP, PENDING, Checkpoint, backup_base, owned_pending, restore_chain
 from ..definition import RESUME, Definition, Option
-from ..errors import CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, StepFailed
+from ..errors import CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, OperationFailed, StepFailed
 from ..filecopy import fsync_dir, sha256_file
 from ..hypervisor.base import Hypervisor
 from ..record import Artifact
@@ -309,7 +309,15 @@ class Transfer(Step):
             extents = export.extents(dirty)
             ctx.save("transfer-intent", disk=disk, offset=cur["offset"], extents=len(extents),
                      bytes=sum(n for _, n in extents))
-            writer = nbdio.QcowWriter(partial, export.size if cur["offset"] == 0 else None)
+            try:
+                writer = nbdio.QcowWriter(partial, export.size if cur["offset"] == 0 else None)
+            except OperationFailed:
+                if cur["offset"] == 0:
+                    raise
+                bc.remove_ours(ctx, [partial])  # the partial file cannot be opened: start this disk over
+                cur.update(offset=0, done=0, stats={})
+                ctx.save("transfer-restart", disk=disk)
+                writer = nbdio.QcowWriter(partial, export.size)
             try:
                 def durable(pos: int, stats: dict[str, int]) -> None:
                     cur.update(offset=pos, stats=stats, done=stats["read"])
