@@ -17,6 +17,9 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +31,19 @@ from workflows.service import Captures
 from .crashkit import Crasher, drive_to_end, run_once
 
 POST_CAPTURE_WRITE = (4096, b"\xab" * 8192)
+
+
+@pytest.fixture
+def tmp_path(tmp_path_factory):
+    """On tmpfs when the host has one: these tests fsync hundreds of small files, and on a
+    disk shared with running guests the fsync latency, not the code, set their pace."""
+    base = "/dev/shm"
+    if not (os.path.isdir(base) and os.access(base, os.W_OK)):
+        yield tmp_path_factory.mktemp("save")
+        return
+    folder = tempfile.mkdtemp(prefix="dctest-save-", dir=base)
+    yield Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 class World:
@@ -216,6 +232,18 @@ class SaveRestore(Scenario):
     def submit(self, w):
         w.submit("save-restore", **{"from": self.capture["id"]})
 
+    def reset(self, w):
+        """Back to just after the set-up: the same disk bytes, a fresh domain with the same memory."""
+        for t, data in self.disks_before.items():
+            with open(w.paths[t], "wb") as f:
+                f.write(data)
+        for leftover in w.ours_beside_disks():
+            os.unlink(w.dir / leftover)
+        w.fake = FakeHypervisor()
+        w.fake.add_domain("dom", w.paths, agent=True, state="running" if self.memory_before else "shutoff")
+        w.fake._save_state("dom").memory = dict(self.memory_before) if self.memory_before else None
+        w.fake.hook = w._hv_hook
+
     def check(self, w, rec):
         super().check(w, rec)
         files = self.capture["result"]["files"]
@@ -250,10 +278,26 @@ SCENARIOS = {"managed-save": ManagedSave, "managed-save-restore": ManagedSaveRes
              "save-restore-from-shutoff": SaveRestoreFromShutoff}
 
 
+_POOL: dict[tuple[str, str], tuple[World, Scenario]] = {}
+
+
 def fresh(tmp_path, store, name: str) -> tuple[World, Scenario]:
-    w = World(tmp_path, store)
+    """A world set up for scenario ``name`` with its workflow submitted.
+
+    A rewind's set-up (a whole save capture) is made once per test and the
+    world reset to just after it for every crash point: the capture's files
+    are only ever read, and the disks and the domain are put back.
+    """
     sc = SCENARIOS[name]()
-    sc.setup(w)
+    key = (str(store.prefix), name)
+    if isinstance(sc, SaveRestore) and key in _POOL:
+        w, sc = _POOL[key]
+        sc.reset(w)
+    else:
+        w = World(tmp_path, store)
+        sc.setup(w)
+        if isinstance(sc, SaveRestore):
+            _POOL[key] = (w, sc)
     w.crasher = Crasher()  # the set-up's own libvirt calls are not crash points
     sc.submit(w)
     return w, sc
