@@ -471,3 +471,24 @@ def test_a_save_libvirtd_still_runs_is_waited_for_not_repeated(tmp_path, store):
     assert rec["status"] == SUCCEEDED and polls["left"] == 0
     intents = [e for e in store.history(w.wf) if e["event"] == "save-intent"]
     assert len(intents) == 1, "the save was started a second time"
+
+
+def test_a_guest_shut_off_without_our_image_is_left_to_an_operator(tmp_path, store):
+    """Rollback never guesses: no complete image of ours, no restore, a clear instruction."""
+    w, sc = fresh(tmp_path, store, "save")
+    w.crasher.target = ("executed:saving", 1)
+    assert w.run()
+    path = store.load(w.wf).artifacts["memory"]["path"]
+    os.unlink(path)  # the image is lost (or was never complete)
+    w.captures.rollback(w.wf)
+    w.crasher = Crasher()
+    assert not w.run()
+    rec = store.load(w.wf)
+    assert rec.status == "needs_attention" and w.state() == "shutoff"
+    assert "is not a complete save image" in rec.attention["reason"]
+    assert rec.attention["command"] == f"domcapture rollback {w.wf}"
+    # the operator starts the guest, then continues the rollback: it ends cleanly
+    w.fake.start("dom")
+    w.captures.rollback(w.wf)
+    assert not w.run()
+    assert store.load(w.wf).status == ROLLED_BACK and w.capture_dirs() == []

@@ -315,3 +315,24 @@ def test_bad_input_is_one_line_and_changes_nothing(procs, guest, args, message):
     assert message in out.stderr and out.stderr.strip().count("\n") == 0
     assert procs.store.ids() == before
     assert guest.state() == "running"
+
+
+def test_abort_of_a_running_rewind_leaves_the_guest_alone(procs, guest, capture):
+    guest.sh(f"echo {MARKER} >> /mnt/vdb/counter.log; sync /mnt/vdb/counter.log")
+    before = guest_view(guest)
+    worker = procs.start_worker()
+    try:
+        wf = submit(procs, "save-restore", guest, "--from", capture["doc"]["id"], "--bandwidth", "1M")
+        deadline = time.time() + 60
+        while not (show(procs, wf)["state"] == "staging" and show(procs, wf)["progress"].get("bytes_done", 0) > 0):
+            assert time.time() < deadline, "the rewind never started staging"
+            time.sleep(0.1)
+        assert "cancel requested" in procs.cli("abort", wf).stdout
+        doc = wait_final(procs, wf)
+    finally:
+        procs.kill(worker)
+    assert doc["status"] == "rolled_back" and doc["error"]["message"] == "aborted by operator"
+    view = assert_running_same_boot(guest, before["boot_id"], before["uptime"])
+    assert any(MARKER in line for line in view["lines"]), "an aborted rewind changed the disks"
+    folder = os.path.dirname(guest.disks["vda"])
+    assert [p for p in os.listdir(folder) if p.startswith("domcapture-")] == []
