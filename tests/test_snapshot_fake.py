@@ -413,3 +413,18 @@ def test_delete_keeps_a_memory_file_domcapture_did_not_name(tmp_path, store):
     rec = store.load(w.rec.id).to_dict()
     assert rec["status"] == SUCCEEDED and rec["result"]["kept"] == [str(w.dir / "mine.mem")]
     assert os.path.exists(w.dir / "mine.mem") and not os.path.exists(w.dir / "old-vdb.qcow2")
+
+
+def test_external_files_go_to_target_and_a_rollback_removes_them(tmp_path, store):
+    target = tmp_path / "snapfiles"
+    target.mkdir()
+    w = World(tmp_path / "w", store, "snapshot", {"kind": "external", "memory": True, "target": str(target)})
+    w.crasher.target = ("saved:step-started:finalizing", 1)
+    assert w.run()
+    names = sorted(os.listdir(target))
+    assert names == sorted([f"domcapture-{w.rec.id}-vda.snapshot.qcow2", f"domcapture-{w.rec.id}-vdb.snapshot.qcow2",
+                            f"domcapture-{w.rec.id}.memory"])
+    w.captures.rollback(w.rec.id)
+    rec = w.drive_to_end()
+    assert rec["status"] == ROLLED_BACK and os.listdir(target) == []
+    check_create(w, rec)
