@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -183,7 +184,7 @@ def cmd_worker(args: argparse.Namespace, rt: Runtime) -> int:
     # SimpleWorker runs the job in this process: a SIGKILL of the worker kills
     # the job with it, and the lease heartbeat lives and dies with the job.
     worker = SimpleWorker([rt.queue], connection=rt.store.r, serializer=JSONSerializer,
-                          name=f"domcapture-{process_id()}")
+                          name=f"domcapture-{process_id()}-{uuid.uuid4().hex[:6]}")
     worker.work(burst=args.burst, logging_level=args.log_level)
     return 0
 
