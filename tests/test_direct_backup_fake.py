@@ -298,15 +298,20 @@ def _store_mirrors_libvirt(w: World) -> None:
 
 
 def test_checkpoint_create_at_every_crash_point(tmp_path, store):
-    def make(path):
-        w = _two_backups(path, store)
+    shared: dict = {}
+
+    def make(path):  # one domain for every run: each run adds a checkpoint on top of the last
+        if "w" not in shared:
+            shared["w"] = _two_backups(path, store)
+        w = shared["w"]
+        shared["parent"] = w.fake.list_checkpoints("dom")[-1].name
         return w, w.captures.submit("checkpoint", "dom", w.uri, {"action": "create"}).id
 
     def check(w, rec):
         assert rec["status"] == SUCCEEDED, rec["error"]
         name = rec["result"]["checkpoint"]
         assert name == f"domcapture-{rec['id']}" and w.cps.get(w.uri, "dom", name).kind == "checkpoint"
-        assert w.fake.lookup_checkpoint("dom", name).parent == f"domcapture-{w.rec.id}"
+        assert w.fake.lookup_checkpoint("dom", name).parent == shared["parent"]
         _store_mirrors_libvirt(w)
     _crash_everywhere(tmp_path, store, make, check)
 
@@ -363,11 +368,16 @@ def test_rollback_of_a_checkpoint_create_removes_it_everywhere(tmp_path, store):
 
 # -- restore -------------------------------------------------------------------------------------------------
 def test_restore_at_every_crash_point(tmp_path, store):
-    def make(path):
-        w = _two_backups(path, store)
-        (path / "restored").mkdir()
-        wf = w.captures.submit("restore", "dom", w.uri, {"from": w.rec.id, "target": str(path / "restored"),
-                                                      "define": "dom-restored"}).id
+    shared: dict = {}
+
+    def make(path):  # the backups are only read: one chain serves every run
+        if "w" not in shared:
+            shared["w"] = _two_backups(tmp_path / "chain", store)
+        w = shared["w"]
+        path.mkdir()
+        shared["name"] = f"dom-restored-{path.name}"
+        wf = w.captures.submit("restore", "dom", w.uri, {"from": w.rec.id, "target": str(path),
+                                                        "define": shared["name"]}).id
         return w, wf
 
     def check(w, rec):
@@ -375,11 +385,12 @@ def test_restore_at_every_crash_point(tmp_path, store):
         assert rec["result"]["chain"] == [w.base.id, w.rec.id]
         for t, info in rec["result"]["files"].items():
             assert chain_bytes([info["path"]], str(w.tmp / "r.raw")) == w.at_begin[t]
-        restored = w.fake.domains["dom-restored"]
+        restored = w.fake.domains[shared["name"]]
         assert restored.state == "shutoff"
         assert {t: d.base for t, d in restored.disks.items()} == {t: f["path"] for t, f in
                                                                    rec["result"]["files"].items()}
         assert all(c["ok"] for c in w.captures.verify(rec["id"]))
+        assert not [p for p in os.listdir(rec["result"]["restore_dir"]) if p.endswith(".partial")]
     _crash_everywhere(tmp_path, store, make, check)
 
 

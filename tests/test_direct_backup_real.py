@@ -359,6 +359,8 @@ def test_bad_input_is_refused_and_changes_nothing(w):
     out = w.cluster.cli("submit", "restore", "--domain", w.guest.name, "--from", other, "--target", str(w.target),
                         check=False)
     assert out.returncode == 2 and "--from needs a direct-backup" in out.stderr, out.stderr
+    out = w.cluster.cli("checkpoints", "--domain", "dctest-no-such-domain", check=False)
+    assert out.returncode == 2 and "is not defined" in out.stderr, out.stderr
     after = (json.loads(w.cluster.cli("list", "--json").stdout), libvirt_checkpoints(w),
              sorted(os.listdir(w.target)))
     assert [r["id"] for r in after[0]] == [r["id"] for r in before[0]] and after[1:] == before[1:]
