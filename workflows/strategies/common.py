@@ -7,10 +7,11 @@ import shutil
 import time
 from typing import Any
 
-from .. import quiesce
+from .. import naming, quiesce
 from ..errors import (DeadlineExceeded, DomainNotRunning, DomcaptureError, InputError, InvalidTarget,
                       StepFailed, UnsupportedDisk)
 from ..definition import Option
+from ..filecopy import copy_resumable
 from ..hypervisor.base import Disk, Hypervisor
 from ..steps import Step, StepContext
 
@@ -260,3 +261,62 @@ def get_off_overlays(ctx: StepContext) -> None:
     remove_overlays(ctx)
     ctx.save("overlays-removed")
 
+
+
+# -- disk copies into the target ----------------------------------------------------------
+def copies_present(ctx: StepContext, kind: str) -> bool:
+    """Every artifact of ``kind`` copied, checksummed and on disk."""
+    return all(a["status"] == "present" and a.get("checksum") and os.path.exists(a["path"])
+               for a in ctx.rec.artifacts_of(kind))
+
+
+def copy_disks(ctx: StepContext, artifact_prefix: str) -> None:
+    """Copy each of ``ctx.data["disks"]`` to its artifact ``<prefix>:<target>``.
+
+    Resumable (a durable cursor per disk, persisted after each fsync),
+    checksummed, limited by ``--bandwidth``, fenced and cancellable per chunk,
+    with progress in the record.  A disk already copied is skipped.
+    """
+    cursors = ctx.data.setdefault("copy", {})
+    total = sum(d["size"] for d in ctx.data["disks"])
+    base_done = 0
+    for disk in ctx.data["disks"]:
+        name = f"{artifact_prefix}:{disk['target']}"
+        art = ctx.rec.artifacts[name]
+        if art["status"] == "present" and art.get("checksum") and os.path.exists(art["path"]):
+            base_done += art["size"]
+            continue
+        cur = cursors.setdefault(disk["target"], {"offset": 0})
+        partial = naming.partial_of(art["path"])
+        art["partial"] = partial
+        ctx.save("copy-intent", disk=disk["target"], partial=partial, offset=cur["offset"])
+
+        def durable(pos: int, cur: dict = cur) -> None:
+            cur["offset"] = pos
+            ctx.save(None)
+
+        def progress(pos: int, _total: int, done0: int = base_done, target: str = disk["target"]) -> None:
+            ctx.progress("copy", done0 + pos, total, disk=target)
+
+        def check() -> None:
+            ctx.check_cancel()
+            ctx.guard()
+
+        checksum, size = copy_resumable(disk["source"], partial, art["path"], offset=cur["offset"],
+                                        on_progress=progress, on_durable=durable, check=check,
+                                        bandwidth=ctx.params.get("bandwidth") or 0, sleep=ctx.sleep)
+        ctx.rec.set_artifact(name, status="present", checksum=f"sha256:{checksum}", size=size)
+        ctx.save("copied", disk=disk["target"], bytes=size)
+        base_done += size
+    ctx.progress("copy", total, total, force=True)
+
+
+def remove_copies(ctx: StepContext, kind: str) -> None:
+    """Delete every artifact of ``kind`` and its partial file, only inside our own folder."""
+    for art in ctx.rec.artifacts_of(kind):
+        for path in (art["path"], naming.partial_of(art["path"])):
+            if os.path.exists(path) and naming.is_ours(os.path.dirname(path), ctx.rec.id):
+                ctx.guard()
+                os.unlink(path)
+        art["status"] = "deleted"
+    ctx.data.pop("copy", None)

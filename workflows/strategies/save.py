@@ -22,7 +22,7 @@ from typing import Any
 from .. import naming
 from ..definition import RESUME, Definition
 from ..errors import StepFailed
-from ..filecopy import copy_resumable, fsync_dir, sha256_file
+from ..filecopy import fsync_dir, sha256_file
 from ..hypervisor.base import Hypervisor
 from ..record import Artifact
 from ..steps import Step, StepContext
@@ -123,53 +123,18 @@ class CopyDisks(Step):
     description = "copy each disk image (the guest is stopped: they match the memory image) with checksums"
 
     def probe(self, ctx: StepContext) -> bool:
-        return all(a["status"] == "present" and a.get("checksum") and os.path.exists(a["path"])
-                   for a in ctx.rec.artifacts_of("disk-copy"))
+        return common.copies_present(ctx, "disk-copy")
 
     def execute(self, ctx: StepContext) -> None:
         state = ctx.hv.domain_state(ctx.domain)
         if state != "shutoff":
             raise StepFailed(f"domain {ctx.domain} is {state}: its disks no longer match the saved memory")
         started = time.time()
-        cursors = ctx.data.setdefault("copy", {})
-        total = sum(d["size"] for d in ctx.data["disks"])
-        base_done = 0
-        for disk in ctx.data["disks"]:
-            art = ctx.rec.artifacts[f"disk:{disk['target']}"]
-            if art["status"] == "present" and art.get("checksum") and os.path.exists(art["path"]):
-                base_done += art["size"]
-                continue
-            cur = cursors.setdefault(disk["target"], {"offset": 0})
-            partial = naming.partial_of(art["path"])
-            ctx.save("copy-intent", disk=disk["target"], partial=partial, offset=cur["offset"])
-
-            def durable(pos: int, cur: dict = cur) -> None:
-                cur["offset"] = pos
-                ctx.save(None)
-
-            def progress(pos: int, _total: int, done0: int = base_done, target: str = disk["target"]) -> None:
-                ctx.progress("copy", done0 + pos, total, disk=target)
-
-            def check() -> None:
-                ctx.check_cancel()
-                ctx.guard()
-
-            checksum, size = copy_resumable(disk["source"], partial, art["path"], offset=cur["offset"],
-                                            on_progress=progress, on_durable=durable, check=check,
-                                            bandwidth=ctx.params.get("bandwidth") or 0, sleep=ctx.sleep)
-            ctx.rec.set_artifact(f"disk:{disk['target']}", status="present", checksum=f"sha256:{checksum}",
-                                 size=size)
-            ctx.save("copied", disk=disk["target"], bytes=size)
-            base_done += size
+        common.copy_disks(ctx, "disk")
         ctx.data["copy_seconds"] = round(ctx.data.get("copy_seconds", 0) + time.time() - started, 3)
-        ctx.progress("copy", total, total, force=True)
 
     def revert(self, ctx: StepContext) -> None:
-        for art in ctx.rec.artifacts_of("disk-copy"):
-            for path in (art["path"], naming.partial_of(art["path"])):
-                save_common.unlink_ours(ctx, path, naming.is_ours(os.path.dirname(path), ctx.rec.id))
-            art["status"] = "deleted"
-        ctx.data.pop("copy", None)
+        common.remove_copies(ctx, "disk-copy")
 
 
 class Restore(Step):

@@ -17,7 +17,7 @@ from typing import Any
 from .. import naming
 from ..definition import RESUME, Definition
 from ..errors import StepFailed
-from ..filecopy import copy_resumable, fsync_dir
+from ..filecopy import fsync_dir
 from ..hypervisor.base import Hypervisor
 from ..record import Artifact
 from ..steps import Step, StepContext
@@ -124,54 +124,16 @@ class CopyBackingFiles(Step):
     description = "copy each original (now read-only backing) image to the target"
 
     def probe(self, ctx: StepContext) -> bool:
-        return all(a["status"] == "present" and a.get("checksum") and os.path.exists(a["path"])
-                   for a in ctx.rec.artifacts_of("backup-file"))
+        return common.copies_present(ctx, "backup-file")
 
     def execute(self, ctx: StepContext) -> None:
         on = common.on_overlay(ctx)
         if len(on) != len(ctx.data["disks"]):
             raise StepFailed("the domain left its overlays before the copy finished; the images are not frozen")
-        cursors = ctx.data.setdefault("copy", {})
-        total = sum(d["size"] for d in ctx.data["disks"])
-        base_done = 0
-        for disk in ctx.data["disks"]:
-            art = ctx.rec.artifacts[f"backup:{disk['target']}"]
-            if art["status"] == "present" and art.get("checksum") and os.path.exists(art["path"]):
-                base_done += art["size"]
-                continue
-            cur = cursors.setdefault(disk["target"], {"offset": 0})
-            partial = naming.partial_of(art["path"])
-            art["partial"] = partial
-            ctx.save("copy-intent", disk=disk["target"], partial=partial, offset=cur["offset"])
-
-            def durable(pos: int, cur: dict = cur) -> None:
-                cur["offset"] = pos
-                ctx.save(None)
-
-            def progress(pos: int, _total: int, done0: int = base_done, target: str = disk["target"]) -> None:
-                ctx.progress("copy", done0 + pos, total, disk=target)
-
-            def check() -> None:
-                ctx.check_cancel()
-                ctx.guard()
-
-            checksum, size = copy_resumable(disk["source"], partial, art["path"], offset=cur["offset"],
-                                            on_progress=progress, on_durable=durable, check=check,
-                                            bandwidth=ctx.params.get("bandwidth") or 0, sleep=ctx.sleep)
-            ctx.rec.set_artifact(f"backup:{disk['target']}", status="present", checksum=f"sha256:{checksum}",
-                                 size=size)
-            ctx.save("copied", disk=disk["target"], bytes=size)
-            base_done += size
-        ctx.progress("copy", total, total, force=True)
+        common.copy_disks(ctx, "backup")
 
     def revert(self, ctx: StepContext) -> None:
-        for art in ctx.rec.artifacts_of("backup-file"):
-            for path in (art["path"], naming.partial_of(art["path"])):
-                if os.path.exists(path) and naming.is_ours(os.path.dirname(path), ctx.rec.id):
-                    ctx.guard()
-                    os.unlink(path)
-            art["status"] = "deleted"
-        ctx.data.pop("copy", None)
+        common.remove_copies(ctx, "backup-file")
 
 
 class Commit(Step):
