@@ -38,6 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .realenv import (DiskDomain, GuestDomain, WorkerCluster, build_guest_image, counter_in_image,
                       images_identical, is_gapless_prefix, run)
@@ -48,6 +49,7 @@ BOUNDARIES = ["saved:snapshot-intent:*", "executed:snapshotting", "saved:copy-in
               "executed:pivoting", "executed:freezing", "saved:step-started:*", "reverted:*",
               "saved:rollback-started:*", "executed:finalizing"]
 LEASE_TTL = 2.0
+STRATEGIES = ("snapshot-backup", "direct-backup", "snapshot", "checkpoint", "managed-save", "save", "restore")
 
 
 def free_port() -> int:
@@ -128,6 +130,49 @@ class Subject:
     target: Target
     busy: str | None = None
     history: list[str] = field(default_factory=list)
+    # what must run next to bring the domain back (delete a snapshot, restore a managed save, ...)
+    followups: collections.deque = field(default_factory=collections.deque)
+    last_backup: str | None = None  # a succeeded direct-backup, for restores
+
+
+@dataclass
+class Plan:
+    """One workflow to submit: its strategy, arguments, and what to queue once it succeeded."""
+
+    strategy: str
+    args: list[str]
+    label: str
+    then: "Callable[[str], list[Plan]] | None" = None  # workflow id -> follow-ups
+    reference: bool = False  # a full disk image to compare with the disk domain's reference
+
+
+def _plans(rng: random.Random, s: "Subject") -> list[Plan]:
+    """The capture menu for a subject: every strategy of the guide, with its way back."""
+    quiet = s.kind == "disk"
+    q = ["--quiesce", "off" if quiet else "require"]
+    tgt = ["--target", str(s.target.path)]
+    plans = [
+        Plan("snapshot-backup", tgt + q + ["--bandwidth", rng.choice(["8M", "16M", "32M"])], "snapshot-backup",
+             reference=True),
+        Plan("direct-backup", tgt + q + ["--mode", rng.choice(["push", "pull"])], "direct-backup full",
+             reference=True),
+        Plan("direct-backup", tgt + q + ["--mode", rng.choice(["push", "pull"]), "--incremental"],
+             "direct-backup incremental"),
+        Plan("snapshot", ["--kind", "internal"], "snapshot internal",
+             then=lambda wf: [Plan("snapshot-delete", ["--name", f"domcapture-{wf}"], "snapshot-delete")]),
+        Plan("snapshot", ["--kind", "external", "--target", str(s.target.path)] + q, "snapshot external",
+             then=lambda wf: [Plan("snapshot-delete", ["--name", f"domcapture-{wf}"], "snapshot-delete")]),
+        Plan("checkpoint", ["--action", "create"], "checkpoint create",
+             then=lambda wf: [Plan("checkpoint", ["--action", "delete", "--checkpoint", f"domcapture-{wf}"],
+                                   "checkpoint delete")]),
+        Plan("managed-save", [], "managed-save",
+             then=lambda wf: [Plan("managed-save-restore", [], "managed-save-restore")]),
+        Plan("save", tgt, "save",
+             then=lambda wf: [Plan("save-restore", ["--from", wf], "save-restore")]),
+    ]
+    if s.last_backup:
+        plans.append(Plan("restore", ["--from", s.last_backup, "--target", str(s.target.path)], "restore"))
+    return plans
 
 
 class Chaos:
@@ -195,25 +240,48 @@ class Chaos:
         return subprocess.run([sys.executable, "-m", "workers.cli", *args], env=self.cluster.env,
                               capture_output=True, text=True, timeout=120)
 
-    def submit(self, s: Subject) -> None:
-        # leave the tmpfs target room for its fault: clean earlier backups there
-        if s.target.small:
+    def next_plan(self, s: Subject) -> Plan:
+        if s.followups:
+            return s.followups[0]
+        return self.rng.choice([p for p in _plans(self.rng, s) if p.strategy in self.args.strategies])
+
+    def submit(self, s: Subject, plan: Plan | None = None) -> None:
+        # leave the tmpfs target room for its fault: clean earlier captures there
+        if s.target.small and not s.followups:
             for p in s.target.path.iterdir():
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-        quiesce = "require" if s.kind == "guest" else self.rng.choice(["off", "try"])
-        bandwidth = self.rng.choice(["8M", "16M", "32M"])
-        args = ["submit", "snapshot-backup", "--domain", s.dom.name, "--target", str(s.target.path),
-                "--quiesce", quiesce, "--bandwidth", bandwidth, "--json"]
-        out = self.cli(*args)
+        plan = plan or self.next_plan(s)
+        out = self.cli("submit", plan.strategy, "--domain", s.dom.name, *plan.args, "--json")
         if out.returncode != 0:
-            self.note(f"submit for {s.dom.name} refused ({out.returncode}): {out.stderr.strip()}")
+            self.note(f"submit {plan.label} for {s.dom.name} refused ({out.returncode}): {out.stderr.strip()}")
+            if s.followups and out.returncode == 2:
+                s.followups.popleft()  # nothing left to undo (e.g. the capture's object is gone)
             return
         wf = json.loads(out.stdout)["id"]
-        ref = dict(s.dom.references) if s.kind == "disk" else None
-        self.workflows[wf] = {"strategy": "snapshot-backup", "subject": s, "reference": ref, "quiesce": quiesce}
+        ref = dict(s.dom.references) if s.kind == "disk" and plan.reference else None
+        self.workflows[wf] = {"strategy": plan.strategy, "label": plan.label, "subject": s, "reference": ref,
+                              "plan": plan}
         s.busy = wf
         s.history.append(wf)
-        self.note(f"submitted {wf} snapshot-backup {s.dom.name} quiesce={quiesce} bandwidth={bandwidth}")
+        self.note(f"submitted {wf} {plan.label} {s.dom.name} {' '.join(plan.args)}")
+
+    def ended(self, s: Subject, wf: str, doc: dict) -> None:
+        """A subject's workflow ended: check what it captured now, queue what undoes it."""
+        meta = self.workflows[wf]
+        plan: Plan = meta["plan"]
+        self.note(f"{wf} {meta['label']} ended {doc['status']}")
+        if s.followups and s.followups[0] is plan:
+            if doc["status"] == "succeeded":
+                s.followups.popleft()
+            elif doc["status"] == "needs_attention":
+                s.followups.popleft()  # an operator's job now: the invariants will say what is left
+        if doc["status"] != "succeeded":
+            return
+        self.verified[wf] = self.verify_capture(wf, doc)
+        if plan.strategy == "direct-backup":
+            s.last_backup = wf
+        if plan.then:
+            s.followups.extend(plan.then(wf))
 
     def status(self, wf: str) -> dict | None:
         out = self.cli("show", wf, "--json")
@@ -225,10 +293,7 @@ class Chaos:
                 if s.busy:
                     doc = self.status(s.busy)
                     if doc and doc["status"] in ("succeeded", "rolled_back", "needs_attention", "failed"):
-                        self.note(f"{s.busy} ended {doc['status']}")
-                        if doc["status"] == "succeeded" and s.target.small:
-                            # checked now: the next submit clears the small target
-                            self.verified[s.busy] = self.verify_backup(s.busy, doc)
+                        self.ended(s, s.busy, doc)
                         s.busy = None
                 if not s.busy:
                     self.submit(s)
@@ -298,14 +363,20 @@ class Chaos:
 
     # -- the end ---------------------------------------------------------------------
     def drain(self, timeout: float) -> None:
+        """Without faults: let every workflow end, then run the follow-ups that bring domains back."""
         deadline = time.time() + timeout
-        pending = set(self.workflows)
-        while pending and time.time() < deadline:
+        while time.time() < deadline:
             self.supervise()
-            for wf in list(pending):
-                doc = self.status(wf)
-                if doc and doc["status"] in ("succeeded", "rolled_back", "needs_attention", "failed"):
-                    pending.discard(wf)
+            for s in self.subjects:
+                if s.busy:
+                    doc = self.status(s.busy)
+                    if doc and doc["status"] in ("succeeded", "rolled_back", "needs_attention", "failed"):
+                        self.ended(s, s.busy, doc)
+                        s.busy = None
+                if not s.busy and s.followups:
+                    self.submit(s, s.followups[0])
+            if not any(s.busy or s.followups for s in self.subjects):
+                return
             time.sleep(0.5)
 
     def check(self) -> list[tuple[str, int, list[str]]]:
@@ -349,26 +420,50 @@ class Chaos:
         bad = []
         checked = 0
         for wf, d in docs.items():
-            if not d or d["status"] != "succeeded":
+            if d and d["status"] == "succeeded":
+                checked += 1
+                bad += self.verified.get(wf, [f"{wf}: succeeded but never verified"])
+        rows.append(("every succeeded capture verifies (backups against their reference)", checked, bad))
+
+        bad = []
+        for s in self.subjects:
+            snaps = s.dom.virsh("snapshot-list", s.dom.name, "--name", check=False).split()
+            bad += [f"{s.dom.name}: snapshot {n} left" for n in snaps if n.startswith("domcapture-")]
+            if "Managed save:   yes" in s.dom.virsh("dominfo", s.dom.name, check=False):
+                bad.append(f"{s.dom.name}: managed save image left")
+            if s.dom.state() != "running":
+                bad.append(f"{s.dom.name}: {s.dom.state()} at the end")
+        rows.append(("every domain running, no snapshot or managed save of ours left", len(self.subjects), bad))
+
+        bad = []
+        for s in self.subjects:
+            out = self.cli("checkpoints", "--domain", s.dom.name, "--json")
+            if out.returncode != 0:
+                bad.append(f"{s.dom.name}: checkpoints: {out.stderr.strip()}")
                 continue
-            checked += 1
-            found = self.verified.get(wf)
-            bad += found if found is not None else self.verify_backup(wf, d)
-        rows.append(("every succeeded backup verifies against its reference", checked, bad))
+            for cp in json.loads(out.stdout)["checkpoints"]:
+                if cp["state"] == "committed" and not cp["in_libvirt"] and not cp["broken"]:
+                    bad.append(f"{s.dom.name}: {cp['name']} committed in our store, missing in libvirt")
+                elif cp["state"] in ("not-ours", "pending") and cp["in_libvirt"]:
+                    bad.append(f"{s.dom.name}: {cp['name']} in libvirt but {cp['state']} in our store")
+        rows.append(("checkpoints in libvirt match our store", len(self.subjects), bad))
 
         bad = []
         for wf, d in docs.items():
             if not d:
                 continue
-            snaps = [e for e in d["history"] if e["event"] == "step-done" and e.get("step") == "snapshotting"
-                     and not e.get("already_done")]
-            if len(snaps) > 1:
-                bad.append(f"{wf}: snapshot taken {len(snaps)} times")
+            # an effect step that completed twice without its probe seeing the first
+            done = collections.Counter(e.get("step") for e in d["history"]
+                                       if e["event"] == "step-done" and not e.get("already_done")
+                                       and e.get("trigger") == "advance")
+            twice = [step for step, n in done.items() if n > 1]
+            if twice:
+                bad.append(f"{wf}: {', '.join(twice)} completed more than once")
         rows.append(("no effect applied twice in one workflow", len(docs), bad))
         return rows
 
-    def verify_backup(self, wf: str, d: dict) -> list[str]:
-        """A succeeded backup: its checksums, and its content against the reference."""
+    def verify_capture(self, wf: str, d: dict) -> list[str]:
+        """Right after it succeeded: ``domcapture verify``, and full disk images against their reference."""
         for _ in range(20):  # Redis may be down for a moment: exit 4, try again
             v = self.cli("verify", wf)
             if v.returncode != 4:
@@ -377,18 +472,22 @@ class Chaos:
         if v.returncode != 0:
             return [f"{wf}: verify failed ({v.returncode}): {(v.stdout + v.stderr).strip()[-200:]}"]
         meta, bad = self.workflows[wf], []
+        plan: Plan = meta["plan"]
+        if not plan.reference:
+            return bad
         files = d["result"]["files"]
         if meta["reference"]:
             for t, ref in meta["reference"].items():
                 if not images_identical(files[t]["path"], ref):
-                    bad.append(f"{wf}: backup of {t} differs from the disk at capture time")
-        else:
+                    bad.append(f"{wf}: {plan.label} of {t} differs from the disk at capture time")
+        elif "vdb" in files:
+            quiesced = bool(d["result"].get("quiesced"))
             numbers, verdict = counter_in_image(files["vdb"]["path"], self.workdir / "scratch",
-                                                replay_journal=not d["result"]["quiesced"])
+                                                replay_journal=not quiesced)
             if not numbers or not is_gapless_prefix(numbers):
-                bad.append(f"{wf}: the guest's log in the backup is not a gapless prefix")
-            if d["result"]["quiesced"] and not verdict.startswith("rc=0"):
-                bad.append(f"{wf}: quiesced backup needs fsck: {verdict[:120]}")
+                bad.append(f"{wf}: the guest's log in the {plan.label} is not a gapless prefix")
+            if quiesced and not verdict.startswith("rc=0"):
+                bad.append(f"{wf}: quiesced {plan.label} needs fsck: {verdict[:120]}")
         return bad
 
     # -- the table ---------------------------------------------------------------------
@@ -445,11 +544,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--guests", type=int, default=1)
     ap.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated subset of {','.join(FAULTS)}")
     ap.add_argument("--fault-interval", type=float, nargs=2, default=(1.0, 4.0), metavar=("MIN", "MAX"))
-    ap.add_argument("--drain-timeout", type=float, default=180)
+    ap.add_argument("--drain-timeout", type=float, default=240)
+    ap.add_argument("--strategies", default=",".join(STRATEGIES),
+                    help="comma-separated subset of the strategies to run")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, backups)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     args.faults = [f for f in args.faults.split(",") if f]
+    args.strategies = [x for x in args.strategies.split(",") if x]
     unknown = set(args.faults) - set(FAULTS)
     if unknown:
         ap.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
