@@ -12,64 +12,13 @@ import time
 import pytest
 
 from workflows.errors import AgentUnavailable, DomainNotFound, OperationFailed
-from workflows.hypervisor.fake import FakeHypervisor
-from workflows.hypervisor.libvirt_adapter import LibvirtHypervisor
 
-from .realenv import image_has_pattern
-
-MIB = 1024 * 1024
-
-
-class FakeEnv:
-    kind = "fake"
-
-    def __init__(self, tmp_path) -> None:
-        self.dir = tmp_path
-        self.hv = FakeHypervisor()
-        self.name = "contract"
-        self.disks = {}
-        for i, t in enumerate(("vda", "vdb")):
-            p = str(tmp_path / f"{t}.img")
-            with open(p, "wb") as f:
-                f.write(bytes([0x11 * (i + 1)]) * 8 * MIB)
-            self.disks[t] = p
-        self.hv.add_domain(self.name, self.disks, agent=False)
-
-    def write(self, target: str, pattern: int, off_mib: int, len_mib: int) -> None:
-        self.hv.guest_write(self.name, target, off_mib * MIB, bytes([pattern]) * len_mib * MIB)
-
-    def original_has(self, target: str, pattern: int, off_mib: int, len_mib: int) -> bool:
-        with open(self.disks[target], "rb") as f:
-            f.seek(off_mib * MIB)
-            return f.read(len_mib * MIB) == bytes([pattern]) * len_mib * MIB
-
-
-class RealEnv:
-    kind = "libvirt"
-
-    def __init__(self, dom) -> None:
-        self.dom = dom
-        self.hv = LibvirtHypervisor(dom.uri)
-        self.name = dom.name
-        self.dir = dom.workdir
-        self.disks = {t: str(p) for t, p in dom.disks.items()}
-
-    def write(self, target: str, pattern: int, off_mib: int, len_mib: int) -> None:
-        self.dom.guest_write(target, pattern, off_mib, len_mib)
-
-    def original_has(self, target: str, pattern: int, off_mib: int, len_mib: int) -> bool:
-        return image_has_pattern(self.disks[target], pattern, off_mib, len_mib)
+from .contractkit import contract_env
 
 
 @pytest.fixture(params=["fake", "libvirt"])
 def env(request, tmp_path):
-    if request.param == "fake":
-        yield FakeEnv(tmp_path)
-        return
-    dom = request.getfixturevalue("disk_domain")(sizes_mib={"vda": 16, "vdb": 16})
-    e = RealEnv(dom)
-    yield e
-    e.hv.close()
+    yield from contract_env(request, tmp_path)
 
 
 def overlays_for(env) -> dict[str, str]:

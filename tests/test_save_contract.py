@@ -12,47 +12,13 @@ import os
 import pytest
 
 from workflows.errors import DomcaptureError, HypervisorUnavailable, OperationFailed
-from workflows.hypervisor.fake import FakeHypervisor
-from workflows.hypervisor.libvirt_adapter import LibvirtHypervisor
 
-MIB = 1024 * 1024
-
-
-class FakeEnv:
-    kind = "fake"
-
-    def __init__(self, tmp_path) -> None:
-        self.dir = tmp_path
-        self.hv = FakeHypervisor()
-        self.name = "contract"
-        self.disks = {}
-        for t in ("vda", "vdb"):
-            p = str(tmp_path / f"{t}.qcow2")
-            with open(p, "wb") as f:
-                f.write(b"\x11" * MIB)
-            self.disks[t] = p
-        self.hv.add_domain(self.name, self.disks)
-
-
-class RealEnv:
-    kind = "libvirt"
-
-    def __init__(self, dom) -> None:
-        self.hv = LibvirtHypervisor(dom.uri)
-        self.name = dom.name
-        self.dir = dom.workdir
-        self.disks = {t: str(p) for t, p in dom.disks.items()}
+from .contractkit import MIB, contract_env
 
 
 @pytest.fixture(params=["fake", "libvirt"])
 def env(request, tmp_path):
-    if request.param == "fake":
-        yield FakeEnv(tmp_path)
-        return
-    dom = request.getfixturevalue("disk_domain")(sizes_mib={"vda": 16, "vdb": 16})
-    e = RealEnv(dom)
-    yield e
-    e.hv.close()
+    yield from contract_env(request, tmp_path)
 
 
 def test_inspection_of_a_running_domain(env):

@@ -17,20 +17,14 @@ import pytest
 from workflows.errors import HypervisorError, OperationFailed
 from workflows.hypervisor.libvirt_snapshot import snapshot_xml
 
-from .test_hypervisor_contract import FakeEnv, RealEnv
+from .contractkit import contract_env
 
 DESC = "domcapture workflow contract"
 
 
 @pytest.fixture(params=["fake", "libvirt"])
 def env(request, tmp_path):
-    if request.param == "fake":
-        yield FakeEnv(tmp_path)
-        return
-    dom = request.getfixturevalue("disk_domain")(sizes_mib={"vda": 16, "vdb": 16})
-    e = RealEnv(dom)
-    yield e
-    e.hv.close()
+    yield from contract_env(request, tmp_path)
 
 
 def overlays_for(env, tag: str = "c") -> dict[str, str]:

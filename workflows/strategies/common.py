@@ -320,3 +320,12 @@ def remove_copies(ctx: StepContext, kind: str) -> None:
                 os.unlink(path)
         art["status"] = "deleted"
     ctx.data.pop("copy", None)
+
+
+def remove_capture_folder(ctx: StepContext) -> None:
+    """Remove the folder holding the capture's manifest, once it is empty and only if it is ours."""
+    art = ctx.rec.artifacts.get("manifest")
+    if art:
+        folder = os.path.dirname(art["path"])
+        if os.path.isdir(folder) and not os.listdir(folder) and naming.is_ours(folder, ctx.rec.id):
+            os.rmdir(folder)

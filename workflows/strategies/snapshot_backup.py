@@ -84,11 +84,7 @@ class Preflight(Step):
 
     def revert(self, ctx: StepContext) -> None:
         """The last revert to run: removes the backup folder once it is empty."""
-        art = ctx.rec.artifacts.get("manifest")
-        if art:
-            folder = os.path.dirname(art["path"])
-            if os.path.isdir(folder) and not os.listdir(folder) and naming.is_ours(folder, ctx.rec.id):
-                os.rmdir(folder)
+        common.remove_capture_folder(ctx)
 
 
 class Snapshot(Step):
