@@ -149,7 +149,9 @@ class DiskDomain(VirshDomain):
 
     def destroy(self) -> None:
         self.virsh("destroy", self.name, check=False)
-        self.virsh("undefine", self.name, check=False)
+        # plain undefine refuses a domain that has checkpoint or snapshot metadata
+        self.virsh("undefine", self.name, "--checkpoints-metadata", "--snapshots-metadata", "--managed-save",
+                   check=False)
 
 
 def images_identical(a: Path | str, b: Path | str) -> bool:
