@@ -53,8 +53,7 @@ OPT_CHILDREN = Option("children", "checkpoint --action delete: delete its descen
 def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
     action = common.check_choice("action", params.get("action") or "create", ACTIONS)
     out: dict[str, Any] = {"action": action, "children": bool(params.get("children")),
-                           "on_error": common.check_choice("on_error", params.get("on_error") or "rollback",
-                                                           ("rollback", "stop"))}
+                           "on_error": common.parse_on_error(params)}
     bc.require_active(hv, domain)  # validation of redefined bitmaps needs a running domain
     bc.bitmap_disks(hv, domain)
     name = params.get("checkpoint")

@@ -37,6 +37,11 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
+def parse_on_error(params: dict[str, Any]) -> str:
+    """``--on-error``: rollback (default) or stop."""
+    return check_choice("on_error", params.get("on_error") or "rollback", OPT_ON_ERROR.choices or ())
+
+
 def parse_seconds(name: str, value: Any, default: float) -> float:
     if value in (None, ""):
         return default

@@ -66,7 +66,7 @@ def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, A
         "mode": common.check_choice("mode", params.get("mode") or "push", MODES),
         "incremental": bool(params.get("incremental")),
         "quiesce": common.check_choice("quiesce", params.get("quiesce") or "try", common.QUIESCE_MODES),
-        "on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop")),
+        "on_error": common.parse_on_error(params),
         "freeze_deadline": common.parse_seconds("freeze_deadline", params.get("freeze_deadline"),
                                                 common.DEFAULT_FREEZE_DEADLINE),
         "backup_timeout": common.parse_seconds("backup_timeout", params.get("backup_timeout"),

@@ -41,7 +41,7 @@ def check_persistent(hv: Hypervisor, domain: str) -> None:
 
 
 def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
-    out = {"on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop"))}
+    out = {"on_error": common.parse_on_error(params)}
     common.require_running(hv, domain)
     check_persistent(hv, domain)
     return out

@@ -39,7 +39,7 @@ def check_restorable(hv: Hypervisor, domain: str) -> None:
 
 
 def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
-    out = {"on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop"))}
+    out = {"on_error": common.parse_on_error(params)}
     check_restorable(hv, domain)
     return out
 

@@ -93,7 +93,7 @@ def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, A
                 raise InputError(f"backup {link['id']}: its {disk} file {info['path']} changed size")
     out: dict[str, Any] = {
         "from": chain[-1]["id"], "chain": chain, "target": common.check_target_dir(params.get("target")),
-        "on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop")),
+        "on_error": common.parse_on_error(params),
         "define": params.get("define") or None,
     }
     if out["define"]:

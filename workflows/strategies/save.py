@@ -47,7 +47,7 @@ def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, A
     out = {
         "target": common.check_target_dir(params.get("target")),
         "keep_stopped": bool(params.get("keep_stopped")),
-        "on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop")),
+        "on_error": common.parse_on_error(params),
         "bandwidth": common.parse_bandwidth(params.get("bandwidth")),
     }
     common.require_running(hv, domain)

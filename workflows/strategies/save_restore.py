@@ -102,7 +102,7 @@ def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, A
     if src["domain"] != domain:
         raise InputError(f"capture {src['id']} is of domain {src['domain']}, not {domain}")
     out = {"from": src["id"], "source": src,
-           "on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop")),
+           "on_error": common.parse_on_error(params),
            "bandwidth": common.parse_bandwidth(params.get("bandwidth"))}
     for item, info in [("memory", src["memory"]), *src["disks"].items()]:
         if not os.path.exists(info["path"]):

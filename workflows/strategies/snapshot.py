@@ -76,7 +76,7 @@ def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, A
     out = {
         "kind": kind, "memory": memory, "name": name, "target": target, "quiesce": quiesce,
         "domain_state": state,
-        "on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop")),
+        "on_error": common.parse_on_error(params),
         "freeze_deadline": common.parse_seconds("freeze_deadline", params.get("freeze_deadline"),
                                                 common.DEFAULT_FREEZE_DEADLINE),
         "commit_timeout": common.parse_seconds("commit_timeout", params.get("commit_timeout"),

@@ -50,7 +50,7 @@ def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, A
     out = {
         "target": common.check_target_dir(params.get("target")),
         "quiesce": common.check_choice("quiesce", params.get("quiesce") or "try", common.QUIESCE_MODES),
-        "on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop")),
+        "on_error": common.parse_on_error(params),
         "freeze_deadline": common.parse_seconds("freeze_deadline", params.get("freeze_deadline"),
                                                 common.DEFAULT_FREEZE_DEADLINE),
         "commit_timeout": common.parse_seconds("commit_timeout", params.get("commit_timeout"),

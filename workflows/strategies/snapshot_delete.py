@@ -62,7 +62,7 @@ def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, A
         snapshot_common.domain_state(hv, domain)
         _check_external(hv, domain, info)
     return {"name": name,
-            "on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop")),
+            "on_error": common.parse_on_error(params),
             "commit_timeout": common.parse_seconds("commit_timeout", params.get("commit_timeout"),
                                                    common.DEFAULT_COMMIT_TIMEOUT)}
 

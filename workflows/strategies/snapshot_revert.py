@@ -45,7 +45,7 @@ def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, A
         raise InputError(f"snapshot {name!r} is external; libvirt {version // 1_000_000}.{version // 1000 % 1000}"
                          f".{version % 1000} reverts only to internal snapshots (external needs 9.7 or later)")
     return {"name": name,
-            "on_error": common.check_choice("on_error", params.get("on_error") or "rollback", ("rollback", "stop"))}
+            "on_error": common.parse_on_error(params)}
 
 
 class Preflight(Step):
