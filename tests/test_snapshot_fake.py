@@ -18,7 +18,7 @@ import pytest
 
 from workflows import naming
 from workflows.hypervisor.fake import FakeHypervisor
-from workflows.record import ROLLED_BACK, SUCCEEDED
+from workflows.record import PARTIALLY_ROLLED_BACK, ROLLED_BACK, SUCCEEDED
 from workflows.service import Captures
 
 from .crashkit import Crasher, drive_to_end, run_once
@@ -296,7 +296,7 @@ def test_revert_rolled_back_before_it_is_issued_changes_nothing(tmp_path, store)
     assert w.run()
     w.captures.rollback(w.rec.id)
     rec = w.drive_to_end()
-    assert rec["status"] == ROLLED_BACK and "not_undone" not in rec["data"]
+    assert rec["status"] == ROLLED_BACK and "effects_standing" not in rec["data"]
     assert {t: open(p, "rb").read() for t, p in w.paths.items()} == w.before
     assert w.fake.guest_uptime("dom") == 150 and w.fake.get_current_snapshot("dom") == "s2"
 
@@ -307,7 +307,8 @@ def test_revert_rolled_back_after_it_took_effect_says_so(tmp_path, store):
     assert w.run()
     w.captures.rollback(w.rec.id)
     rec = w.drive_to_end()
-    assert rec["status"] == ROLLED_BACK and "cannot be undone" in rec["data"]["not_undone"]
+    assert rec["status"] == PARTIALLY_ROLLED_BACK and rec["state"] == "partially_rolled_back"
+    assert "cannot be undone" in rec["result"]["effects_standing"][0]
     assert any(e["event"] == "not-undone" and e["reverted"] for e in store.history(w.rec.id))
 
 
@@ -385,7 +386,7 @@ def test_delete_rolled_back_mid_commit_keeps_the_snapshot_whole(tmp_path, store)
     assert w.run()
     w.captures.rollback(w.rec.id)
     rec = w.drive_to_end()
-    assert rec["status"] == ROLLED_BACK and "not_undone" not in rec["data"]
+    assert rec["status"] == ROLLED_BACK and "effects_standing" not in rec["data"]
     info = w.fake.lookup_snapshot("dom", "old")
     dom = w.fake.domains["dom"]
     assert info is not None and {t: d.overlay for t, d in dom.disks.items()} == info.overlays
@@ -399,7 +400,8 @@ def test_delete_rolled_back_after_a_pivot_completes_it(tmp_path, store):
     assert w.run()
     w.captures.rollback(w.rec.id)
     rec = w.drive_to_end()
-    assert rec["status"] == ROLLED_BACK and "completed it" in rec["data"]["not_undone"]
+    assert rec["status"] == PARTIALLY_ROLLED_BACK
+    assert "completed it" in rec["result"]["effects_standing"][0]
     assert "old" not in w.fake.list_snapshot_names("dom")
     assert all(d.overlay is None for d in w.fake.domains["dom"].disks.values())
 

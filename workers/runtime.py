@@ -25,7 +25,7 @@ JOB_TIMEOUT = 24 * 3600
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = Store.from_url(settings.redis_url, settings.prefix)
+        self.store = Store.from_url(settings.redis_url, settings.prefix, lease_ttl=settings.lease_ttl)
         self.queue = Queue(settings.queue, connection=self.store.r, serializer=JSONSerializer)
         self.captures = Captures(self.store, self.hypervisor, self.enqueue, lease_ttl=settings.lease_ttl)
 

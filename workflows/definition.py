@@ -7,7 +7,9 @@ Callbacks only record and validate; all I/O happens in the steps.
 
 Every definition gets the same way back, added here so no strategy can forget
 it: ``rollback`` from any forward state to ``rolling_back``, ``reverted`` from
-there to ``rolled_back``.  A workflow that nothing automatic can move keeps
+there to ``rolled_back`` (nothing of the workflow remains), or
+``reverted_partially`` to ``partially_rolled_back`` (an effect that cannot be
+undone stands, and the record names it).  A workflow that nothing automatic can move keeps
 its state (where in the sequence it stopped) and gets the *status*
 ``needs_attention`` with the reason and the command to run.
 """
@@ -22,12 +24,15 @@ from transitions import Machine, MachineError
 from .errors import StepFailed
 
 if TYPE_CHECKING:
+    from .effects import Inspect
+    from .record import Record
     from .steps import Step
 
 SUCCEEDED = "succeeded"
 ROLLING_BACK = "rolling_back"
 ROLLED_BACK = "rolled_back"
-END_STATES = (SUCCEEDED, ROLLED_BACK)
+PARTIALLY_ROLLED_BACK = "partially_rolled_back"
+END_STATES = (SUCCEEDED, ROLLED_BACK, PARTIALLY_ROLLED_BACK)
 
 RESUME = "resume"
 ROLLBACK = "rollback"
@@ -58,10 +63,10 @@ class Definition:
     transitions: list[list[str]]  # [trigger, source, dest]
     steps: dict[str, "Step"]
     on_crash: dict[str, str]  # state -> resume | rollback
-    validate: Callable[..., dict[str, Any]]  # (hypervisor, domain, params) -> normalised params
+    validate: Callable[["Inspect", str, dict[str, Any]], dict[str, Any]]  # (look, domain, params) -> params
     options: tuple[Option, ...] = ()
     # (record, hypervisor) -> checks [{"item", "ok", ...}]; None: the files in result["files"]
-    verify: Callable[..., list[dict[str, Any]]] | None = None
+    verify: Callable[["Record", "Inspect"], list[dict[str, Any]]] | None = None
     max_attempts: int = 3
     summary: str = ""
     # (load_record, params) -> params: turns a reference to another workflow (``--from ID``) into what
@@ -76,6 +81,7 @@ class Definition:
         table = [list(t) for t in self.transitions]
         table.append(["rollback", self.states, ROLLING_BACK])
         table.append(["reverted", ROLLING_BACK, ROLLED_BACK])
+        table.append(["reverted_partially", ROLLING_BACK, PARTIALLY_ROLLED_BACK])
         self._machine = Machine(model=None, states=self.states + list(END_STATES) + [ROLLING_BACK],
                                 transitions=[{"trigger": t, "source": s, "dest": d} for t, s, d in table],
                                 initial=self.states[0], auto_transitions=False, ignore_invalid_triggers=False)

@@ -22,13 +22,15 @@ import traceback
 from typing import Any, Callable
 
 from . import quiesce
-from .definition import ROLLED_BACK, ROLLING_BACK, SUCCEEDED, Definition
-from .errors import Cancelled, DomcaptureError, LeaseLost, StepFailed
-from .hypervisor.base import Fenced, Hypervisor
-from .record import (FAILED, FINAL_STATUSES, FORWARD, NEEDS_ATTENTION, QUEUED, ROLLBACK, RUNNING,
-                     STOPPED_STATUSES, Record)
+from .checkpoints import CheckpointStore
+from .definition import ROLLING_BACK, SUCCEEDED, Definition
+from .effects import Effects, OwnedFiles
+from .errors import AgentUnavailable, Cancelled, DomcaptureError, LeaseLost, StepFailed
+from .hypervisor.base import CANCEL_EXEMPT, Hypervisor, fenced
+from .record import (FAILED, FINAL_STATUSES, FORWARD, NEEDS_ATTENTION, PARTIALLY_ROLLED_BACK, QUEUED, ROLLBACK,
+                     ROLLED_BACK, RUNNING, STOPPED_STATUSES, Record)
 from .steps import StepContext
-from .store import Lease, Store, using
+from .store import Lease, Store
 
 log = logging.getLogger("domcapture.engine")
 
@@ -51,30 +53,105 @@ def error_dict(exc: BaseException, state: str) -> dict[str, Any]:
 class Heartbeat(threading.Thread):
     """Renews the lease on its own thread, whatever the step is doing.
 
-    It also enforces the freeze deadline: a guest still frozen past the
-    deadline written in the record is thawed from here.
+    It does nothing else: renewal never waits on the guest agent or libvirt
+    (the freeze deadline has its own thread, ``FreezeWatchdog``).
     """
 
-    def __init__(self, lease: Lease, on_tick: Callable[[], None] | None = None) -> None:
+    def __init__(self, lease: Lease) -> None:
         super().__init__(name=f"heartbeat-{lease.wf_id}", daemon=True)
         self.lease = lease
-        self.on_tick = on_tick
-        self._stop = threading.Event()
+        self._stop_event = threading.Event()
 
     def run(self) -> None:
         interval = self.lease.ttl / 3
-        while not self._stop.wait(interval):
+        while not self._stop_event.wait(interval):
             try:
                 if not self.lease.renew():
                     log.warning("lease lost on %s", self.lease.wf_id)
                     return
-                if self.on_tick:
-                    self.on_tick()
             except Exception:  # a Redis blip: try again next tick, the TTL covers it
                 log.exception("heartbeat tick failed")
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop_event.set()
+
+
+class FreezeWatchdog(threading.Thread):
+    """Thaws a guest still frozen past the deadline written in the record, once.
+
+    The main thread hands it the record's freeze mark after every save
+    (``observe``); it never reads or writes the record itself.  It talks to
+    libvirt through its own connection, so a hung agent call here cannot stop
+    the lease renewals, and a hung step cannot stop the thaw.  Each thaw is
+    appended to the workflow's history at once (fenced by the epoch) and
+    folded into the record by the main thread (``absorb``).
+    """
+
+    def __init__(self, store: Store, rec_id: str, domain: str, lease: Lease,
+                 hypervisor: Callable[[], Hypervisor], poll: float = 0.2) -> None:
+        super().__init__(name=f"freeze-watchdog-{rec_id}", daemon=True)
+        self.store, self.rec_id, self.domain, self.lease = store, rec_id, domain, lease
+        self._hypervisor = hypervisor
+        self._poll = poll
+        self._lock = threading.Lock()
+        self._mark: dict[str, Any] | None = None
+        self._thawed: dict[str, Any] | None = None
+        self._stop_event = threading.Event()
+
+    def observe(self, mark: dict[str, Any] | None) -> None:
+        with self._lock:
+            self._mark = dict(mark) if mark else None
+
+    def absorb(self, rec: Record) -> None:
+        """Main thread: fold a thaw done here into the record (no I/O)."""
+        with self._lock:
+            thawed, self._thawed = self._thawed, None
+        info = quiesce.frozen_info(rec)
+        if thawed and info and info.get("since") == thawed["since"]:
+            rec.data["frozen"] = None
+            rec.data["last_thaw"] = thawed
+            rec.data["freeze_broken"] = "thawed at its deadline by the freeze watchdog"
+
+    def run(self) -> None:
+        hv: Hypervisor | None = None
+        try:
+            while not self._stop_event.wait(self._poll):
+                with self._lock:
+                    mark = self._mark
+                if not mark or time.time() <= mark["until"] or self.lease.lost:
+                    continue
+                log.warning("workflow %s: guest frozen past its deadline; thawing", self.rec_id)
+                try:
+                    hv = hv or self._hypervisor()
+                    count = hv.fs_thaw(self.domain)
+                except AgentUnavailable:
+                    count = 0  # an agent that is gone holds nothing frozen
+                except DomcaptureError as exc:
+                    if self._domain_active(hv):
+                        log.error("workflow %s: thaw at deadline failed: %s; trying again", self.rec_id, exc)
+                        continue
+                    count = 0  # QEMU is gone: nothing is frozen any more
+                now = time.time()
+                outcome = {"by": "freeze-watchdog", "at": now, "since": mark["since"], "thawed_filesystems": count,
+                           "frozen_seconds": round(now - mark["since"], 3)}
+                with self._lock:
+                    self._thawed, self._mark = outcome, None
+                try:
+                    self.store.append_event(self.rec_id, "thawed-at-deadline", epoch=self.lease.epoch, **outcome)
+                except DomcaptureError:
+                    log.exception("workflow %s: could not record the thaw", self.rec_id)
+        finally:
+            if hv is not None:
+                hv.close()
+
+    def _domain_active(self, hv: Hypervisor | None) -> bool:
+        try:
+            return hv is not None and hv.domain_state(self.domain) in ("running", "paused")
+        except DomcaptureError:
+            return True  # unknown: keep trying to thaw
+
+    def stop(self) -> None:
+        self._stop_event.set()
 
 
 class Engine:
@@ -90,6 +167,7 @@ class Engine:
         self.retry_delays = retry_delays
         self.crash_hook = crash_hook
         self.sleep = sleep
+        self._watchdog: FreezeWatchdog | None = None
 
     def _point(self, label: str) -> None:
         if self.crash_hook:
@@ -102,27 +180,32 @@ class Engine:
         Returns the record's status, ``"lease-held"`` when another process
         holds the workflow, or ``"lease-lost"``.
         """
-        with using(self.store):
-            return self._run(wf_id)
+        return self._run(wf_id)
 
     def _run(self, wf_id: str) -> str:
         lease = self.store.acquire_lease(wf_id, self.worker_id, self.lease_ttl)
         if lease is None:
             return "lease-held"
-        rec = self.store.load(wf_id)
         hv: Hypervisor | None = None
-        heartbeat = None
+        heartbeat: Heartbeat | None = None
+        watchdog: FreezeWatchdog | None = None
         try:
+            rec = self.store.load(wf_id)
             if rec.status in FINAL_STATUSES or rec.status in STOPPED_STATUSES:
                 return rec.status
             defn = self._definition(rec)
             hv = self.hypervisor_factory(rec.uri)
-            heartbeat = Heartbeat(lease, on_tick=lambda: self._enforce_freeze_deadline(hv, rec))
+            heartbeat = Heartbeat(lease)
             heartbeat.start()
+            uri = rec.uri
+            watchdog = FreezeWatchdog(self.store, rec.id, rec.domain, lease, lambda: self.hypervisor_factory(uri))
+            watchdog.observe(quiesce.frozen_info(rec))
+            watchdog.start()
+            self._watchdog = watchdog
             resumed = rec.status == RUNNING or rec.attempts
             rec.status, rec.worker = RUNNING, self.worker_id
             self._save(rec, lease, "resumed" if resumed else "started")
-            ctx = self._context(rec, Fenced(hv, lambda: self._guard(lease)), lease)
+            ctx = self._context(rec, hv, lease)
             while rec.status == RUNNING:
                 if rec.mode == FORWARD:
                     self._forward(defn, rec, ctx, lease)
@@ -133,6 +216,9 @@ class Engine:
             log.warning("workflow %s: %s; stopping without further changes", wf_id, exc)
             return "lease-lost"
         finally:
+            self._watchdog = None
+            if watchdog:
+                watchdog.stop()
             if heartbeat:
                 heartbeat.stop()
             lease.release()
@@ -149,28 +235,38 @@ class Engine:
                              f"this build has v{defn.version}")
         return defn
 
-    def _guard(self, lease: Lease) -> None:
+    def _guard(self, lease: Lease, rec: Record | None = None, call: str | None = None) -> None:
+        """Right before an effect: the lease is ours, and (going forward) no abort was asked.
+
+        Safety calls (a thaw, ending a job) are exempt from the cancel check.
+        """
+        if rec is not None and self._watchdog is not None:
+            self._watchdog.absorb(rec)
         lease.check()
+        if rec is not None and rec.mode == FORWARD and call not in CANCEL_EXEMPT:
+            reason = self.store.cancel_requested(rec.id)
+            if reason:
+                raise Cancelled(reason)
 
     def _save(self, rec: Record, lease: Lease, event: str | None, **detail: Any) -> None:
         label = f"{event or 'progress'}:{rec.state}"
         self._point(f"save:{label}")
+        if self._watchdog is not None:
+            self._watchdog.absorb(rec)
         self.store.save(rec, event, epoch=lease.epoch, **detail)
+        if self._watchdog is not None:
+            self._watchdog.observe(quiesce.frozen_info(rec))
         self._point(f"saved:{label}")
 
     def _context(self, rec: Record, hv: Hypervisor, lease: Lease) -> StepContext:
-        return StepContext(rec, hv,
+        fx = Effects(hv=fenced(hv, lambda call: self._guard(lease, rec, call)),
+                     files=OwnedFiles(rec, lambda: self._guard(lease, rec, "file")),
+                     checkpoints=CheckpointStore(self.store))
+        return StepContext(rec, fx,
                            save=lambda event=None, **d: self._save(rec, lease, event, **d),
-                           guard=lambda: self._guard(lease),
+                           guard=lambda: self._guard(lease, rec, "guard"),
                            cancelled=lambda: self.store.cancel_requested(rec.id),
                            sleep=self.sleep)
-
-    def _enforce_freeze_deadline(self, hv: Hypervisor, rec: Record) -> None:
-        info = quiesce.frozen_info(rec)
-        if info and time.time() > info["until"]:
-            log.warning("workflow %s: guest frozen past its deadline; thawing", rec.id)
-            hv.fs_thaw(rec.domain)
-            rec.data["freeze_broken"] = "thawed at deadline by the heartbeat"
 
     # -- forward -------------------------------------------------------------------
     def _forward(self, defn: Definition, rec: Record, ctx: StepContext, lease: Lease) -> None:
@@ -243,11 +339,18 @@ class Engine:
     # -- rollback -------------------------------------------------------------------
     def _revert(self, defn: Definition, rec: Record, ctx: StepContext, lease: Lease) -> None:
         if not rec.revert_queue:
-            rec.state = defn.fire(rec.state, "reverted")
-            rec.status = ROLLED_BACK
+            standing = rec.data.get("effects_standing") or []
+            if standing:
+                rec.state = defn.fire(rec.state, "reverted_partially")
+                rec.status = PARTIALLY_ROLLED_BACK
+                rec.result = {**rec.result, "effects_standing": list(standing)}
+            else:
+                rec.state = defn.fire(rec.state, "reverted")
+                rec.status = ROLLED_BACK
             rec.attention = None
             self.store.clear_cancel(rec.id)
-            self._save(rec, lease, "rolled-back")
+            self._save(rec, lease, "partially-rolled-back" if standing else "rolled-back",
+                       effects_standing=standing)
             return
         state = rec.revert_queue[0]
         key = f"revert:{state}"

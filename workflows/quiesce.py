@@ -38,8 +38,11 @@ def thaw(hv: Hypervisor, rec: Record, by: str) -> dict[str, Any]:
         outcome = {"thawed_filesystems": count}
     except AgentUnavailable as exc:
         outcome = {"thawed_filesystems": 0, "agent": str(exc)}
-    except DomcaptureError:
-        raise
+    except DomcaptureError as exc:
+        if hv.domain_state(rec.domain) in ("running", "paused"):
+            raise
+        # QEMU is gone (the guest powered off, or was killed): nothing is frozen any more
+        outcome = {"thawed_filesystems": 0, "domain_down": str(exc)}
     now = time.time()
     outcome.update({"by": by, "at": now})
     if info.get("since"):

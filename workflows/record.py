@@ -19,10 +19,13 @@ RUNNING = "running"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 ROLLED_BACK = "rolled_back"
+# The rollback ended, but an effect could not be undone (a revert issued, a delete
+# that had finished, a rewind committed): ``result["effects_standing"]`` says which.
+PARTIALLY_ROLLED_BACK = "partially_rolled_back"
 NEEDS_ATTENTION = "needs_attention"
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, ROLLED_BACK, NEEDS_ATTENTION)
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, ROLLED_BACK, PARTIALLY_ROLLED_BACK, NEEDS_ATTENTION)
 # Final: the domain lock is released, nothing will touch the workflow again.
-FINAL_STATUSES = (SUCCEEDED, ROLLED_BACK)
+FINAL_STATUSES = (SUCCEEDED, ROLLED_BACK, PARTIALLY_ROLLED_BACK)
 # Stopped: nothing runs it until an operator says resume, rollback or abort.
 STOPPED_STATUSES = (FAILED, NEEDS_ATTENTION)
 

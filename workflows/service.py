@@ -15,9 +15,11 @@ from . import quiesce, strategies
 from .definition import Definition
 from .engine import begin_rollback, requeue
 from .errors import DomainBusy, DomcaptureError, InvalidOperation
-from .hypervisor.base import Hypervisor
+from .checkpoints import CheckpointStore
+from .effects import Inspect
+from .hypervisor.base import Hypervisor, read_only
 from .record import FINAL_STATUSES, FORWARD, QUEUED, RUNNING, Record, new_id
-from .store import Lease, Store, using
+from .store import Lease, Store
 from .verify import verify_files
 
 Enqueue = Callable[[Record], None]
@@ -37,6 +39,10 @@ class Captures:
             return strategies.get(name)  # raises UnknownStrategy with the list of names
         return self.definitions[name]
 
+    def _inspect(self, hv: Hypervisor) -> Inspect:
+        """What validation and verification may use: a hypervisor refusing every change, the checkpoints."""
+        return Inspect(read_only(hv), CheckpointStore(self.store))
+
     # -- submit --------------------------------------------------------------------
     def submit(self, strategy: str, domain: str, uri: str, params: dict[str, Any]) -> Record:
         """Validate everything, then record and enqueue.  Bad input changes nothing."""
@@ -50,10 +56,9 @@ class Captures:
                 raise DomainBusy(f"domain {domain!r} is busy with workflow {holder}; "
                                  f"see 'domcapture show {holder}'")
             raw = dict(params)
-            with using(self.store):
-                if defn.resolve is not None:
-                    raw = defn.resolve(self.store.load, raw)
-                normalised = defn.validate(hv, domain, raw)
+            if defn.resolve is not None:
+                raw = defn.resolve(self.store.load, raw)
+            normalised = defn.validate(self._inspect(hv), domain, raw)
         finally:
             hv.close()
         rec = Record(id=new_id(), strategy=defn.name, definition_version=defn.version, domain=domain,
@@ -126,8 +131,7 @@ class Captures:
         defn = self.definition(rec.strategy)
         hv = self.hypervisor_factory(rec.uri) if defn.verify else None
         try:
-            with using(self.store):
-                checks = (defn.verify or verify_files)(rec, hv)
+            checks = defn.verify(rec, self._inspect(hv)) if defn.verify and hv else verify_files(rec)
         finally:
             if hv is not None:
                 hv.close()

@@ -21,17 +21,20 @@ from typing import TYPE_CHECKING, Any, Callable
 from .errors import Cancelled
 
 if TYPE_CHECKING:
+    from .effects import Effects
     from .hypervisor.base import Hypervisor
     from .record import Record
 
 
 class StepContext:
-    def __init__(self, rec: "Record", hv: "Hypervisor", save: Callable[..., None],
+    """What a step sees: its record, the effects port (``fx``), persistence and the guards."""
+
+    def __init__(self, rec: "Record", fx: "Effects", save: Callable[..., None],
                  guard: Callable[[], None], cancelled: Callable[[], str | None],
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
                  progress_interval: float = 1.0) -> None:
         self.rec = rec
-        self.hv = hv
+        self.fx = fx
         self._save = save
         self.guard = guard  # raises LeaseLost
         self._cancelled = cancelled
@@ -40,6 +43,11 @@ class StepContext:
         self.progress_interval = progress_interval
         self._last_progress = 0.0
         self._rate_mark: tuple[float, int] | None = None
+
+    @property
+    def hv(self) -> "Hypervisor":
+        """The fenced hypervisor of the effects port."""
+        return self.fx.hv
 
     @property
     def domain(self) -> str:
@@ -56,6 +64,14 @@ class StepContext:
     def save(self, event: str | None = None, **detail: Any) -> None:
         """Persist the record now (fenced).  Use before every effect."""
         self._save(event, **detail)
+
+    def effect_stands(self, reason: str) -> None:
+        """Record, during a rollback, an effect that cannot be undone: the workflow then ends
+        ``partially_rolled_back`` instead of ``rolled_back``, with this reason in its result."""
+        standing = self.rec.data.setdefault("effects_standing", [])
+        if reason not in standing:
+            standing.append(reason)
+        self.save("effect-stands", reason=reason)
 
     def check_cancel(self) -> None:
         reason = self._cancelled()

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any, Iterator
 
 import redis
 
-from .errors import ConflictError, DomainBusy, LeaseLost, RecordNotFound, StoreError, StoreUnavailable
+from .errors import ConflictError, DomainBusy, LeaseLost, RecordNotFound, StoreUnavailable
 from .record import FINAL_STATUSES, Record
 
 _CREATE = """
@@ -82,6 +80,13 @@ end
 return 0
 """
 
+_EVENT = """
+-- KEYS: history, epoch   ARGV: writer_epoch, event
+if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[2])
+return 1
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
 return 0
@@ -112,9 +117,12 @@ class Lease:
         if time.monotonic() - self.renewed_at > self.ttl:
             self.lost = True
             return False
+        # The local clock is stamped with the moment the renewal was *sent*: the
+        # TTL runs in Redis from some instant after it, never before.
+        sent = time.monotonic()
         ok = self.store.renew_lease(self.wf_id, self.value, self.ttl)
         if ok:
-            self.renewed_at = time.monotonic()
+            self.renewed_at = sent
         else:
             self.lost = True
         return ok
@@ -141,10 +149,14 @@ class Store:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._event = client.register_script(_EVENT)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "dc") -> "Store":
-        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10,
+    def from_url(cls, url: str, prefix: str = "dc", lease_ttl: float = 5.0) -> "Store":
+        """A store on ``url``.  Every socket wait is shorter than the lease TTL (a third of it),
+        so a worker blocked on a dead Redis finds out before its lease could be taken over."""
+        timeout = max(0.2, lease_ttl / 3)
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
                                       health_check_interval=10)
         return cls(client, prefix)
 
@@ -218,6 +230,12 @@ class Store:
             raise ConflictError(f"workflow {rec.id}: revision {expected} is stale (now {val})")
         raise RecordNotFound(f"no workflow with id {rec.id!r}")
 
+    def append_event(self, wf_id: str, event: str, *, epoch: int, **detail: Any) -> bool:
+        """Append an event to a workflow's history without touching the record (fenced by ``epoch``)."""
+        ev = _dumps({"ts": time.time(), "event": event, "epoch": epoch, **detail})
+        return bool(self._call(self._event, keys=[self._k(wf_id, ":history"), self._k(wf_id, ":epoch")],
+                               args=[epoch, ev]))
+
     def history(self, wf_id: str) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self._call(self.r.lrange, self._k(wf_id, ":history"), 0, -1)]
 
@@ -273,26 +291,3 @@ class Store:
 
     def clear_cancel(self, wf_id: str) -> None:
         self._call(self.r.delete, self._k(wf_id, ":cancel"))
-
-
-# -- the store of the running process ---------------------------------------------------
-# Set by the engine while it advances a workflow, and by Captures while it
-# validates one: strategies that keep records beside the workflows (the
-# checkpoint store of the direct backups) reach Redis through it.
-_CURRENT: ContextVar[Store | None] = ContextVar("domcapture_store", default=None)
-
-
-@contextmanager
-def using(store: Store) -> Iterator[Store]:
-    token = _CURRENT.set(store)
-    try:
-        yield store
-    finally:
-        _CURRENT.reset(token)
-
-
-def current() -> Store:
-    store = _CURRENT.get()
-    if store is None:
-        raise StoreError("no store is bound: this runs only inside the engine or Captures")
-    return store

@@ -9,7 +9,10 @@ cases against both so the fake cannot drift from libvirt.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Callable, Protocol, cast
+
+from .backup_types import BackupJob, CheckpointInfo, CompletedBackup, Export
+from .snapshot_info import SnapshotInfo
 
 
 @dataclass
@@ -32,50 +35,161 @@ class BlockJob:
     end: int
 
 
-# Methods that only look: every other public method may change something, so a
-# fenced wrapper checks the lease before it (a new method is fenced by default).
-READ_ONLY = frozenset({"canonical_uri", "domain_state", "disks", "domain_xml", "block_job", "fs_frozen", "close"})
-READ_ONLY_PREFIXES = ("get_", "list_", "has_", "is_", "read_", "lookup_")
+# Every method a workflow may call is declared here, by name, in exactly one
+# of these sets (a test checks both implementations against them).  The fenced
+# wrapper checks the lease (and, going forward, the cancel flag) right before
+# each MUTATING call; READ_ONLY calls pass; anything else cannot be called.
+READ_ONLY = frozenset({
+    "canonical_uri", "domain_state", "disks", "domain_xml", "block_job", "fs_frozen", "close",
+    # snapshots
+    "is_domain_busy", "lookup_snapshot", "list_snapshot_names", "get_current_snapshot", "get_library_version",
+    # save
+    "is_persistent", "has_managed_save_image", "get_uuid", "get_memory_bytes", "get_active_job",
+    "read_save_image",
+    # checkpoints and backups
+    "list_checkpoints", "lookup_checkpoint", "get_backup_job", "get_completed_backup", "get_disk_capacity",
+    "get_inactive_xml", "lookup_domain_description", "open_backup_export",
+})
+MUTATING = frozenset({
+    "fs_freeze", "fs_thaw", "snapshot_disk_only", "block_commit_active", "block_pivot", "block_job_abort",
+    "create_snapshot", "revert_to_snapshot", "delete_snapshot",
+    "managed_save", "start", "save", "restore", "destroy", "resume",
+    "checkpoint_create", "checkpoint_redefine", "checkpoint_delete", "backup_begin", "backup_abort",
+    "define_restored_domain", "undefine_restored_domain",
+    "commit_offline", "define_disk_sources",
+})
+#: safety calls that run even after an abort was requested (a cancelled capture must still thaw)
+CANCEL_EXEMPT = frozenset({"fs_thaw", "block_job_abort", "backup_abort"})
 
 
-def is_read_only(name: str) -> bool:
-    return name in READ_ONLY or name.startswith(READ_ONLY_PREFIXES)
+class DomainReads(Protocol):
+    """Looking only: what validation, probes and verification use."""
 
-
-class Hypervisor(Protocol):
     uri: str
 
     def canonical_uri(self) -> str: ...
     def domain_state(self, name: str) -> str: ...  # running | paused | shutoff | other
     def disks(self, name: str) -> list[Disk]: ...
     def domain_xml(self, name: str) -> str: ...
-    def fs_freeze(self, name: str) -> int: ...
-    def fs_thaw(self, name: str) -> int: ...
-    def fs_frozen(self, name: str) -> bool: ...
-    def snapshot_disk_only(self, name: str, overlays: dict[str, str], quiesce: bool = False) -> None: ...
-    def block_commit_active(self, name: str, target: str) -> None: ...
     def block_job(self, name: str, target: str) -> BlockJob | None: ...
-    def block_pivot(self, name: str, target: str) -> None: ...
-    def block_job_abort(self, name: str, target: str) -> None: ...
+    def fs_frozen(self, name: str) -> bool: ...
     def close(self) -> None: ...
 
 
+class QuiesceOps(Protocol):
+    def fs_freeze(self, name: str) -> int: ...
+    def fs_thaw(self, name: str) -> int: ...
+
+
+class BlockOps(Protocol):
+    """The guide's first sequence: temporary external snapshot, active commit, pivot."""
+
+    def snapshot_disk_only(self, name: str, overlays: dict[str, str], quiesce: bool = False) -> None: ...
+    def block_commit_active(self, name: str, target: str) -> None: ...
+    def block_pivot(self, name: str, target: str) -> None: ...
+    def block_job_abort(self, name: str, target: str) -> None: ...
+    def commit_offline(self, name: str, overlay: str, base: str) -> None:
+        """``qemu-img commit`` of ``overlay`` into ``base`` while the domain is shut off."""
+    def define_disk_sources(self, name: str, sources: dict[str, dict[str, str]]) -> None:
+        """Point the persistent definition's disks (target -> {"path", "format"}) at these images,
+        with no backing chain; only for a shut-off domain."""
+
+
+class SnapshotOps(Protocol):
+    def is_domain_busy(self, name: str) -> bool: ...
+    def lookup_snapshot(self, name: str, snap: str) -> SnapshotInfo | None: ...
+    def list_snapshot_names(self, name: str) -> list[str]: ...
+    def get_current_snapshot(self, name: str) -> str | None: ...
+    def get_library_version(self) -> int: ...
+    def create_snapshot(self, name: str, snap: str, *, description: str, memory: bool,
+                        overlays: dict[str, str] | None = None, memory_file: str | None = None) -> None: ...
+    def revert_to_snapshot(self, name: str, snap: str) -> None: ...
+    def delete_snapshot(self, name: str, snap: str, *, metadata_only: bool = False) -> None: ...
+
+
+class SaveOps(Protocol):
+    def is_persistent(self, name: str) -> bool: ...
+    def has_managed_save_image(self, name: str) -> bool: ...
+    def get_uuid(self, name: str) -> str: ...
+    def get_memory_bytes(self, name: str) -> int: ...
+    def get_active_job(self, name: str) -> str | None: ...
+    def read_save_image(self, path: str) -> dict[str, Any] | None: ...
+    def managed_save(self, name: str) -> None: ...
+    def start(self, name: str) -> None: ...
+    def save(self, name: str, path: str) -> None: ...
+    def restore(self, path: str) -> None: ...
+    def destroy(self, name: str) -> None: ...
+    def resume(self, name: str) -> None: ...
+
+
+class BackupOps(Protocol):
+    def list_checkpoints(self, name: str) -> list[CheckpointInfo]: ...
+    def lookup_checkpoint(self, name: str, checkpoint: str) -> CheckpointInfo | None: ...
+    def get_backup_job(self, name: str) -> BackupJob | None: ...
+    def get_completed_backup(self, name: str) -> CompletedBackup | None: ...
+    def get_disk_capacity(self, name: str, target: str) -> int: ...
+    def get_inactive_xml(self, name: str) -> str: ...
+    def lookup_domain_description(self, name: str) -> str | None: ...
+    def open_backup_export(self, name: str, job: BackupJob, disk: str) -> Export: ...
+    def checkpoint_create(self, name: str, checkpoint: str, disks: list[str]) -> CheckpointInfo: ...
+    def checkpoint_redefine(self, name: str, xml: str) -> None: ...
+    def checkpoint_delete(self, name: str, checkpoint: str, *, children: bool = False,
+                          metadata_only: bool = False) -> None: ...
+    def backup_begin(self, name: str, *, mode: str, disks: dict[str, str], checkpoint: str,
+                     incremental: str | None = None, socket: str | None = None) -> None: ...
+    def backup_abort(self, name: str) -> None: ...
+    def define_restored_domain(self, xml: str) -> None: ...
+    def undefine_restored_domain(self, name: str) -> None: ...
+
+
+class Hypervisor(DomainReads, QuiesceOps, BlockOps, SnapshotOps, SaveOps, BackupOps, Protocol):
+    """Everything a workflow may ask of a hypervisor (libvirt, or the in-memory fake)."""
+
+
+class UndeclaredCall(AttributeError):
+    """A hypervisor method that is in neither READ_ONLY nor MUTATING: not callable through the port."""
+
+
 class Fenced:
-    """Wraps a hypervisor so that every mutating call first runs ``guard``.
+    """Wraps a hypervisor so that every mutating call first runs ``guard(name)``.
 
     ``guard`` raises when the caller no longer holds the workflow's lease (or
     the workflow was cancelled): a worker woken after SIGSTOP changes nothing.
     """
 
-    def __init__(self, inner: Hypervisor, guard) -> None:
+    def __init__(self, inner: Hypervisor, guard: Callable[[str], None]) -> None:
         self._inner = inner
         self._guard = guard
 
-    def __getattr__(self, name: str):
+    @property
+    def uri(self) -> str:
+        return self._inner.uri
+
+    def __getattr__(self, name: str) -> Any:
+        if name in READ_ONLY:
+            return getattr(self._inner, name)
+        if name not in MUTATING:
+            raise UndeclaredCall(f"hypervisor method {name!r} is not declared in READ_ONLY or MUTATING")
         attr = getattr(self._inner, name)
-        if callable(attr) and not name.startswith("_") and not is_read_only(name):
-            def fenced(*args, **kwargs):
-                self._guard()
-                return attr(*args, **kwargs)
-            return fenced
-        return attr
+
+        def fenced(*args: Any, **kwargs: Any) -> Any:
+            self._guard(name)
+            return attr(*args, **kwargs)
+        return fenced
+
+
+class ReadOnlyView(Fenced):
+    """What validation and verification get: any mutating call is refused before it reaches libvirt."""
+
+    def __init__(self, inner: Hypervisor) -> None:
+        def refuse(name: str) -> None:
+            raise UndeclaredCall(f"hypervisor method {name!r} changes state; refused while only looking")
+        super().__init__(inner, refuse)
+
+
+def fenced(inner: Hypervisor, guard: Callable[[str], None]) -> Hypervisor:
+    return cast(Hypervisor, Fenced(inner, guard))
+
+
+def read_only(inner: Hypervisor) -> Hypervisor:
+    return cast(Hypervisor, ReadOnlyView(inner))

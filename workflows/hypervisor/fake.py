@@ -204,6 +204,28 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
             d.job_polls = None
         self._effect("block_pivot", pivot)
 
+    def commit_offline(self, name: str, overlay: str, base: str) -> None:
+        dom = self._dom(name)
+        if dom.state != "shutoff":
+            raise OperationFailed(f"offline commit of {overlay}: domain {name} is {dom.state}")
+
+        def commit() -> None:
+            with open(overlay) as f:
+                for offset, hexdata in json.load(f)["writes"]:
+                    _pwrite(base, offset, bytes.fromhex(hexdata))
+        self._effect("commit_offline", commit)
+
+    def define_disk_sources(self, name: str, sources: dict[str, dict[str, str]]) -> None:
+        dom = self._dom(name)
+        if dom.state != "shutoff":
+            raise OperationFailed(f"redefinition of {name}'s disks: the domain is running")
+
+        def define() -> None:
+            for target, want in sources.items():
+                d = dom.disks[target]
+                d.base, d.overlay, d.job_polls = want["path"], None, None
+        self._effect("define_disk_sources", define)
+
     def block_job_abort(self, name: str, target: str) -> None:
         d = self._running(name).disks[target]
         if d.job_polls is None:

@@ -6,6 +6,7 @@ one table of error codes; nothing else in the project imports ``libvirt``.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import xml.etree.ElementTree as ET
 from typing import Callable, TypeVar
@@ -221,6 +222,41 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
     def block_pivot(self, name: str, target: str) -> None:
         flags = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
         self._call(f"pivot of {name}/{target}", lambda c: self._dom(c, name).blockJobAbort(target, flags))
+
+    def commit_offline(self, name: str, overlay: str, base: str) -> None:
+        state = self.domain_state(name)
+        if state in ("running", "paused"):
+            raise OperationFailed(f"offline commit of {overlay}: domain {name} is {state}; commit it online")
+        out = subprocess.run(["qemu-img", "commit", "-q", "-f", "qcow2", "-b", base, overlay],
+                             capture_output=True, text=True, timeout=24 * 3600)
+        if out.returncode != 0:
+            raise OperationFailed(f"qemu-img commit of {overlay} into {base} failed: "
+                                  f"{(out.stderr or out.stdout).strip()}")
+
+    def define_disk_sources(self, name: str, sources: dict[str, dict[str, str]]) -> None:
+        def define(c: libvirt.virConnect) -> None:
+            dom = self._dom(c, name)
+            if dom.isActive():
+                raise OperationFailed(f"redefinition of {name}'s disks: the domain is running")
+            if not dom.isPersistent():
+                return
+            root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+            for disk in root.findall("./devices/disk"):
+                target = disk.find("target")
+                want = sources.get(target.get("dev", "") if target is not None else "")
+                if want is None:
+                    continue
+                source = disk.find("source")
+                if source is None:
+                    source = ET.SubElement(disk, "source")
+                source.set("file", want["path"])
+                for backing in disk.findall("backingStore"):
+                    disk.remove(backing)
+                driver = disk.find("driver")
+                if driver is not None and want.get("format"):
+                    driver.set("type", want["format"])
+            c.defineXML(ET.tostring(root, encoding="unicode"))
+        self._call(f"redefinition of {name}'s disks", define)
 
     def block_job_abort(self, name: str, target: str) -> None:
         self._call(f"abort of block job {name}/{target}",

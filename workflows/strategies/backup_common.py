@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
-from .. import store as store_mod
-from ..checkpoints import CheckpointStore
-from ..errors import DeadlineExceeded, DomainNotRunning, OperationFailed, StepFailed, UnsupportedDisk
-from ..filecopy import fsync_dir
+from ..errors import DeadlineExceeded, DomainNotRunning, OperationFailed, UnsupportedDisk
 from ..hypervisor.base import Disk, Hypervisor
 from ..steps import StepContext
 from . import common
 
 POLL = 0.2
 JOB_END_TIMEOUT = 60.0
-
-
-def checkpoint_store() -> CheckpointStore:
-    return CheckpointStore(store_mod.current())
 
 
 def require_active(hv: Hypervisor, domain: str) -> None:
@@ -65,16 +57,8 @@ def end_our_job(ctx: StepContext, timeout: float = JOB_END_TIMEOUT) -> bool:
 
 
 def write_json_durably(ctx: StepContext, path: str, doc: dict[str, Any]) -> None:
-    """Write ``doc`` to ``path`` through a partial file, fsynced, renamed, directory fsynced."""
-    tmp = path + ".partial"
-    ctx.guard()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
+    """Write ``doc`` to ``path`` through a partial file, fsynced, renamed, folder fsynced."""
+    ctx.fx.files.write_atomic(path, doc)
 
 
 def read_manifest(path: str | None) -> dict[str, Any] | None:
@@ -88,19 +72,7 @@ def read_manifest(path: str | None) -> dict[str, Any] | None:
 
 
 def remove_ours(ctx: StepContext, paths: list[str]) -> None:
-    """Delete files this workflow made (each inside a folder or under a name carrying its id)."""
+    """Delete files this workflow planned (each exactly as its record names it)."""
     for path in paths:
-        if not path or not os.path.lexists(path):
-            continue
-        if ctx.rec.id not in path:
-            raise StepFailed(f"refusing to delete {path}: it does not belong to workflow {ctx.rec.id}")
-        ctx.guard()
-        os.unlink(path)
-
-
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        if path:
+            ctx.fx.files.remove_owned(path)

@@ -25,7 +25,7 @@ from .. import naming
 from ..checkpoints import COMMITTED, KIND_PLAIN, PENDING, Checkpoint, restore_chain
 from ..definition import RESUME, Definition, Option
 from ..errors import InputError
-from ..hypervisor.base import Hypervisor
+from ..effects import Inspect
 from ..record import Artifact, Record
 from ..steps import Step, StepContext
 from . import backup_common as bc
@@ -50,7 +50,8 @@ OPT_CHECKPOINT = Option("checkpoint", "checkpoint --action delete: the checkpoin
 OPT_CHILDREN = Option("children", "checkpoint --action delete: delete its descendants too", flag=True)
 
 
-def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    hv = look.hv
     action = common.check_choice("action", params.get("action") or "create", ACTIONS)
     out: dict[str, Any] = {"action": action, "children": bool(params.get("children")),
                            "on_error": common.parse_on_error(params)}
@@ -61,7 +62,7 @@ def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, A
         if not name:
             raise InputError("--checkpoint is required with --action delete: the checkpoint's name")
         known = {c.name for c in hv.list_checkpoints(domain)}
-        ours = {c.name for c in bc.checkpoint_store().all(hv.canonical_uri(), domain)}
+        ours = {c.name for c in look.checkpoints.all(hv.canonical_uri(), domain)}
         if name not in known and name not in ours:
             raise InputError(f"domain {domain} has no checkpoint named {name!r}")
         out["checkpoint"] = name
@@ -86,7 +87,7 @@ class Redefine(Step):
     description = "redefine the checkpoints libvirt lost, from our store, parents first, validated"
 
     def execute(self, ctx: StepContext) -> None:
-        ctx.data["chain"] = restore_chain(ctx.hv, bc.checkpoint_store(), ctx.rec, check=ctx.guard)
+        ctx.data["chain"] = restore_chain(ctx.hv, ctx.fx.checkpoints, ctx.rec, check=ctx.guard)
 
 
 class Apply(Step):
@@ -95,7 +96,7 @@ class Apply(Step):
     def probe(self, ctx: StepContext) -> bool:
         action = ctx.params["action"]
         if action == "create":
-            cp = bc.checkpoint_store().get(ctx.rec.uri, ctx.domain, naming.checkpoint_name(ctx.rec.id))
+            cp = ctx.fx.checkpoints.get(ctx.rec.uri, ctx.domain, naming.checkpoint_name(ctx.rec.id))
             return cp is not None and cp.state == COMMITTED
         if action == "delete":
             return self._doomed_in_store(ctx) == [] and \
@@ -109,7 +110,7 @@ class Apply(Step):
             self._delete(ctx)
 
     def _create(self, ctx: StepContext) -> None:
-        cps, name = bc.checkpoint_store(), naming.checkpoint_name(ctx.rec.id)
+        cps, name = ctx.fx.checkpoints, naming.checkpoint_name(ctx.rec.id)
         info = ctx.hv.lookup_checkpoint(ctx.domain, name)
         if info is None:
             cps.put(ctx.rec, Checkpoint(name=name, workflow=ctx.rec.id, kind=KIND_PLAIN, state=PENDING,
@@ -124,7 +125,7 @@ class Apply(Step):
 
     def _doomed_in_store(self, ctx: StepContext) -> list[str]:
         """Our store's entries the delete removes: the checkpoint, and its descendants with --children."""
-        cps = bc.checkpoint_store().all(ctx.rec.uri, ctx.domain)
+        cps = ctx.fx.checkpoints.all(ctx.rec.uri, ctx.domain)
         doomed = {ctx.params["checkpoint"]}
         for cp in cps:
             if ctx.params["children"] and cp.parent in doomed:
@@ -141,7 +142,7 @@ class Apply(Step):
         return doomed + [n for n in self._doomed_in_store(ctx) if n not in doomed]
 
     def _delete(self, ctx: StepContext) -> None:
-        name, cps = ctx.params["checkpoint"], bc.checkpoint_store()
+        name, cps = ctx.params["checkpoint"], ctx.fx.checkpoints
         if "deleting" not in ctx.data:
             ctx.data["deleting"] = self._doomed(ctx)
             ctx.save("checkpoint-delete-intent", checkpoint=name, children=ctx.params["children"],
@@ -167,9 +168,20 @@ class Apply(Step):
         return "advance"
 
     def revert(self, ctx: StepContext) -> None:
-        if ctx.params["action"] != "create":
-            return  # a delete is not undone; a redefinition restores what was there
-        cps, name = bc.checkpoint_store(), naming.checkpoint_name(ctx.rec.id)
+        action = ctx.params["action"]
+        if action == "delete":
+            name = ctx.params["checkpoint"]
+            if "deleting" in ctx.data and ctx.hv.lookup_checkpoint(ctx.domain, name) is None:
+                ctx.effect_stands(f"checkpoint {name} (with {', '.join(ctx.data['deleting'])}) was deleted; "
+                                  "a deleted checkpoint's bitmaps cannot be brought back")
+            return
+        if action == "redefine":
+            redefined = (ctx.data.get("chain") or {}).get("redefined") or []
+            if redefined:
+                ctx.effect_stands(f"checkpoints {', '.join(redefined)} were redefined in libvirt from the store; "
+                                  "they stay (they describe bitmaps that exist)")
+            return
+        cps, name = ctx.fx.checkpoints, naming.checkpoint_name(ctx.rec.id)
         if ctx.hv.lookup_checkpoint(ctx.domain, name) is not None:
             ctx.save("checkpoint-delete-intent", checkpoint=name)
             ctx.hv.checkpoint_delete(ctx.domain, name)
@@ -180,10 +192,11 @@ class Apply(Step):
             ctx.rec.set_artifact("checkpoint", status="deleted")
 
 
-def verify(rec: Record, hv: Hypervisor) -> list[dict[str, Any]]:
+def verify(rec: Record, look: Inspect) -> list[dict[str, Any]]:
     """What the action left is still what libvirt and our store say."""
+    hv = look.hv
     present = {c.name for c in hv.list_checkpoints(rec.domain)}
-    cps = bc.checkpoint_store()
+    cps = look.checkpoints
     checks = []
     if rec.params["action"] == "create":
         name = rec.result["checkpoint"]

@@ -9,10 +9,10 @@ from typing import Any
 
 from .. import naming, quiesce
 from ..errors import (DeadlineExceeded, DomainNotRunning, DomcaptureError, InputError, InvalidTarget,
-                      StepFailed, UnsupportedDisk)
+                      OperationFailed, StepFailed, UnsupportedDisk)
 from ..definition import Option
-from ..filecopy import copy_resumable
 from ..hypervisor.base import Disk, Hypervisor
+from ..record import Artifact
 from ..steps import Step, StepContext
 
 QUIESCE_MODES = ("off", "try", "require")
@@ -182,8 +182,33 @@ def originals(ctx: StepContext) -> dict[str, str]:
     return {d["target"]: d["source"] for d in ctx.data["disks"]}
 
 
+ACTIVE = ("running", "paused")
+
+
+def commit_offline(ctx: StepContext) -> None:
+    """The domain went down on our overlays (powered off, its QEMU killed): commit each overlay into
+    its original image with qemu-img, then point the persistent definition back at the originals.
+
+    Every guest write since the snapshot is in the overlay, so none is lost; a re-run after a crash
+    commits the same data again.
+    """
+    planned, original = overlays(ctx), originals(ctx)
+    formats = {d["target"]: d.get("format") or "raw" for d in ctx.data["disks"]}
+    on = on_overlay(ctx)
+    for target in on:
+        ctx.save("offline-commit-intent", disk=target)
+        ctx.hv.commit_offline(ctx.domain, planned[target], original[target])
+    if on:
+        ctx.data["offline_commit"] = {"disks": on, "at": time.time()}
+        ctx.save("redefine-intent", disks=on)
+        ctx.hv.define_disk_sources(ctx.domain, {t: {"path": original[t], "format": formats[t]} for t in on})
+
+
 def start_commits(ctx: StepContext) -> None:
-    """Active blockcommit of every disk still on our overlay and without a job."""
+    """Active blockcommit of every disk still on our overlay and without a job (offline if it is down)."""
+    if ctx.hv.domain_state(ctx.domain) not in ACTIVE:
+        commit_offline(ctx)
+        return
     planned = overlays(ctx)
     for target, disk in disk_map(ctx).items():
         if target in planned and disk.source == planned[target] and disk.mirror_job is None:
@@ -225,11 +250,21 @@ def wait_ready(ctx: StepContext, deadline: float) -> list[str]:
 
 
 def pivot_all(ctx: StepContext) -> None:
+    """Pivot every disk still on our overlay; a domain that went down meanwhile is committed offline."""
     planned, original = overlays(ctx), originals(ctx)
     for target, disk in disk_map(ctx).items():
         if target in planned and disk.source == planned[target]:
+            if ctx.hv.domain_state(ctx.domain) not in ACTIVE:
+                commit_offline(ctx)
+                break
             ctx.save("pivot-intent", disk=target)
-            ctx.hv.block_pivot(ctx.domain, target)
+            try:
+                ctx.hv.block_pivot(ctx.domain, target)
+            except OperationFailed:
+                if ctx.hv.domain_state(ctx.domain) in ACTIVE:
+                    raise
+                commit_offline(ctx)  # it died under the pivot
+                break
     still = [t for t, d in disk_map(ctx).items() if t in original and d.source != original[t]]
     if still:
         raise StepFailed(f"after pivot, disks {still} are not on their original images")
@@ -246,9 +281,7 @@ def remove_overlays(ctx: StepContext) -> None:
     for art in ctx.rec.artifacts_of("overlay"):
         if art["path"] in using:
             raise StepFailed(f"overlay {art['path']} is still in use by {ctx.domain}")
-        if os.path.exists(art["path"]):
-            ctx.guard()
-            os.unlink(art["path"])
+        ctx.fx.files.remove_owned(art["path"])
         art["status"] = "deleted"
 
 
@@ -303,13 +336,12 @@ def copy_disks(ctx: StepContext, artifact_prefix: str) -> None:
         def progress(pos: int, _total: int, done0: int = base_done, target: str = disk["target"]) -> None:
             ctx.progress("copy", done0 + pos, total, disk=target)
 
-        def check() -> None:
+        def check() -> None:  # the lease is checked by the effects port, per chunk
             ctx.check_cancel()
-            ctx.guard()
 
-        checksum, size = copy_resumable(disk["source"], partial, art["path"], offset=cur["offset"],
-                                        on_progress=progress, on_durable=durable, check=check,
-                                        bandwidth=ctx.params.get("bandwidth") or 0, sleep=ctx.sleep)
+        checksum, size = ctx.fx.files.copy_resumable(disk["source"], partial, art["path"], offset=cur["offset"],
+                                                     on_progress=progress, on_durable=durable, check=check,
+                                                     bandwidth=ctx.params.get("bandwidth") or 0, sleep=ctx.sleep)
         ctx.rec.set_artifact(name, status="present", checksum=f"sha256:{checksum}", size=size)
         ctx.save("copied", disk=disk["target"], bytes=size)
         base_done += size
@@ -320,17 +352,29 @@ def remove_copies(ctx: StepContext, kind: str) -> None:
     """Delete every artifact of ``kind`` and its partial file, only inside our own folder."""
     for art in ctx.rec.artifacts_of(kind):
         for path in (art["path"], naming.partial_of(art["path"])):
-            if os.path.exists(path) and naming.is_ours(os.path.dirname(path), ctx.rec.id):
-                ctx.guard()
-                os.unlink(path)
+            ctx.fx.files.remove_owned(path)
         art["status"] = "deleted"
     ctx.data.pop("copy", None)
 
 
+def plan_capture_folder(ctx: StepContext, folder: str) -> None:
+    """Name the folder a capture writes into (created 0700 and exclusively by ``make_capture_folder``)."""
+    ctx.rec.plan_artifact(Artifact("folder", "folder", folder))
+
+
+def make_capture_folder(ctx: StepContext) -> str:
+    """Create the planned capture folder (re-checking the target: it may have changed since submit)."""
+    if "folder" not in ctx.rec.artifacts:  # a record planned before folders were artifacts
+        plan_capture_folder(ctx, os.path.dirname(ctx.rec.artifacts["manifest"]["path"]))
+    folder: str = ctx.rec.artifacts["folder"]["path"]
+    check_target_dir(os.path.dirname(folder))
+    ctx.fx.files.make_folder(folder)
+    ctx.rec.set_artifact("folder", status="present")
+    return folder
+
+
 def remove_capture_folder(ctx: StepContext) -> None:
-    """Remove the folder holding the capture's manifest, once it is empty and only if it is ours."""
-    art = ctx.rec.artifacts.get("manifest")
-    if art:
-        folder = os.path.dirname(art["path"])
-        if os.path.isdir(folder) and not os.listdir(folder) and naming.is_ours(folder, ctx.rec.id):
-            os.rmdir(folder)
+    """Remove the capture's folder once it is empty (a folder holding anything else stays)."""
+    art = ctx.rec.artifacts.get("folder")
+    if art and ctx.fx.files.remove_folder(art["path"]):
+        art["status"] = "deleted"

@@ -22,8 +22,8 @@ from .. import naming, nbdio
 from ..checkpoints import COMMITTED, KIND_BACKUP, PENDING, Checkpoint, backup_base, owned_pending, restore_chain
 from ..definition import RESUME, Definition, Option
 from ..errors import CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, OperationFailed, StepFailed
-from ..filecopy import fsync_dir, sha256_file
-from ..hypervisor.base import Hypervisor
+from ..filecopy import sha256_file
+from ..effects import Inspect
 from ..record import Artifact
 from ..steps import Step, StepContext
 from . import backup_common as bc
@@ -60,7 +60,8 @@ OPT_INCREMENTAL = Option("incremental", "direct-backup: only what changed since 
 OPT_BACKUP_TIMEOUT = Option("backup_timeout", "direct-backup: seconds a push backup job may take (default 3600)")
 
 
-def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    hv = look.hv
     out = {
         "target": common.check_target_dir(params.get("target")),
         "mode": common.check_choice("mode", params.get("mode") or "push", MODES),
@@ -135,7 +136,7 @@ class CheckChain(Step):
     description = "redefine the checkpoints libvirt lost (parents first, validated); choose full or incremental"
 
     def execute(self, ctx: StepContext) -> None:
-        cps = bc.checkpoint_store()
+        cps = ctx.fx.checkpoints
         ctx.data["chain"] = restore_chain(ctx.hv, cps, ctx.rec, check=ctx.guard)
         ctx.data.pop("base", None)
         ctx.data.pop("fallback", None)
@@ -181,9 +182,9 @@ class Begin(Step):
         bc.remove_ours(ctx, list(files.values()))  # left by an attempt libvirt refused
         socket = ctx.rec.artifacts.get("socket", {}).get("path")
         if socket:
-            os.makedirs(os.path.dirname(socket), exist_ok=True)
+            ctx.fx.files.make_shared_folder(os.path.dirname(socket))
             bc.remove_ours(ctx, [socket])
-        os.makedirs(os.path.dirname(_manifest(ctx)), exist_ok=True)
+        common.make_capture_folder(ctx)
         base = ctx.data.get("base", {}).get("checkpoint")
         ctx.data["began_at"] = time.time()
         ctx.save("backup-intent", checkpoint=_cp_name(ctx), kind=ctx.data["kind"], base=base,
@@ -192,7 +193,7 @@ class Begin(Step):
                             incremental=base, socket=socket)
 
     def execute(self, ctx: StepContext) -> None:
-        cps = bc.checkpoint_store()
+        cps = ctx.fx.checkpoints
         cps.put(ctx.rec, self._pending(ctx))  # pending before libvirt knows it: never an unknown checkpoint
         try:
             self._begin(ctx)
@@ -214,7 +215,7 @@ class Begin(Step):
     def revert(self, ctx: StepContext) -> None:
         bc.end_our_job(ctx)
         name = _cp_name(ctx)
-        cps = bc.checkpoint_store()
+        cps = ctx.fx.checkpoints
         if ctx.hv.lookup_checkpoint(ctx.domain, name) is not None:
             ctx.save("checkpoint-delete-intent", checkpoint=name)
             ctx.hv.checkpoint_delete(ctx.domain, name)  # its bitmap merges into the parent's
@@ -305,12 +306,15 @@ class Transfer(Step):
             extents = export.extents(dirty)
             ctx.save("transfer-intent", disk=disk, offset=cur["offset"], extents=len(extents),
                      bytes=sum(n for _, n in extents))
+            if cur["offset"] == 0:
+                ctx.fx.files.prepare_for_writer(partial)  # 0600, exclusive: qemu-img formats it in place
             try:
                 writer = nbdio.QcowWriter(partial, export.size if cur["offset"] == 0 else None)
             except OperationFailed:
                 if cur["offset"] == 0:
                     raise
                 bc.remove_ours(ctx, [partial])  # the partial file cannot be opened: start this disk over
+                ctx.fx.files.prepare_for_writer(partial)
                 cur.update(offset=0, done=0, stats={})
                 ctx.save("transfer-restart", disk=disk)
                 writer = nbdio.QcowWriter(partial, export.size)
@@ -322,7 +326,7 @@ class Transfer(Step):
                 def progress(done: int) -> None:
                     ctx.progress("transfer", before + done, total, disk=disk)
 
-                def check() -> None:
+                def check() -> None:  # qemu-nbd writes the chunks: the lease is checked before each
                     ctx.check_cancel()
                     ctx.guard()
                 stats = nbdio.copy_extents(export, extents, writer, start=cur["offset"], stats=cur["stats"],
@@ -351,9 +355,8 @@ class Transfer(Step):
             got = nbdio.image_info(partial)["virtual-size"]
             if got != want:
                 raise StepFailed(f"the backup of {disk} has {got} bytes, the disk {want}")
-            bc.fsync_file(partial)
-            os.replace(partial, path)
-            fsync_dir(os.path.dirname(path))
+            ctx.fx.files.fsync(partial)
+            ctx.fx.files.rename(partial, path)
         ctx.rec.set_artifact(f"backup:{disk}", status="present", checksum=f"sha256:{sha256_file(path)}",
                              size=os.path.getsize(path), allocated=nbdio.allocated_bytes(path))
         ctx.save("transferred", disk=disk)
@@ -381,11 +384,11 @@ class Commit(Step):
     description = "commit the checkpoint in our store with libvirt's XML: it counts from now on"
 
     def probe(self, ctx: StepContext) -> bool:
-        cp = bc.checkpoint_store().get(ctx.rec.uri, ctx.domain, _cp_name(ctx))
+        cp = ctx.fx.checkpoints.get(ctx.rec.uri, ctx.domain, _cp_name(ctx))
         return cp is not None and cp.state == COMMITTED
 
     def execute(self, ctx: StepContext) -> None:
-        cps = bc.checkpoint_store()
+        cps = ctx.fx.checkpoints
         cp = cps.get(ctx.rec.uri, ctx.domain, _cp_name(ctx)) or Begin()._pending(ctx)
         info = ctx.hv.lookup_checkpoint(ctx.domain, cp.name)
         if info is None:  # deleted behind our back: the backup stands, but nothing can follow from it
@@ -396,7 +399,7 @@ class Commit(Step):
         cps.put(ctx.rec, cp)
 
     def revert(self, ctx: StepContext) -> None:
-        cps = bc.checkpoint_store()
+        cps = ctx.fx.checkpoints
         cp = cps.get(ctx.rec.uri, ctx.domain, _cp_name(ctx))
         if cp is not None and cp.workflow == ctx.rec.id and cp.state == COMMITTED:
             cp.state = PENDING  # the backing out below deletes it
@@ -423,12 +426,7 @@ class Finalize(Step):
 
     def execute(self, ctx: StepContext) -> None:
         xml_path = ctx.rec.artifacts["domain-xml"]["path"]
-        ctx.guard()
-        with open(xml_path + ".partial", "w") as f:
-            f.write(ctx.data["domain_xml"])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(xml_path + ".partial", xml_path)
+        ctx.fx.files.write_atomic(xml_path, ctx.data["domain_xml"])
         base = ctx.data.get("base")
         files = [{"disk": a["disk"], "path": a["path"], "size": a["size"], "checksum": a["checksum"],
                   "format": "qcow2", "allocated": a.get("allocated"),

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..definition import RESUME, Definition
 from ..errors import InputError, StepFailed
+from ..effects import Inspect
 from ..hypervisor.base import Hypervisor
 from ..record import Record
 from ..steps import Step, StepContext
@@ -40,7 +41,8 @@ def check_persistent(hv: Hypervisor, domain: str) -> None:
                          "persistent (defined) domains")
 
 
-def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    hv = look.hv
     out = {"on_error": common.parse_on_error(params)}
     common.require_running(hv, domain)
     check_persistent(hv, domain)
@@ -98,7 +100,8 @@ class ManagedSave(Step):
         ctx.data["restore_seconds"] = round(time.time() - started, 3)
 
 
-def verify(rec: Record, hv: Hypervisor) -> list[dict[str, Any]]:
+def verify(rec: Record, look: Inspect) -> list[dict[str, Any]]:
+    hv = look.hv
     state = hv.domain_state(rec.domain)
     has_image = hv.has_managed_save_image(rec.domain)
     return [{"item": "managed-save-image", "ok": state == "shutoff" and has_image, "domain_state": state,

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..definition import RESUME, Definition
 from ..errors import InputError, StepFailed
+from ..effects import Inspect
 from ..hypervisor.base import Hypervisor
 from ..steps import Step, StepContext
 from . import common, save_common
@@ -38,7 +39,8 @@ def check_restorable(hv: Hypervisor, domain: str) -> None:
         raise InputError(f"domain {domain} has no managed save image; a start would boot it afresh")
 
 
-def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    hv = look.hv
     out = {"on_error": common.parse_on_error(params)}
     check_restorable(hv, domain)
     return out
@@ -92,6 +94,7 @@ STEPS: dict[str, Step] = {"preflight": Preflight(), "starting": Start()}
 
 DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
                         validate=validate, options=(common.OPT_ON_ERROR,),
-                        verify=lambda rec, hv: [{"item": "domain", "ok": hv.domain_state(rec.domain) == "running",
-                                                 "domain_state": hv.domain_state(rec.domain)}],
+                        verify=lambda rec, look: [{"item": "domain",
+                                                  "ok": look.hv.domain_state(rec.domain) == "running",
+                                                  "domain_state": look.hv.domain_state(rec.domain)}],
                         summary="start a managed-saved domain: its memory is restored; wait until it runs")

@@ -24,8 +24,8 @@ from typing import Any, Callable
 from .. import naming, nbdio
 from ..definition import RESUME, Definition, Option
 from ..errors import InputError, StepFailed
-from ..filecopy import fsync_dir, sha256_file
-from ..hypervisor.base import Hypervisor
+from ..filecopy import sha256_file
+from ..effects import Inspect
 from ..record import Artifact, Record
 from ..steps import Step, StepContext
 from . import backup_common as bc
@@ -74,7 +74,8 @@ def resolve(load: Callable[[str], Record], params: dict[str, Any]) -> dict[str, 
     return params
 
 
-def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    hv = look.hv
     chain = params.get("chain")
     if not chain:
         raise InputError("--from is required: the id of a succeeded direct-backup")
@@ -177,14 +178,13 @@ class Preflight(Step):
             ctx.rec.plan_artifact(Artifact(f"restored:{disk}", "restored-image",
                                            naming.restore_file(target, ctx.domain, wf, disk), disk))
         folder = naming.restore_dir(target, ctx.domain, wf)
+        common.plan_capture_folder(ctx, folder)
         ctx.rec.plan_artifact(Artifact("manifest", "manifest", os.path.join(folder, "restore.json")))
         if ctx.params.get("define"):
             ctx.rec.plan_artifact(Artifact("domain", "domain", ctx.params["define"]))
 
     def revert(self, ctx: StepContext) -> None:
-        folder = naming.restore_dir(ctx.params["target"], ctx.domain, ctx.rec.id)
-        if os.path.isdir(folder) and not os.listdir(folder) and naming.is_ours(folder, ctx.rec.id):
-            os.rmdir(folder)
+        common.remove_capture_folder(ctx)
 
 
 class Restore(Step):
@@ -205,16 +205,13 @@ class Restore(Step):
                 continue
             partial = naming.partial_of(art["path"])
             if not os.path.exists(art["path"]):  # else: renamed complete just before a crash
-                bc.remove_ours(ctx, [partial])
-                os.makedirs(os.path.dirname(partial), exist_ok=True)
+                common.make_capture_folder(ctx)
                 ctx.save("restore-intent", disk=art["disk"], partial=partial,
                          chain=[link["id"] for link in ctx.params["chain"]])
-                ctx.guard()
+                ctx.fx.files.prepare_for_writer(partial)  # 0600, exclusive: qemu-img writes into it
                 nbdio.convert_chain(_chain_files(ctx, art["disk"]), partial)
-                bc.fsync_file(partial)
-                ctx.guard()
-                os.replace(partial, art["path"])
-                fsync_dir(os.path.dirname(art["path"]))
+                ctx.fx.files.fsync(partial)
+                ctx.fx.files.rename(partial, art["path"])
             ctx.rec.set_artifact(f"restored:{art['disk']}", status="present")
             done += sizes[art["disk"]]
             ctx.progress("restore", done, total, force=True, disk=art["disk"])

@@ -22,8 +22,8 @@ from typing import Any
 from .. import naming
 from ..definition import RESUME, Definition
 from ..errors import StepFailed
-from ..filecopy import fsync_dir, sha256_file
-from ..hypervisor.base import Hypervisor
+from ..filecopy import sha256_file
+from ..effects import Inspect
 from ..record import Artifact
 from ..steps import Step, StepContext
 from . import common, save_common
@@ -43,7 +43,8 @@ TRANSITIONS = [
 ]
 
 
-def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    hv = look.hv
     out = {
         "target": common.check_target_dir(params.get("target")),
         "keep_stopped": bool(params.get("keep_stopped")),
@@ -95,7 +96,7 @@ class Save(Step):
 
     def execute(self, ctx: StepContext) -> None:
         path = _memory(ctx)["path"]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        common.make_capture_folder(ctx)
         ctx.data["save_seconds"] = save_common.save_to(ctx, path, "save")
         ctx.data["saved_at"] = time.time()
         ctx.rec.set_artifact("memory", status="present")
@@ -111,7 +112,7 @@ class Save(Step):
                 raise StepFailed(f"domain {ctx.domain} is shut off but {path} is not a complete save image of "
                                  f"it; start the domain (virsh start {ctx.domain}), then continue the rollback")
             ctx.data["rollback_restore_seconds"] = save_common.restore_from(ctx, path, "rollback-restore")
-        save_common.unlink_ours(ctx, path, naming.is_ours(os.path.dirname(path), ctx.rec.id))
+        ctx.fx.files.remove_owned(path)
         ctx.rec.set_artifact("memory", status="deleted")
 
 
@@ -183,15 +184,7 @@ class Finalize(Step):
         manifest = {"format": "domcapture-save", "version": 1, "workflow": ctx.rec.id, "strategy": NAME,
                     "domain": ctx.domain, "uri": ctx.rec.uri, "uuid": ctx.data["uuid"],
                     "saved_at": ctx.data.get("saved_at"), "files": self._files(ctx)}
-        path = self._manifest(ctx)
-        tmp = naming.partial_of(path)
-        ctx.guard()
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path))
+        ctx.fx.files.write_atomic(self._manifest(ctx), manifest)
 
     @staticmethod
     def _files(ctx: StepContext) -> dict[str, Any]:
@@ -222,7 +215,7 @@ class Finalize(Step):
     def revert(self, ctx: StepContext) -> None:
         path = self._manifest(ctx)
         for p in (path, naming.partial_of(path)):
-            save_common.unlink_ours(ctx, p, naming.is_ours(os.path.dirname(p), ctx.rec.id))
+            ctx.fx.files.remove_owned(p)
         ctx.rec.set_artifact("manifest", status="deleted")
 
 

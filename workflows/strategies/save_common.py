@@ -10,7 +10,6 @@ domain has no such job, and only then asks what state it is in.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -57,9 +56,7 @@ def save_to(ctx: StepContext, path: str, event: str) -> float:
     state = ctx.hv.domain_state(ctx.domain)
     if state != "running":
         raise StepFailed(f"domain {ctx.domain} is {state}, not running: it was not stopped by this workflow")
-    if os.path.exists(path):  # left by an attempt that failed: libvirt would overwrite it anyway
-        ctx.guard()
-        os.unlink(path)
+    ctx.fx.files.remove_owned(path)  # left by an attempt that failed: libvirt would overwrite it anyway
     started = time.time()
     ctx.data.setdefault("timing", {})[f"{event}_started_at"] = started
     ctx.save(f"{event}-intent", path=path)
@@ -82,12 +79,6 @@ def restore_from(ctx: StepContext, path: str, event: str) -> float | None:
     if state != "running":
         raise StepFailed(f"domain {ctx.domain} is {state} after its restore from {path}")
     return seconds
-
-
-def unlink_ours(ctx: StepContext, path: str, ours: bool) -> None:
-    if ours and os.path.exists(path):
-        ctx.guard()
-        os.unlink(path)
 
 
 def file_info(art: dict[str, Any]) -> dict[str, Any]:

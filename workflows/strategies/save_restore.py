@@ -35,7 +35,8 @@ from typing import Any, Callable
 from .. import naming
 from ..definition import RESUME, Definition
 from ..errors import InputError, StepFailed
-from ..filecopy import copy_resumable, fsync_dir, sha256_file
+from ..filecopy import sha256_file
+from ..effects import Inspect
 from ..hypervisor.base import Hypervisor
 from ..record import Artifact, Record
 from ..steps import Step, StepContext
@@ -95,7 +96,8 @@ def _check_domain(hv: Hypervisor, domain: str, src: dict[str, Any]) -> None:
                          "rewind replaces the same disk files and refuses a changed layout")
 
 
-def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    hv = look.hv
     src = params.get("source")
     if not src:
         raise InputError("--from is required: the id of a succeeded save capture")
@@ -212,15 +214,14 @@ class Stage(Step):
             def progress(pos: int, _total: int, done0: int = base_done, target: str = target) -> None:
                 ctx.progress("stage", done0 + pos, total, disk=target)
 
-            def check() -> None:
+            def check() -> None:  # the lease is checked by the effects port, per chunk
                 ctx.check_cancel()
-                ctx.guard()
 
-            checksum, size = copy_resumable(d["path"], partial, art["path"], offset=cur["offset"],
-                                            on_progress=progress, on_durable=durable, check=check,
-                                            bandwidth=ctx.params.get("bandwidth") or 0, sleep=ctx.sleep)
+            checksum, size = ctx.fx.files.copy_resumable(d["path"], partial, art["path"], offset=cur["offset"],
+                                                         on_progress=progress, on_durable=durable, check=check,
+                                                         bandwidth=ctx.params.get("bandwidth") or 0, sleep=ctx.sleep)
             if f"sha256:{checksum}" != d["checksum"]:
-                os.unlink(art["path"])
+                ctx.fx.files.remove_owned(art["path"])
                 raise StepFailed(f"the captured image {d['path']} differs from its recorded checksum")
             ctx.rec.set_artifact(f"staged:{target}", status="present", checksum=d["checksum"], size=size,
                                  ino=_ino(art["path"]))
@@ -231,7 +232,7 @@ class Stage(Step):
     def revert(self, ctx: StepContext) -> None:
         for art in ctx.rec.artifacts_of("staged-disk"):
             for path in (art["path"], naming.partial_of(art["path"])):
-                save_common.unlink_ours(ctx, path, naming.is_ours(path, ctx.rec.id))
+                ctx.fx.files.remove_owned(path)
             art["status"] = "deleted"
         ctx.data.pop("stage", None)
 
@@ -262,7 +263,7 @@ class Stop(Step):
                     raise StepFailed(f"domain {ctx.domain} is shut off and its safety image {path} is missing or "
                                      f"incomplete; start it (virsh start {ctx.domain}), then continue the rollback")
                 ctx.data["rollback_restore_seconds"] = save_common.restore_from(ctx, path, "rollback-restore")
-        save_common.unlink_ours(ctx, path, naming.is_ours(path, ctx.rec.id))
+        ctx.fx.files.remove_owned(path)
         ctx.rec.set_artifact("safety", status="deleted")
 
 
@@ -283,16 +284,12 @@ class Swap(Step):
                 if _ino(d["aside"]) is not None:
                     raise StepFailed(f"{d['aside']} exists already; refusing to overwrite it")
                 ctx.save("set-aside-intent", disk=d["target"])
-                ctx.guard()
-                os.rename(d["live"], d["aside"])
-                fsync_dir(os.path.dirname(d["live"]))
+                ctx.fx.files.rename(d["live"], d["aside"])
                 live = None
             if live is not None or _ino(d["aside"]) != d["live_ino"] or _ino(d["staged"]) != d["staged_ino"]:
                 raise StepFailed(f"{d['live']} is neither the disk found at preflight nor the staged capture")
             ctx.save("swap-intent", disk=d["target"])
-            ctx.guard()
-            os.rename(d["staged"], d["live"])
-            fsync_dir(os.path.dirname(d["live"]))
+            ctx.fx.files.rename(d["staged"], d["live"])
         ctx.data["swap_seconds"] = round(time.time() - started, 3)
 
     def revert(self, ctx: StepContext) -> None:
@@ -307,16 +304,13 @@ class Swap(Step):
                 continue
             if live is not None and live == d["staged_ino"]:
                 ctx.save("unswap-intent", disk=d["target"])
-                ctx.guard()
-                os.rename(d["live"], d["staged"])
+                ctx.fx.files.rename(d["live"], d["staged"])
                 live = None
             if live is not None or _ino(d["aside"]) != d["live_ino"]:
                 raise StepFailed(f"cannot put {d['live']} back: the set-aside file {d['aside']} is not the "
                                  "original disk")
             ctx.save("unset-aside-intent", disk=d["target"])
-            ctx.guard()
-            os.rename(d["aside"], d["live"])
-            fsync_dir(os.path.dirname(d["live"]))
+            ctx.fx.files.rename(d["aside"], d["live"])
 
 
 class Restore(Step):
@@ -362,13 +356,15 @@ class Commit(Step):
         ctx.data["committed"] = True
         ctx.save("commit")
         for art in ctx.rec.artifacts_of("set-aside-disk") + ctx.rec.artifacts_of("safety-image"):
-            save_common.unlink_ours(ctx, art["path"], naming.is_ours(art["path"], ctx.rec.id))
+            ctx.fx.files.remove_owned(art["path"])
             art["status"] = "deleted"
 
     def revert(self, ctx: StepContext) -> None:
         """Past the commit there is no way back: finish deleting what the rewind no longer needs."""
         if ctx.data.get("committed"):
             self.execute(ctx)
+            ctx.effect_stands(f"the rewind of {ctx.domain} to capture {ctx.params['from']} was committed "
+                              "(its set-aside disks and safety image are deleted); it cannot be undone")
 
     def next_trigger(self, ctx: StepContext) -> str:
         timing = ctx.data.get("timing", {})
@@ -385,7 +381,8 @@ class Commit(Step):
         return "advance"
 
 
-def verify(rec: Record, hv: Hypervisor) -> list[dict[str, Any]]:
+def verify(rec: Record, look: Inspect) -> list[dict[str, Any]]:
+    hv = look.hv
     state = hv.domain_state(rec.domain)
     checks = [{"item": "domain", "ok": state == "running", "domain_state": state}]
     for target, d in sorted(rec.params["source"]["disks"].items()):

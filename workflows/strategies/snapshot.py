@@ -22,6 +22,7 @@ from .. import naming, quiesce
 from ..definition import RESUME, Definition
 from ..errors import InputError, StepFailed
 from ..filecopy import sha256_file
+from ..effects import Inspect
 from ..hypervisor.base import Hypervisor
 from ..record import Artifact, Record
 from ..steps import Step, StepContext
@@ -51,7 +52,8 @@ def _memory_bytes(hv: Hypervisor, domain: str) -> int:
     return int(m.group(2)) * {"KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3, "b": 1, "bytes": 1}.get(m.group(1), 1024)
 
 
-def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    hv = look.hv
     kind = common.check_choice("kind", params.get("kind") or "internal", snapshot_common.KINDS)
     name = snapshot_common.check_name(params.get("name"), required=False)
     target = params.get("target")
@@ -144,8 +146,8 @@ class Snapshot(Step):
         using = {d.source for d in ctx.hv.disks(ctx.domain)}
         for path in list((overlays or {}).values()) + ([memory] if memory else []):
             # left by an attempt libvirt refused (it removes what it created, but be sure)
-            if os.path.exists(path) and path not in using and naming.is_ours(path, ctx.rec.id):
-                os.unlink(path)
+            if path not in using:
+                ctx.fx.files.remove_owned(path)
         ctx.data["snapshot_started_at"] = time.time()
         ctx.save("snapshot-intent", snapshot=ctx.data["snapshot"], overlays=overlays, memory_file=memory)
         ctx.hv.create_snapshot(ctx.domain, ctx.data["snapshot"], description=snapshot_common.marker(ctx.rec.id),
@@ -192,8 +194,9 @@ class Finalize(Step):
         }
 
 
-def verify(rec: Record, hv: Hypervisor) -> list[dict[str, Any]]:
+def verify(rec: Record, look: Inspect) -> list[dict[str, Any]]:
     """The snapshot is still there and ours; its overlays exist; its memory file is unchanged."""
+    hv = look.hv
     name = rec.result["snapshot"]
     info = hv.lookup_snapshot(rec.domain, name)
     checks: list[dict[str, Any]] = [{"item": "snapshot", "path": name, "ok": info is not None and

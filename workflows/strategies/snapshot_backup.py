@@ -17,8 +17,7 @@ from typing import Any
 from .. import naming
 from ..definition import RESUME, Definition
 from ..errors import StepFailed
-from ..filecopy import fsync_dir
-from ..hypervisor.base import Hypervisor
+from ..effects import Inspect
 from ..record import Artifact
 from ..steps import Step, StepContext
 from . import common
@@ -46,7 +45,8 @@ TRANSITIONS = [
 ]
 
 
-def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    hv = look.hv
     out = {
         "target": common.check_target_dir(params.get("target")),
         "quiesce": common.check_choice("quiesce", params.get("quiesce") or "try", common.QUIESCE_MODES),
@@ -79,6 +79,7 @@ class Preflight(Step):
             ctx.rec.plan_artifact(Artifact(f"backup:{d.target}", "backup-file",
                                            naming.backup_file(target, ctx.domain, ctx.rec.id, d.target,
                                                               d.format or "raw"), d.target))
+        common.plan_capture_folder(ctx, naming.backup_dir(target, ctx.domain, ctx.rec.id))
         ctx.rec.plan_artifact(Artifact("manifest", "manifest",
                                        naming.manifest_path(target, ctx.domain, ctx.rec.id)))
 
@@ -101,9 +102,8 @@ class Snapshot(Step):
 
     def execute(self, ctx: StepContext) -> None:
         planned = common.overlays(ctx)
-        for path in planned.values():
-            if os.path.exists(path):  # left by an attempt that never switched the domain
-                os.unlink(path)
+        for path in planned.values():  # left by an attempt that never switched the domain
+            ctx.fx.files.remove_owned(path)
         ctx.data["snapshot_started_at"] = time.time()
         ctx.save("snapshot-intent", overlays=planned)
         ctx.hv.snapshot_disk_only(ctx.domain, planned)
@@ -126,6 +126,7 @@ class CopyBackingFiles(Step):
         on = common.on_overlay(ctx)
         if len(on) != len(ctx.data["disks"]):
             raise StepFailed("the domain left its overlays before the copy finished; the images are not frozen")
+        common.make_capture_folder(ctx)
         common.copy_disks(ctx, "backup")
 
     def revert(self, ctx: StepContext) -> None:
@@ -197,15 +198,7 @@ class Finalize(Step):
                     "domain": ctx.domain, "uri": ctx.rec.uri, "snapshot_at": ctx.data.get("snapshot_at"),
                     "quiesced": bool(ctx.data.get("quiesced")) and not ctx.data.get("freeze_broken"),
                     "files": files}
-        path = self._manifest(ctx)
-        tmp = naming.partial_of(path)
-        ctx.guard()
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path))
+        ctx.fx.files.write_atomic(self._manifest(ctx), manifest)
 
     def next_trigger(self, ctx: StepContext) -> str:
         ctx.rec.set_artifact("manifest", status="present")
@@ -221,11 +214,8 @@ class Finalize(Step):
     def revert(self, ctx: StepContext) -> None:
         path = self._manifest(ctx)
         for p in (path, naming.partial_of(path)):
-            if os.path.exists(p):
-                os.unlink(p)
-        backup_dir = os.path.dirname(path)
-        if os.path.isdir(backup_dir) and not os.listdir(backup_dir):
-            os.rmdir(backup_dir)
+            ctx.fx.files.remove_owned(p)
+        common.remove_capture_folder(ctx)
 
 
 STEPS: dict[str, Step] = {

@@ -152,9 +152,7 @@ def delete_snapshot(ctx: StepContext, snap: str, owner: str | None = None) -> st
         ctx.save("metadata-delete-intent", snapshot=snap)
         ctx.hv.delete_snapshot(ctx.domain, snap, metadata_only=True)
     for art in ctx.rec.artifacts_of("memory-file"):
-        if art.get("remove") and os.path.exists(art["path"]) and os.path.basename(art["path"]).startswith(
-                f"{naming.PREFIX}-"):
-            ctx.guard()
-            os.unlink(art["path"])
+        if art.get("remove") and os.path.basename(art["path"]).startswith(f"{naming.PREFIX}-"):
+            ctx.fx.files.remove_owned(art["path"])
             art["status"] = "deleted"
     return how

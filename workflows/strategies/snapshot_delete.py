@@ -22,6 +22,7 @@ from typing import Any
 from .. import naming
 from ..definition import RESUME, Definition
 from ..errors import InputError, StepFailed
+from ..effects import Inspect
 from ..hypervisor.base import Hypervisor
 from ..hypervisor.snapshot_info import SnapshotInfo
 from ..record import Artifact
@@ -54,7 +55,8 @@ def _check_external(hv: Hypervisor, domain: str, info: SnapshotInfo) -> None:
             raise InputError(f"snapshot {info.name!r} does not say which image disk {target} had before it")
 
 
-def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    hv = look.hv
     name = snapshot_common.check_name(params.get("name"), required=True)
     assert name is not None
     info = snapshot_common.existing(hv, domain, name)
@@ -132,8 +134,7 @@ class Delete(Step):
             return
         snapshot_common.delete_snapshot(ctx, ctx.data["snapshot"])
         reason = f"the delete of {ctx.data['snapshot']} had taken effect; the rollback completed it"
-        ctx.data["not_undone"] = reason
-        ctx.save("not-undone", reason=reason)
+        ctx.effect_stands(reason)
 
 
 STEPS: dict[str, Step] = {
@@ -143,7 +144,8 @@ STEPS: dict[str, Step] = {
 
 DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
                         validate=validate,
-                        verify=lambda rec, hv: [{"item": "snapshot", "path": rec.result["snapshot"],
-                                                 "ok": hv.lookup_snapshot(rec.domain, rec.result["snapshot"]) is None}],
+                        verify=lambda rec, look: [{"item": "snapshot", "path": rec.result["snapshot"],
+                                                 "ok": look.hv.lookup_snapshot(rec.domain,
+                                                                               rec.result["snapshot"]) is None}],
                         options=(snapshot_common.OPT_NAME, common.OPT_ON_ERROR, common.OPT_COMMIT_TIMEOUT),
                         summary="delete a snapshot; external ones are merged back (libvirt, or commit + pivot)")

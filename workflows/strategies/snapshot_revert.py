@@ -17,7 +17,7 @@ from typing import Any
 
 from ..definition import RESUME, Definition
 from ..errors import InputError, StepFailed
-from ..hypervisor.base import Hypervisor
+from ..effects import Inspect
 from ..steps import Step, StepContext
 from . import common, snapshot_common
 
@@ -33,7 +33,8 @@ TRANSITIONS = [
 ]
 
 
-def validate(hv: Hypervisor, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    hv = look.hv
     name = snapshot_common.check_name(params.get("name"), required=True)
     state = hv.domain_state(domain)
     if state not in ("running", "paused", "shutoff"):
@@ -95,8 +96,8 @@ class Revert(Step):
         snapshot_common.wait_idle(ctx)
         reason = (f"the revert of {ctx.domain} to {ctx.data['snapshot']} was issued and may have taken effect; "
                   "a revert discards the state it replaces, so it cannot be undone")
-        ctx.data["not_undone"] = reason
-        ctx.save("not-undone", reason=reason, reverted=_reverted(ctx))
+        ctx.data["reverted"] = _reverted(ctx)
+        ctx.effect_stands(reason)
 
 
 STEPS: dict[str, Step] = {
@@ -106,7 +107,8 @@ STEPS: dict[str, Step] = {
 
 DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
                         validate=validate,
-                        verify=lambda rec, hv: [{"item": "current", "path": rec.result["snapshot"],
-                                                 "ok": hv.get_current_snapshot(rec.domain) == rec.result["snapshot"]}],
+                        verify=lambda rec, look: [{"item": "current", "path": rec.result["snapshot"],
+                                                 "ok": look.hv.get_current_snapshot(rec.domain)
+                                                 == rec.result["snapshot"]}],
                         options=(snapshot_common.OPT_NAME, common.OPT_ON_ERROR),
                         summary="revert the domain to one of its snapshots (internal on libvirt 9.0)")

@@ -1,0 +1,233 @@
+"""The one port through which a step touches the world.
+
+A step gets an ``Effects`` on its context (``ctx.fx``) and nothing else that
+can change anything:
+
+- ``fx.hv``: the hypervisor, fenced.  Every mutating method (declared by name
+  in ``workflows.hypervisor.base.MUTATING``) checks the lease, and in forward
+  mode the cancel flag, right before the call; a method declared nowhere
+  cannot be called at all.
+- ``fx.files``: owned-file operations.  Each takes a path the record names
+  exactly (an artifact's path, its partial file, or, for a rename only, a
+  domain disk recorded at preflight in ``data["disks"]``), is fenced the same way, creates with
+  ``O_EXCL|O_NOFOLLOW`` and mode 0600 in folders made 0700, and never follows
+  a symlink planted where one of our files goes.
+- ``fx.checkpoints``: the checkpoint store of this deployment, handed in.
+
+Strategies therefore hold no ``os`` mutation, no store global and no
+hand-placed guard; a type checker sees the whole boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import filecopy, naming
+from .checkpoints import CheckpointStore
+from .errors import StepFailed
+from .hypervisor.base import Hypervisor
+from .record import Record
+
+Guard = Callable[[], None]
+
+#: artifact kinds that name someone else's file (a domain's disk): renamed, never deleted
+FOREIGN_KINDS = frozenset({"domain-disk"})
+
+
+class NotOurs(StepFailed):
+    """A file operation on a path the record does not name: refused, nothing touched."""
+
+
+class OwnedFiles:
+    """File operations on the paths a workflow's record names, each fenced."""
+
+    def __init__(self, rec: Record, guard: Guard) -> None:
+        self.rec = rec
+        self.guard = guard
+
+    # -- what the record names --------------------------------------------------
+    def owned(self) -> set[str]:
+        out: set[str] = set()
+        for art in self.rec.artifacts.values():
+            if art.get("kind") in FOREIGN_KINDS or not art.get("path"):
+                continue
+            out.add(art["path"])
+            out.add(naming.partial_of(art["path"]))
+            if art.get("partial"):
+                out.add(art["partial"])
+        return out
+
+    def named(self) -> set[str]:
+        """Owned paths plus the domain disks recorded (which may be renamed, never deleted)."""
+        out = self.owned()
+        out.update(a["path"] for a in self.rec.artifacts.values() if a.get("kind") in FOREIGN_KINDS)
+        out.update(d["source"] for d in self.rec.data.get("disks", []) if isinstance(d, dict) and d.get("source"))
+        return out
+
+    def _check(self, path: str, allowed: set[str], what: str) -> None:
+        if path not in allowed:
+            raise NotOurs(f"refusing to {what} {path}: workflow {self.rec.id} did not plan it")
+
+    # -- folders ------------------------------------------------------------------
+    def make_folder(self, path: str) -> None:
+        """Create a capture folder 0700, exclusively; accept it again only if it is ours already.
+
+        Ours means: a real directory (no symlink), owned by this process's
+        user, not writable by group or others.
+        """
+        self._check(path, self.owned(), "create the folder")
+        self.guard()
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                raise NotOurs(f"{path} exists and is not a private folder of ours; refusing to use it") from None
+            return
+        filecopy.fsync_dir(os.path.dirname(path))
+
+    def make_shared_folder(self, path: str) -> None:
+        """A folder shared by workflows (the NBD socket folder): created 0700 if missing, never
+        removed, and refused when it is a symlink, someone else's, or writable by others."""
+        self.guard()
+        try:
+            os.makedirs(path, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise NotOurs(f"{path} is not a private folder of this user; refusing to put sockets there")
+
+    def remove_folder(self, path: str) -> bool:
+        """Remove our (empty) folder; a folder with anything else in it stays.  True if removed."""
+        self._check(path, self.owned(), "remove the folder")
+        if not os.path.isdir(path) or os.path.islink(path) or os.listdir(path):
+            return False
+        self.guard()
+        os.rmdir(path)
+        return True
+
+    # -- files --------------------------------------------------------------------
+    def create_exclusive(self, path: str, *, replace_stale: bool = True) -> int:
+        """Open a new file of ours for writing (0600, never through a symlink); returns the fd.
+
+        A leftover regular file at ``path`` (an earlier attempt of this workflow)
+        is removed first when ``replace_stale``; a symlink there is refused.
+        """
+        self._check(path, self.owned(), "create")
+        if replace_stale:
+            self.remove_owned(path)
+        self.guard()
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise NotOurs(f"{path} appeared while it was being created; refusing to write into it") from None
+
+    def write_atomic(self, path: str, content: bytes | str | dict[str, Any]) -> None:
+        """Write ``path`` through its partial file: exclusive create, fsync, rename, fsync the folder."""
+        if isinstance(content, dict):
+            content = json.dumps(content, indent=2, sort_keys=True)
+        data = content.encode() if isinstance(content, str) else content
+        tmp = naming.partial_of(path)
+        fd = self.create_exclusive(tmp)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.rename(tmp, path)
+
+    def rename(self, src: str, dst: str) -> None:
+        """Rename between two paths the record names (ours, or a recorded domain disk); fsyncs the folders."""
+        allowed = self.named()
+        self._check(src, allowed, "rename")
+        self._check(dst, allowed, "rename onto")
+        self.guard()
+        os.rename(src, dst)
+        filecopy.fsync_dir(os.path.dirname(dst))
+        if os.path.dirname(src) != os.path.dirname(dst):
+            filecopy.fsync_dir(os.path.dirname(src))
+
+    def remove_owned(self, path: str) -> bool:
+        """Delete a file the record names exactly (a symlink there is removed, never followed).
+
+        Returns whether something was deleted.  Raises NotOurs for any other path.
+        """
+        self._check(path, self.owned(), "delete")
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            raise NotOurs(f"refusing to delete {path}: it is a folder")
+        self.guard()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def fsync(self, path: str) -> None:
+        """Make a file of ours (written by QEMU or libvirt) durable."""
+        self._check(path, self.owned(), "fsync")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def prepare_for_writer(self, path: str) -> None:
+        """Create an empty file of ours that a helper process (qemu-img, libvirt) will fill.
+
+        The file is made 0600 with ``O_EXCL|O_NOFOLLOW`` here, so the writer
+        opens an existing private file instead of creating one with its umask
+        or through a planted symlink.
+        """
+        os.close(self.create_exclusive(path))
+
+    def copy_resumable(self, src: str, partial: str, final: str, *, offset: int,
+                       on_progress: Callable[[int, int], None], on_durable: Callable[[int], None],
+                       check: Guard, bandwidth: float = 0,
+                       sleep: Callable[[float], None] | None = None) -> tuple[str, int]:
+        """The resumable, checksummed copy (``filecopy.copy_resumable``) into files of ours."""
+        owned = self.owned()
+        self._check(partial, owned, "write")
+        self._check(final, owned, "write")
+        if offset == 0:
+            self.remove_owned(partial)
+        elif os.path.islink(partial):
+            raise NotOurs(f"{partial} is a symlink; refusing to write through it")
+
+        def fenced_check() -> None:
+            check()
+            self.guard()
+
+        kwargs: dict[str, Any] = {}
+        if sleep is not None:
+            kwargs["sleep"] = sleep
+        return filecopy.copy_resumable(src, partial, final, offset=offset, on_progress=on_progress,
+                                       on_durable=on_durable, check=fenced_check, bandwidth=bandwidth, **kwargs)
+
+
+@dataclass
+class Effects:
+    """Everything a step may change: the fenced hypervisor, our files, the checkpoint store."""
+
+    hv: Hypervisor
+    files: OwnedFiles
+    checkpoints: CheckpointStore
+
+
+@dataclass
+class Inspect:
+    """What ``validate`` and ``verify`` may look at: nothing here can change anything."""
+
+    hv: Hypervisor
+    checkpoints: CheckpointStore
+
