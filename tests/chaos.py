@@ -44,6 +44,10 @@ from .realenv import (DiskDomain, GuestDomain, WorkerCluster, build_guest_image,
                       images_identical, is_gapless_prefix, run)
 
 FAULTS = ("worker-kill", "boundary-kill", "worker-stop", "redis-kill", "libvirtd-restart", "target-full")
+# The guest's own life: its QEMU SIGKILLed (an OOM kill), an ACPI power-off, a reboot from inside,
+# a pause (as on an I/O error).  The runner brings the domain back afterwards, as an operator would.
+GUEST_FAULTS = ("guest-kill", "guest-poweroff", "guest-reboot", "guest-pause")
+ALL_FAULTS = FAULTS + GUEST_FAULTS
 BOUNDARIES = ["saved:snapshot-intent:*", "executed:snapshotting", "saved:copy-intent:*", "save:progress:copying",
               "executed:copying", "saved:commit-intent:*", "executed:committing", "saved:pivot-intent:*",
               "executed:pivoting", "executed:freezing", "saved:step-started:*", "reverted:*",
@@ -292,7 +296,8 @@ class Chaos:
             for s in self.subjects:
                 if s.busy:
                     doc = self.status(s.busy)
-                    if doc and doc["status"] in ("succeeded", "rolled_back", "needs_attention", "failed"):
+                    if doc and doc["status"] in ("succeeded", "rolled_back", "partially_rolled_back",
+                                                 "needs_attention", "failed"):
                         self.ended(s, s.busy, doc)
                         s.busy = None
                 if not s.busy:
@@ -335,6 +340,9 @@ class Chaos:
             self.redis.start()
         elif kind == "libvirtd-restart":
             restart_libvirtd()
+        elif kind in GUEST_FAULTS:
+            s = self.rng.choice(self.subjects)
+            self.guest_fault(kind, s)
         elif kind == "target-full":
             small = [s for s in self.subjects if s.target.small]
             if not small:
@@ -353,6 +361,31 @@ class Chaos:
         self.faults[kind] += 1
         self.note(f"fault {kind}")
 
+    def guest_fault(self, kind: str, s: "Subject") -> None:
+        """A guest fault on ``s``, then the domain brought back (started, resumed) a moment later."""
+        name = s.dom.name
+        if s.dom.state() not in ("running", "paused"):
+            return
+        if kind == "guest-kill":
+            with open(f"/run/libvirt/qemu/{name}.pid") as f:
+                os.kill(int(f.read().strip()), signal.SIGKILL)
+        elif kind == "guest-poweroff":
+            s.dom.virsh("destroy", name, "--graceful", check=False) if s.kind == "disk" else \
+                s.dom.virsh("shutdown", name, "--mode", "agent", check=False)
+        elif kind == "guest-reboot" and s.kind == "guest":
+            s.dom.virsh("reboot", name, "--mode", "agent", check=False)
+        elif kind == "guest-pause":
+            s.dom.virsh("suspend", name, check=False)
+        time.sleep(2.0)
+        state = s.dom.state()
+        if state == "paused":
+            s.dom.virsh("resume", name, check=False)
+        elif state == "shut off":
+            for _ in range(50):  # a managed save or a capture may hold it a moment
+                if s.dom.virsh("start", name, check=False) or s.dom.state() == "running":
+                    break
+                time.sleep(0.2)
+
     def fault_loop(self) -> None:
         while not self.stop_faults.wait(self.rng.uniform(*self.args.fault_interval)):
             kind = self.rng.choice(self.args.faults)
@@ -370,7 +403,8 @@ class Chaos:
             for s in self.subjects:
                 if s.busy:
                     doc = self.status(s.busy)
-                    if doc and doc["status"] in ("succeeded", "rolled_back", "needs_attention", "failed"):
+                    if doc and doc["status"] in ("succeeded", "rolled_back", "partially_rolled_back",
+                                                 "needs_attention", "failed"):
                         self.ended(s, s.busy, doc)
                         s.busy = None
                 if not s.busy and s.followups:
@@ -385,7 +419,7 @@ class Chaos:
         docs = {wf: self.status(wf) for wf in self.workflows}
 
         bad = [f"{wf}: {d['status'] if d else 'LOST'}/{d['state'] if d else ''}" for wf, d in docs.items()
-               if not d or d["status"] not in ("succeeded", "rolled_back", "needs_attention")
+               if not d or d["status"] not in ("succeeded", "rolled_back", "partially_rolled_back", "needs_attention")
                or (d["status"] == "needs_attention" and not (d.get("attention") or {}).get("reason"))]
         rows.append(("every workflow terminal (none lost, none running)", len(docs), bad))
 
@@ -462,6 +496,26 @@ class Chaos:
             if twice:
                 bad.append(f"{wf}: {', '.join(twice)} completed more than once")
         rows.append(("no effect applied twice in one workflow", len(docs), bad))
+
+        bad = []
+        for wf, d in docs.items():
+            if not d:
+                continue
+            stands = [e for e in d["history"] if e["event"] == "effect-stands"]
+            data = d.get("data") or {}
+            if d["status"] == "rolled_back":
+                why = []
+                if stands:
+                    why.append("an effect-stands event")
+                if d["strategy"] == "snapshot-revert" and "revert_started_at" in data:
+                    why.append("its revert was issued")
+                if d["strategy"] == "save-restore" and data.get("committed"):
+                    why.append("its rewind was committed")
+                if why:
+                    bad.append(f"{wf}: rolled_back although {', '.join(why)}")
+            if d["status"] == "partially_rolled_back" and not (d.get("result") or {}).get("effects_standing"):
+                bad.append(f"{wf}: partially_rolled_back without the effects that stand")
+        rows.append(("rolled_back only where nothing of the workflow remains", len(docs), bad))
         return rows
 
     def verify_capture(self, wf: str, d: dict) -> list[str]:
@@ -504,7 +558,8 @@ class Chaos:
         print("\nworkflows per strategy")
         print(f"  {'strategy':<18} {'total':>5} {'succeeded':>9} {'rolled_back':>11} {'needs_att':>9} {'other':>5}")
         for strat, c in sorted(per.items()):
-            other = sum(v for k, v in c.items() if k not in ("succeeded", "rolled_back", "needs_attention"))
+            other = sum(v for k, v in c.items()
+                        if k not in ("succeeded", "rolled_back", "partially_rolled_back", "needs_attention"))
             print(f"  {strat:<18} {sum(c.values()):>5} {c['succeeded']:>9} {c['rolled_back']:>11} "
                   f"{c['needs_attention']:>9} {other:>5}")
         print("\nfaults injected")
@@ -544,7 +599,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--disk-domains", type=int, default=3)
     ap.add_argument("--guests", type=int, default=1)
-    ap.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated subset of {','.join(FAULTS)}")
+    ap.add_argument("--faults", default=",".join(FAULTS),
+                    help=f"comma-separated subset of {','.join(ALL_FAULTS)} (default: the first six)")
     ap.add_argument("--fault-interval", type=float, nargs=2, default=(1.0, 4.0), metavar=("MIN", "MAX"))
     ap.add_argument("--drain-timeout", type=float, default=240)
     ap.add_argument("--strategies", default=",".join(STRATEGIES),
@@ -554,7 +610,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.faults = [f for f in args.faults.split(",") if f]
     args.strategies = [x for x in args.strategies.split(",") if x]
-    unknown = set(args.faults) - set(FAULTS)
+    unknown = set(args.faults) - set(ALL_FAULTS)
     if unknown:
         ap.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
     return args
