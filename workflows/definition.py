@@ -78,7 +78,7 @@ class Definition:
         missing = [s for s in self.states if s not in self.steps]
         if missing:
             raise ValueError(f"definition {self.name}: states without a step: {missing}")
-        table = [list(t) for t in self.transitions]
+        table: list[list[Any]] = [list(t) for t in self.transitions]
         table.append(["rollback", self.states, ROLLING_BACK])
         table.append(["reverted", ROLLING_BACK, ROLLED_BACK])
         table.append(["reverted_partially", ROLLING_BACK, PARTIALLY_ROLLED_BACK])

@@ -35,7 +35,7 @@ def thaw(hv: Hypervisor, rec: Record, by: str) -> dict[str, Any]:
     info = rec.data.get("frozen") or {}
     try:
         count = hv.fs_thaw(rec.domain)
-        outcome = {"thawed_filesystems": count}
+        outcome: dict[str, Any] = {"thawed_filesystems": count}
     except AgentUnavailable as exc:
         outcome = {"thawed_filesystems": 0, "agent": str(exc)}
     except DomcaptureError as exc:

@@ -115,7 +115,8 @@ class FakeBackupOps:
     # -- read-only -----------------------------------------------------------------------------
     def list_checkpoints(self, name: str) -> list[CheckpointInfo]:
         st = self._bk(name)
-        order, seen = [], set()
+        order: list[CheckpointInfo] = []
+        seen: set[str] = set()
         while len(order) < len(st.checkpoints):
             for cp in st.checkpoints.values():
                 if cp.name not in seen and (cp.parent is None or cp.parent in seen):

@@ -90,8 +90,7 @@ def parse_disks(xml: str) -> list[Disk]:
         drv = d.find("driver")
         chain = []
         bs = d.find("backingStore")
-        while bs is not None and bs.find("source") is not None:
-            bsrc = bs.find("source")
+        while bs is not None and (bsrc := bs.find("source")) is not None:
             chain.append(bsrc.get("file") or bsrc.get("dev") or bsrc.get("name") or "")
             bs = bs.find("backingStore")
         mirror = d.find("mirror")

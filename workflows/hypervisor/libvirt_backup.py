@@ -14,9 +14,11 @@ mode; a job is read back from the domain's job stats plus
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import libvirt
+
+from .libvirt_calls import LibvirtCalls
 
 from ..errors import OperationFailed
 from .backup_types import BackupJob, CheckpointInfo, CompletedBackup, Export, checkpoint_xml, parse_checkpoint
@@ -38,7 +40,7 @@ def parse_backup_xml(xml: str) -> BackupJob:
             continue
         node = d.find("target") if job.mode == "push" else d.find("scratch")
         job.disks[d.get("name", "")] = (node.get("file") or node.get("dev") or "") if node is not None else ""
-        job.exports[d.get("name", "")] = (d.get("exportname") or d.get("name", ""), d.get("exportbitmap"))
+        job.exports[d.get("name", "")] = (d.get("exportname") or d.get("name", "") or "", d.get("exportbitmap"))
     return job
 
 
@@ -59,10 +61,7 @@ def backup_xml(mode: str, all_disks: list[str], disks: dict[str, str], increment
     return f"<domainbackup mode='{mode}'>{inc}{server}<disks>{''.join(parts)}</disks></domainbackup>"
 
 
-class LibvirtBackupOps:
-    _call: Callable[..., object]
-    _dom: Callable[..., libvirt.virDomain]
-
+class LibvirtBackupOps(LibvirtCalls):
     def _targets(self, dom: libvirt.virDomain) -> list[str]:
         root = ET.fromstring(dom.XMLDesc(0))
         return [t.get("dev", "") for d in root.findall("./devices/disk") if d.get("device", "disk") == "disk"

@@ -14,6 +14,8 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
+from .libvirt_calls import LibvirtCalls
+
 _JOB_OPERATIONS = {
     libvirt.VIR_DOMAIN_JOB_OPERATION_START: "start",
     libvirt.VIR_DOMAIN_JOB_OPERATION_SAVE: "save",
@@ -28,7 +30,7 @@ _PAUSED_FOR_JOB = {libvirt.VIR_DOMAIN_PAUSED_SAVE: "save", libvirt.VIR_DOMAIN_PA
                    libvirt.VIR_DOMAIN_PAUSED_SNAPSHOT: "snapshot"}
 
 
-class LibvirtSaveOps:
+class LibvirtSaveOps(LibvirtCalls):
     # -- read-only ---------------------------------------------------------------
     def is_persistent(self, name: str) -> bool:
         return bool(self._call(f"persistence of {name}", lambda c: self._dom(c, name).isPersistent()))

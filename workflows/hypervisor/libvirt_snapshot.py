@@ -15,6 +15,8 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
+from .libvirt_calls import LibvirtCalls
+
 from .snapshot_info import SnapshotInfo
 
 
@@ -61,7 +63,7 @@ def parse_snapshot(xml: str, current: bool, children: int) -> SnapshotInfo:
                         base=base, current=current, parent=root.findtext("./parent/name"), children=children)
 
 
-class LibvirtSnapshotOps:
+class LibvirtSnapshotOps(LibvirtCalls):
     # -- read-only ---------------------------------------------------------------
     def is_domain_busy(self, name: str) -> bool:
         """Whether a job (a snapshot being created, reverted or deleted...) holds the domain.
@@ -122,8 +124,8 @@ class LibvirtSnapshotOps:
         """
         def create(c: libvirt.virConnect) -> None:
             dom = self._dom(c, name)
-            targets = [d.find("target").get("dev", "") for d in ET.fromstring(dom.XMLDesc(0)).findall("./devices/disk")
-                       if d.get("device", "disk") == "disk" and d.find("target") is not None]
+            targets = [t.get("dev", "") for d in ET.fromstring(dom.XMLDesc(0)).findall("./devices/disk")
+                       if d.get("device", "disk") == "disk" for t in [d.find("target")] if t is not None]
             xml = snapshot_xml(snap, description, targets, memory=memory, overlays=overlays, memory_file=memory_file)
             flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
             if overlays is not None and not memory_file:
