@@ -21,7 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from workflows.errors import ConfigError
+from workflows import validate
+from workflows.errors import ConfigError, StoreError, StoreUnavailable
 from workflows.hypervisor.libvirt_adapter import LibvirtHypervisor
 from workflows.record import Record
 from workflows.service import Captures
@@ -78,7 +79,12 @@ class Runtime:
         self.serializer = JSONSerializer
         self.store = Store.from_url(settings.redis_url, settings.prefix, password=settings.redis_password,
                                     username=settings.redis_username)
-        self.store.ping()
+        try:
+            self.store.ping()
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:  # e.g. a database index the server does not have
+            raise ConfigError(f"redis at {validate.redact(settings.redis_url)}: {exc}") from None
         check_protection(settings)
         self.queue = rq.Queue(settings.queue, connection=self.store.r, serializer=JSONSerializer)
         self.captures = Captures(self.store, self.hypervisor, self.enqueue, lease_ttl=settings.lease_ttl)

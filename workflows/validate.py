@@ -70,8 +70,8 @@ def workflow_id(value: Any, name: str = "id") -> str:
     """A workflow id as ``new_id`` makes them: 16 lowercase hex digits."""
     if not isinstance(value, str) or not ID_RE.match(value):
         shown = value if isinstance(value, str) else type(value).__name__
-        what = "workflow id" if name == "id" else flag(name)
-        raise InputError(f"{what} {shown!r} is not a workflow id (16 lowercase hex digits, as 'list' shows)")
+        what = "" if name == "id" else f"{flag(name)}: "
+        raise InputError(f"{what}{shown!r} is not a workflow id (16 lowercase hex digits, as 'list' shows)")
     return value
 
 
