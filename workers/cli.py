@@ -81,6 +81,14 @@ def _emit(args: argparse.Namespace, rec: Record, text: str) -> None:
         print(text)
 
 
+# Options whose shape is checked here, before any Redis or libvirt call (the strategy's
+# validate normalises them again, with the same parsers).
+_SHAPES: dict[str, Callable[[str, Any], Any]] = {
+    "freeze_deadline": validate.seconds, "commit_timeout": validate.seconds,
+    "backup_timeout": validate.seconds, "bandwidth": lambda name, value: validate.bandwidth(value, name),
+}
+
+
 def submit_params(args: argparse.Namespace) -> dict[str, Any]:
     """The strategy's options as given (only its own exist on its parser), checked for shape."""
     defn = strategies.get(args.strategy)
@@ -93,6 +101,8 @@ def submit_params(args: argparse.Namespace) -> dict[str, Any]:
             value = validate.workflow_id(value, opt.name) if opt.name == "from" else validate.text(opt.name, value)
             if opt.choices:
                 validate.choice(opt.name, value, opt.choices)
+            if opt.name in _SHAPES:
+                _SHAPES[opt.name](opt.name, value)
         params[opt.name] = value
     return params
 
