@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from workflows.errors import ConflictError, DomainBusy, LeaseLost, RecordNotFound
+from workflows.errors import ConflictError, DomainBusy, LeaseLost, RecordNotFound, RecordUnreadable
 from workflows.record import SCHEMA_VERSION, Record, new_id
 
 
@@ -28,7 +28,7 @@ def test_unknown_schema_version_is_refused(store):
     rec = make()
     rec.schema_version = 99
     store.create(rec)
-    with pytest.raises(ValueError, match="schema version 99"):
+    with pytest.raises(RecordUnreadable, match="schema version 99"):
         store.load(rec.id)
 
 

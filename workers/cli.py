@@ -1,9 +1,13 @@
 """The ``domcapture`` command.
 
 Exit codes: 0 success; 1 the workflow ended without success (``--wait``) or
-an unexpected error; 2 bad input (usage, unknown strategy, domain not found,
-bad target, unsupported disk); 3 refused by the workflow's state (domain
-busy, operation not allowed now); 4 Redis or libvirt unreachable.
+an unexpected error; 2 bad input (usage, a flag or environment variable out
+of its range, unknown strategy, domain not found, bad target, unsupported
+disk, a Redis setting that cannot work); 3 refused by the workflow's state
+(domain busy, operation not allowed now, record unreadable); 4 Redis or
+libvirt unreachable or refusing our credentials.
+
+Every error is one line on stderr; a traceback only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -13,23 +17,26 @@ import json
 import logging
 import sys
 import time
+import traceback
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable, NoReturn
 
-from workflows import strategies
-from workflows.definition import Option
-from workflows.errors import DomcaptureError, InputError
+from workflows import strategies, validate
+from workflows.definition import Definition
+from workflows.errors import DomcaptureError, RecordUnreadable
 from workflows.record import FINAL_STATUSES, STATUSES, STOPPED_STATUSES, Record
 from workflows.service import summary
 
-from . import cli_checkpoints
-from .runtime import Runtime
+from . import cli_checkpoints, completion
+from .runtime import Runtime, rq_module
 from .settings import Settings, process_id
 
+UNREADABLE = "unreadable"
 
-def _ts(t: float | None) -> str:
-    if not t:
+
+def _ts(t: Any) -> str:
+    if not isinstance(t, (int, float)) or not t:
         return "-"
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
@@ -74,17 +81,34 @@ def _emit(args: argparse.Namespace, rec: Record, text: str) -> None:
         print(text)
 
 
-def cmd_submit(args: argparse.Namespace, rt: Runtime) -> int:
+# Options whose shape is checked here, before any Redis or libvirt call (the strategy's
+# validate normalises them again, with the same parsers).
+_SHAPES: dict[str, Callable[[str, Any], Any]] = {
+    "freeze_deadline": validate.seconds, "commit_timeout": validate.seconds,
+    "backup_timeout": validate.seconds, "bandwidth": lambda name, value: validate.bandwidth(value, name),
+}
+
+
+def submit_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The strategy's options as given (only its own exist on its parser), checked for shape."""
     defn = strategies.get(args.strategy)
-    own = {o.name for o in defn.options}
     params: dict[str, Any] = {}
-    for opt in _all_options():
-        value = getattr(args, opt.name)
+    for opt in defn.options:
+        value = getattr(args, opt.name, None)
         if value in (None, False):
             continue
-        if opt.name not in own:
-            raise InputError(f"--{opt.name.replace('_', '-')} does not apply to strategy {defn.name}")
+        if not opt.flag:
+            value = validate.workflow_id(value, opt.name) if opt.name == "from" else validate.text(opt.name, value)
+            if opt.choices:
+                validate.choice(opt.name, value, opt.choices)
+            if opt.name in _SHAPES:
+                _SHAPES[opt.name](opt.name, value)
         params[opt.name] = value
+    return params
+
+
+def cmd_submit(args: argparse.Namespace, rt: Runtime) -> int:
+    params = submit_params(args)
     rec = rt.captures.submit(args.strategy, args.domain, args.uri or rt.settings.libvirt_uri, params)
     if args.wait:
         rec = _wait(rt, rec.id, args.timeout, args.json)
@@ -118,14 +142,26 @@ def _describe(rt: Runtime, rec: Record, history: bool = True) -> str:
         for ev in rt.store.history(rec.id):
             detail = {k: v for k, v in ev.items() if k not in ("ts", "event", "state", "status", "mode",
                                                                 "worker", "epoch")}
-            out.append(f"  {_ts(ev['ts'])} {ev['event']:<18} {ev['state']:<14} {ev['status']:<15} "
-                       f"epoch={ev['epoch']} worker={ev.get('worker') or '-'} "
+            out.append(f"  {_ts(ev.get('ts'))} {ev.get('event', '-')!s:<18} {ev.get('state', '-')!s:<14} "
+                       f"{ev.get('status', '-')!s:<15} epoch={ev.get('epoch', '-')} worker={ev.get('worker') or '-'} "
                        f"{json.dumps(detail, sort_keys=True) if detail else ''}".rstrip())
     return "\n".join(out)
 
 
+def _unreadable_line(wf_id: str, reason: str) -> str:
+    return f"{wf_id}  {UNREADABLE}: {reason}"
+
+
 def cmd_show(args: argparse.Namespace, rt: Runtime) -> int:
-    rec = rt.store.load(args.id)
+    try:
+        rec = rt.store.load(args.id)
+    except RecordUnreadable as exc:
+        # One line: what the record is, and why this build cannot show more.
+        if args.json:
+            print(json.dumps({"id": args.id, "status": UNREADABLE, "reason": str(exc)}, sort_keys=True))
+        else:
+            print(_unreadable_line(args.id, str(exc)))
+        return 0
     if args.json:
         doc = rec.to_dict()
         doc["history"] = rt.store.history(rec.id)
@@ -137,12 +173,17 @@ def cmd_show(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_list(args: argparse.Namespace, rt: Runtime) -> int:
-    recs = list(rt.store.records(args.status))
+    status = "quarantined" if args.status == UNREADABLE else args.status
+    entries = list(rt.store.listing(status))
     if args.json:
-        print(json.dumps([summary(r) for r in recs], sort_keys=True))
+        print(json.dumps([summary(e) if isinstance(e, Record) else
+                          {"id": e[0], "status": UNREADABLE, "reason": e[1]} for e in entries], sort_keys=True))
         return 0
-    for r in recs:
-        print(f"{r.id}  {r.strategy:<16} {r.domain:<20} {r.status:<15} {r.state:<14} {_ts(r.updated_at)}")
+    for e in entries:
+        if isinstance(e, Record):
+            print(f"{e.id}  {e.strategy:<16} {e.domain:<20} {e.status:<15} {e.state:<14} {_ts(e.updated_at)}")
+        else:
+            print(_unreadable_line(*e))
     return 0
 
 
@@ -179,13 +220,12 @@ def cmd_verify(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, rt: Runtime) -> int:
-    from rq import SimpleWorker
-    from rq.serializers import JSONSerializer
+    rq = rq_module(rt.settings)
     # SimpleWorker runs the job in this process: a SIGKILL of the worker kills
     # the job with it, and the lease heartbeat lives and dies with the job.
-    worker = SimpleWorker([rt.queue], connection=rt.store.r, serializer=JSONSerializer,
-                          name=f"domcapture-{process_id()}-{uuid.uuid4().hex[:6]}")
-    worker.work(burst=args.burst, logging_level=args.log_level)
+    worker = rq.SimpleWorker([rt.queue], connection=rt.store.r, serializer=rt.serializer,
+                             name=f"domcapture-{process_id()}-{uuid.uuid4().hex[:6]}")
+    worker.work(burst=args.burst, logging_level=args.log_level or "INFO", with_scheduler=False)
     return 0
 
 
@@ -193,50 +233,85 @@ def cmd_recovery(args: argparse.Namespace, rt: Runtime) -> int:
     from .recovery import Recovery
     rec = Recovery(rt, owner=f"recovery:{process_id()}")
     if args.once:
-        for wf_id, action in rec.sweep():
+        actions = rec.sweep()
+        if args.json:
+            print(json.dumps([{"id": wf_id, "action": action} for wf_id, action in actions], sort_keys=True))
+        for wf_id, action in [] if args.json else actions:
             print(f"{wf_id}: {action}")
         return 0
     rec.run_forever(args.interval or rt.settings.recovery_interval)
     return 0
 
 
-def _all_options() -> list[Option]:
-    """Every strategy's submit options, once each, in a stable order."""
-    seen: dict[str, Option] = {}
-    for defn in strategies.DEFINITIONS.values():
-        for opt in defn.options:
-            seen.setdefault(opt.name, opt)
-    return list(seen.values())
+def cmd_completion(args: argparse.Namespace, rt: Runtime | None) -> int:
+    script = completion.bash_script(build_parser())
+    if args.json:
+        print(json.dumps({"shell": args.shell, "script": script}))
+    else:
+        print(script)
+    return 0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with every usage error on one line (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.dest == "strategy" and action.choices is not None and value not in action.choices:
+            raise argparse.ArgumentError(action, f"unknown strategy {value!r}; choose one of: "
+                                                 f"{', '.join(sorted(strategies.DEFINITIONS))}")
+        super()._check_value(action, value)
+
+
+def _add_strategy(sub: Any, defn: Definition) -> None:
+    s = sub.add_parser(defn.name, help=defn.summary, description=f"{defn.name}: {defn.summary}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--domain", required=True, help="the libvirt domain")
+    s.add_argument("--uri", help="libvirt URI (env LIBVIRT_DEFAULT_URI)")
+    for opt in defn.options:
+        flag = f"--{opt.name.replace('_', '-')}"
+        if opt.flag:
+            s.add_argument(flag, dest=opt.name, action="store_true", help=opt.help)
+        else:
+            metavar = "{" + ",".join(opt.choices) + "}" if opt.choices else opt.name.upper()
+            s.add_argument(flag, dest=opt.name, metavar=metavar, help=opt.help)
+    s.add_argument("--wait", action="store_true", help="wait for the workflow to end, showing progress")
+    s.add_argument("--timeout", default="3600", help="with --wait: give up waiting after this many seconds "
+                                                     "(default 3600)")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_submit)
+
+
+def _with_json(s: argparse.ArgumentParser, what: str = "print JSON instead of text") -> None:
+    s.add_argument("--json", action="store_true", help=what)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="domcapture", description="Durable libvirt domain state capture")
-    p.add_argument("--redis-url", help="Redis URL (env DOMCAPTURE_REDIS_URL)")
-    p.add_argument("--log-level", default="INFO")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="domcapture", description="Durable libvirt domain state capture")
+    p.add_argument("--redis-url", help="Redis URL without a password (env DOMCAPTURE_REDIS_URL; the password "
+                                       "comes from DOMCAPTURE_REDIS_PASSWORD_FILE)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO for worker and "
+                                       "recovery, WARNING otherwise)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("submit", help="submit a capture workflow")
-    s.add_argument("strategy", help=f"one of: {', '.join(sorted(strategies.DEFINITIONS))}")
-    s.add_argument("--domain", required=True)
-    s.add_argument("--uri", help="libvirt URI (env LIBVIRT_DEFAULT_URI)")
-    for opt in _all_options():
-        if opt.flag:
-            s.add_argument(f"--{opt.name.replace('_', '-')}", dest=opt.name, action="store_true", help=opt.help)
-        else:
-            s.add_argument(f"--{opt.name.replace('_', '-')}", dest=opt.name, help=opt.help)
-    s.add_argument("--wait", action="store_true", help="wait for the workflow to end, showing progress")
-    s.add_argument("--timeout", type=float, default=3600, help="with --wait: give up waiting after this")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_submit)
+    s = sub.add_parser("submit", help="submit a capture workflow ('submit STRATEGY --help': its options)")
+    strat = s.add_subparsers(dest="strategy", required=True, metavar="STRATEGY",
+                             help=f"one of: {', '.join(sorted(strategies.DEFINITIONS))}")
+    for defn in strategies.DEFINITIONS.values():
+        _add_strategy(strat, defn)
 
     s = sub.add_parser("list", help="list workflows")
-    s.add_argument("--status", choices=STATUSES)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--status", choices=(*STATUSES, UNREADABLE))
+    _with_json(s)
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser("show", help="show one workflow: state, status, history, artifacts, progress, error")
     s.add_argument("id")
-    s.add_argument("--json", action="store_true")
+    _with_json(s)
     s.set_defaults(func=cmd_show)
 
     for action, text in (("resume", "resume a stopped or crashed workflow"),
@@ -245,49 +320,115 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(action, help=text)
         s.add_argument("id")
         s.add_argument("--wait", action="store_true")
-        s.add_argument("--timeout", type=float, default=3600)
-        s.add_argument("--json", action="store_true")
+        s.add_argument("--timeout", default="3600", help="with --wait: seconds (default 3600)")
+        _with_json(s)
         s.set_defaults(func=lambda a, rt, action=action: _operator(a, rt, action))
 
     s = sub.add_parser("wait", help="wait until a workflow ends or stops, showing progress; exit 0 if it succeeded")
     s.add_argument("id")
-    s.add_argument("--timeout", type=float, default=3600)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--timeout", default="3600", help="seconds (default 3600)")
+    _with_json(s)
     s.set_defaults(func=cmd_wait)
 
     s = sub.add_parser("verify", help="re-read a succeeded capture and check its recorded checksums")
     s.add_argument("id")
-    s.add_argument("--json", action="store_true")
+    _with_json(s)
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("worker", help="run an RQ worker for capture jobs")
     s.add_argument("--burst", action="store_true", help="exit when the queue is empty")
-    s.set_defaults(func=cmd_worker)
+    _with_json(s, "log as JSON lines")
+    s.set_defaults(func=cmd_worker, daemon=True)
 
     s = sub.add_parser("recovery", help="run the recovery process (resumes or rolls back orphaned workflows)")
     s.add_argument("--once", action="store_true", help="one sweep, then exit")
-    s.add_argument("--interval", type=float)
-    s.set_defaults(func=cmd_recovery)
+    s.add_argument("--interval", help="seconds between sweeps (env DOMCAPTURE_RECOVERY_INTERVAL, default 1)")
+    _with_json(s, "--once: print the actions as JSON; otherwise log as JSON lines")
+    s.set_defaults(func=cmd_recovery, daemon=True)
 
     cli_checkpoints.register(sub)
+
+    s = sub.add_parser("completion", help="print a shell completion script: eval \"$(domcapture completion bash)\"")
+    s.add_argument("shell", choices=("bash",))
+    _with_json(s)
+    s.set_defaults(func=cmd_completion, offline=True)
     return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flags every command shares, checked before anything connects anywhere."""
+    if args.log_level is not None:
+        args.log_level = validate.log_level(args.log_level)
+    if getattr(args, "id", None) is not None:
+        validate.workflow_id(args.id)
+    if getattr(args, "domain", None) is not None:
+        validate.domain_name(args.domain)
+    if getattr(args, "uri", None) is not None:
+        validate.text("uri", args.uri)
+    if getattr(args, "timeout", None) is not None:
+        args.timeout = validate.seconds("timeout", args.timeout)
+    if getattr(args, "interval", None) is not None:
+        args.interval = validate.number("interval", args.interval, minimum=0.05, allow_minimum=True,
+                                        maximum=3600, unit=" of seconds")
+    if args.command == "submit":
+        submit_params(args)
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"ts": record.created, "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, sort_keys=True)
+
+
+def _logging(args: argparse.Namespace) -> None:
+    level = args.log_level or ("INFO" if getattr(args, "daemon", False) else "WARNING")
+    handler = logging.StreamHandler()
+    if getattr(args, "json", False) and getattr(args, "daemon", False):
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = Settings.from_env()
-    if args.redis_url:
-        settings = Settings(**{**settings.__dict__, "redis_url": args.redis_url})
     try:
-        rt = Runtime(settings)
-        return args.func(args, rt)
+        check_args(args)
+        _logging(args)
+        func: Callable[..., int] = args.func
+        if getattr(args, "offline", False):
+            return func(args, None)
+        settings = Settings.from_env()
+        if args.redis_url is not None:
+            settings = settings.with_redis_url(args.redis_url)
+        return func(args, Runtime(settings))
     except DomcaptureError as exc:
-        print(f"domcapture: error: {exc}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        print(f"domcapture: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug or an error nothing mapped: still one line, unless --debug
+        if args.debug:
+            traceback.print_exc()
+        code = 4 if _is_connection_error(exc) else 1
+        print(f"domcapture: error: {type(exc).__name__}: {one_line(str(exc))}"
+              f"{'' if args.debug else ' (run with --debug for the traceback)'}", file=sys.stderr)
+        return code
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    import redis
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
 
 
 if __name__ == "__main__":

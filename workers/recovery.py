@@ -8,6 +8,11 @@ Every ``interval`` seconds it looks at each active workflow:
   dropped by RQ) for longer than a grace period: enqueue it again.
 
 It does not rely on RQ's own abandoned-job detection, which takes minutes.
+
+No record can stop the sweep: one this build cannot read (damaged JSON, a
+newer schema) is quarantined (``Store.quarantine``: out of the active set,
+its bytes and the reason kept) and the sweep goes on; any other error on one
+workflow is logged and the next workflow is looked at.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 
-from workflows.errors import DomcaptureError
+from workflows.errors import DomcaptureError, RecordUnreadable
 from workflows.record import QUEUED, RUNNING
 
 from .runtime import Runtime
@@ -45,9 +50,19 @@ class Recovery:
                         status = self.rt.job_status(rec)
                         if self.rt.captures.reenqueue(wf_id, self.owner):
                             actions.append((wf_id, f"re-enqueued (job {status or 'missing'}, not in the queue)"))
+            except RecordUnreadable as exc:
+                try:
+                    store.quarantine(wf_id, str(exc), by=self.owner)
+                    log.error("workflow %s: quarantined: %s", wf_id, exc)
+                    actions.append((wf_id, f"quarantined: {exc}"))
+                except DomcaptureError as exc2:
+                    log.error("workflow %s: could not quarantine: %s", wf_id, exc2)
             except DomcaptureError as exc:
                 log.error("workflow %s: recovery failed: %s", wf_id, exc)
                 actions.append((wf_id, f"error: {exc}"))
+            except Exception as exc:  # a bug must not stop every other workflow's recovery
+                log.exception("workflow %s: recovery raised", wf_id)
+                actions.append((wf_id, f"error: {type(exc).__name__}: {exc}"))
         return actions
 
     def run_forever(self, interval: float) -> None:
@@ -57,4 +72,6 @@ class Recovery:
                 self.sweep()
             except DomcaptureError as exc:  # redis or libvirt away: try again next round
                 log.error("recovery sweep failed: %s", exc)
+            except Exception:
+                log.exception("recovery sweep raised; trying again next round")
             time.sleep(interval)

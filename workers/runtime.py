@@ -3,14 +3,26 @@
 RQ jobs carry only a workflow id, serialised as JSON (never pickles).  The
 job id is ``<workflow id>-<enqueue count>``, so a duplicate enqueue of the
 same generation is a no-op.
+
+Every key of a deployment derives from its prefix, RQ's included: RQ reads
+its key namespace from ``RQ_KEY_PREFIX`` when it is first imported, so it is
+set to ``<prefix>:rq`` here before ``rq`` is imported (``rq_module``), and a
+process that imported RQ with another namespace is refused.
 """
 
 from __future__ import annotations
 
-from rq import Queue
-from rq.job import Job
-from rq.serializers import JSONSerializer
+import importlib
+import os
+import sys
+from types import ModuleType
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import redis
+
+from workflows import validate
+from workflows.errors import ConfigError, StoreError, StoreUnavailable
 from workflows.hypervisor.libvirt_adapter import LibvirtHypervisor
 from workflows.record import Record
 from workflows.service import Captures
@@ -22,11 +34,59 @@ JOB_FUNC = "workers.jobs.run_workflow"
 JOB_TIMEOUT = 24 * 3600
 
 
+def rq_module(settings: Settings) -> ModuleType:
+    """``rq``, imported with the deployment's key namespace."""
+    if "rq" not in sys.modules:
+        os.environ["RQ_KEY_PREFIX"] = settings.rq_prefix
+    rq = importlib.import_module("rq")
+    actual = importlib.import_module("rq.defaults").RQ_KEY_PREFIX
+    if actual != settings.rq_prefix:
+        raise ConfigError(f"RQ was loaded with key prefix {actual!r}, this deployment needs {settings.rq_prefix!r}; "
+                          "unset RQ_KEY_PREFIX (DOMCAPTURE_PREFIX sets it)")
+    return rq
+
+
+def check_protection(settings: Settings) -> None:
+    """A password for a server that asks for none is refused: the operator would believe Redis protected.
+
+    Judged by reading the deployment's index without credentials.
+    """
+    url = settings.redis_url
+    parts = urlsplit(url)
+    given = settings.redis_password is not None or parts.password is not None
+    if not given:
+        return
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+    probe = redis.Redis.from_url(bare, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        probe.exists(f"{settings.prefix}:index")
+    except (redis.AuthenticationError, redis.ResponseError):
+        return  # NOAUTH / NOPERM: the server does protect the keys
+    except redis.RedisError:
+        return  # unreachable: the authenticated connection reports it
+    finally:
+        probe.close()
+    raise ConfigError("a Redis password is configured, but the server lets anyone read the deployment's keys "
+                      "without one; set requirepass (README, 'Redis') or drop the password")
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = Store.from_url(settings.redis_url, settings.prefix, lease_ttl=settings.lease_ttl)
-        self.queue = Queue(settings.queue, connection=self.store.r, serializer=JSONSerializer)
+        rq = rq_module(settings)
+        from rq.serializers import JSONSerializer
+        self.job_class: Any = rq.job.Job
+        self.serializer = JSONSerializer
+        self.store = Store.from_url(settings.redis_url, settings.prefix, password=settings.redis_password,
+                                    username=settings.redis_username, lease_ttl=settings.lease_ttl)
+        try:
+            self.store.ping()
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:  # e.g. a database index the server does not have
+            raise ConfigError(f"redis at {validate.redact(settings.redis_url)}: {exc}") from None
+        check_protection(settings)
+        self.queue = rq.Queue(settings.queue, connection=self.store.r, serializer=JSONSerializer)
         self.captures = Captures(self.store, self.hypervisor, self.enqueue, lease_ttl=settings.lease_ttl)
 
     def hypervisor(self, uri: str) -> LibvirtHypervisor:
@@ -36,10 +96,14 @@ class Runtime:
     def job_id(rec: Record) -> str:
         return f"{rec.id}-{rec.enqueues}"
 
+    def _job(self, job_id: str) -> Any:
+        if not self.store.r.exists(self.job_class.key_for(job_id)):
+            return None
+        return self.job_class.fetch(job_id, connection=self.store.r, serializer=self.serializer)
+
     def enqueue(self, rec: Record) -> None:
         job_id = self.job_id(rec)
-        existing = Job.fetch(job_id, connection=self.store.r, serializer=JSONSerializer) \
-            if self.store.r.exists(f"rq:job:{job_id}") else None
+        existing = self._job(job_id)
         if existing is not None and existing.get_status(refresh=True) in ("queued", "started", "deferred"):
             return
         self.queue.enqueue(JOB_FUNC, rec.id, job_id=job_id, job_timeout=JOB_TIMEOUT, result_ttl=3600,
@@ -55,9 +119,8 @@ class Runtime:
         return self.store.r.lpos(self.queue.key, job_id) is not None
 
     def job_status(self, rec: Record) -> str | None:
-        job_id = self.job_id(rec)
-        if not self.store.r.exists(f"rq:job:{job_id}"):
+        job = self._job(self.job_id(rec))
+        if job is None:
             return None
-        job = Job.fetch(job_id, connection=self.store.r, serializer=JSONSerializer)
         status = job.get_status(refresh=True)
         return str(status.value if hasattr(status, "value") else status)

@@ -25,7 +25,7 @@ from . import quiesce
 from .checkpoints import CheckpointStore
 from .definition import ROLLING_BACK, SUCCEEDED, Definition
 from .effects import Effects, OwnedFiles
-from .errors import AgentUnavailable, Cancelled, DomcaptureError, LeaseLost, StepFailed
+from .errors import AgentUnavailable, Cancelled, DomcaptureError, LeaseLost, RecordUnreadable, StepFailed
 from .hypervisor.base import CANCEL_EXEMPT, Hypervisor, fenced
 from .record import (FAILED, FINAL_STATUSES, FORWARD, NEEDS_ATTENTION, PARTIALLY_ROLLED_BACK, QUEUED, ROLLBACK,
                      ROLLED_BACK, RUNNING, STOPPED_STATUSES, Record)
@@ -190,10 +190,22 @@ class Engine:
         heartbeat: Heartbeat | None = None
         watchdog: FreezeWatchdog | None = None
         try:
-            rec = self.store.load(wf_id)
+            try:
+                rec = self.store.load(wf_id)
+            except RecordUnreadable as exc:
+                self.store.quarantine(wf_id, str(exc), by=self.worker_id)
+                log.error("workflow %s: quarantined: %s", wf_id, exc)
+                return "quarantined"
             if rec.status in FINAL_STATUSES or rec.status in STOPPED_STATUSES:
                 return rec.status
-            defn = self._definition(rec)
+            problem = definition_problem(self.definitions, rec)
+            if problem:
+                # Before any step: a record this build's definition cannot follow stops here, once.
+                rec.worker = self.worker_id
+                stop_for_definition(rec, problem)
+                self._save(rec, lease, "needs-attention", error=problem)
+                return rec.status
+            defn = self.definitions[rec.strategy]
             hv = self.hypervisor_factory(rec.uri)
             heartbeat = Heartbeat(lease)
             heartbeat.start()
@@ -226,15 +238,6 @@ class Engine:
                 hv.close()
 
     # -- plumbing ----------------------------------------------------------------
-    def _definition(self, rec: Record) -> Definition:
-        defn = self.definitions.get(rec.strategy)
-        if defn is None:
-            raise StepFailed(f"workflow {rec.id}: unknown strategy {rec.strategy!r}")
-        if defn.version != rec.definition_version:
-            raise StepFailed(f"workflow {rec.id} follows {rec.strategy} v{rec.definition_version}; "
-                             f"this build has v{defn.version}")
-        return defn
-
     def _guard(self, lease: Lease, rec: Record | None = None, call: str | None = None) -> None:
         """Right before an effect: the lease is ours, and (going forward) no abort was asked.
 
@@ -377,6 +380,32 @@ class Engine:
                              "hint": "fix the cause shown in 'reason', then run the command to continue the rollback"}
             rec.error = error_dict(exc, state)
             self._save(rec, lease, "needs-attention", step=state, error=str(exc))
+
+
+def definition_problem(definitions: dict[str, Definition], rec: Record) -> str | None:
+    """Why this build cannot advance ``rec`` (unknown strategy, another definition version), or None.
+
+    Such a record is never run nor rolled back here: its states may mean
+    something else in this build's table.
+    """
+    defn = definitions.get(rec.strategy)
+    if defn is None:
+        return f"workflow {rec.id} follows strategy {rec.strategy!r}, which this build does not have"
+    if defn.version != rec.definition_version:
+        return (f"workflow {rec.id} follows {rec.strategy} v{rec.definition_version}; this build has "
+                f"v{defn.version}")
+    return None
+
+
+def stop_for_definition(rec: Record, problem: str) -> None:
+    """The documented outcome of a definition mismatch (no I/O): needs_attention, with what would move it."""
+    rec.status = NEEDS_ATTENTION
+    rec.error = {"type": "DefinitionMismatch", "message": problem, "retryable": False, "state": rec.state,
+                 "at": time.time()}
+    rec.attention = {"reason": problem,
+                     "command": f"domcapture resume {rec.id}",
+                     "hint": f"run the command where the workers have {rec.strategy} "
+                             f"v{rec.definition_version} (the build that submitted it)"}
 
 
 def begin_rollback(defn: Definition, rec: Record) -> None:

@@ -68,6 +68,16 @@ class ConflictError(StoreError):
     retryable = True
 
 
+class RecordUnreadable(StoreError):
+    """A stored record this build cannot read (damaged JSON, unknown schema): it is quarantined."""
+
+    exit_code = 3
+
+
+class ConfigError(InputError):
+    """A setting (flag, environment variable, Redis credentials) that cannot work."""
+
+
 class LeaseLost(StoreError):
     """The writer's fencing epoch is stale: another process owns the workflow now."""
 

@@ -12,6 +12,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import RecordUnreadable
+
 SCHEMA_VERSION = 1
 
 QUEUED = "queued"
@@ -82,13 +84,27 @@ class Record:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Record":
+    def from_dict(cls, raw: Any) -> "Record":
+        """The record in ``raw``, or RecordUnreadable saying why this build cannot read it."""
+        if not isinstance(raw, dict):
+            raise RecordUnreadable(f"record is a JSON {type(raw).__name__}, not an object")
         version = raw.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ValueError(f"record {raw.get('id')!r} has schema version {version!r}; "
-                             f"this build reads version {SCHEMA_VERSION}")
+            newer = isinstance(version, int) and version > SCHEMA_VERSION
+            raise RecordUnreadable(f"record {raw.get('id')!r} has schema version {version!r}; this build reads "
+                                   f"version {SCHEMA_VERSION}{' (written by a newer build)' if newer else ''}")
+        for name, kind in _REQUIRED.items():
+            if not isinstance(raw.get(name), kind) or isinstance(raw.get(name), bool):
+                raise RecordUnreadable(f"record {raw.get('id')!r}: field {name!r} is missing or not a "
+                                       f"{kind.__name__}")
+        if raw["status"] not in STATUSES or raw.get("mode", FORWARD) not in (FORWARD, ROLLBACK):
+            raise RecordUnreadable(f"record {raw.get('id')!r}: unknown status {raw['status']!r} or mode "
+                                   f"{raw.get('mode')!r}")
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except TypeError as exc:
+            raise RecordUnreadable(f"record {raw.get('id')!r}: {exc}") from None
 
     # -- artifacts -------------------------------------------------------------
     def plan_artifact(self, art: Artifact) -> dict[str, Any]:
@@ -108,3 +124,7 @@ class Record:
     @property
     def final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+
+_REQUIRED: dict[str, type] = {"id": str, "strategy": str, "definition_version": int, "domain": str, "uri": str,
+                              "params": dict, "state": str, "status": str}

@@ -13,12 +13,12 @@ from typing import Any, Callable
 
 from . import quiesce, strategies
 from .definition import Definition
-from .engine import begin_rollback, requeue
-from .errors import DomainBusy, DomcaptureError, InvalidOperation
 from .checkpoints import CheckpointStore
 from .effects import Inspect
+from .engine import begin_rollback, definition_problem, requeue, stop_for_definition
+from .errors import DomainBusy, InvalidOperation
 from .hypervisor.base import Hypervisor, read_only
-from .record import FINAL_STATUSES, FORWARD, QUEUED, RUNNING, Record, new_id
+from .record import FINAL_STATUSES, FORWARD, NEEDS_ATTENTION, QUEUED, RUNNING, Record, new_id
 from .store import Lease, Store
 from .verify import verify_files
 
@@ -77,7 +77,11 @@ class Captures:
             ttl = self.store.lease_ttl(wf_id)
             raise InvalidOperation(f"workflow {wf_id} is running ({self.store.lease_value(wf_id)}, lease "
                                    f"{ttl or 0:.1f}s left); use 'domcapture abort {wf_id}' to stop it")
-        rec = self.store.load(wf_id)
+        try:
+            rec = self.store.load(wf_id)
+        except BaseException:
+            lease.release()
+            raise
         rec.worker = owner
         return rec, lease
 
@@ -102,6 +106,9 @@ class Captures:
     def rollback(self, wf_id: str, reason: str = "rollback requested by operator") -> Record:
         rec, lease = self._take(wf_id, "operator:rollback")
         try:
+            problem = definition_problem(self.definitions, rec)
+            if problem:
+                raise InvalidOperation(f"{problem}: roll it back where the workers have that definition")
             if rec.mode == FORWARD:
                 begin_rollback(self.definition(rec.strategy), rec)
                 rec.error = rec.error or {"type": "Cancelled", "message": reason, "retryable": False}
@@ -153,7 +160,8 @@ class Captures:
     def recover(self, wf_id: str, owner: str = "recovery") -> str | None:
         """Take over a ``running`` workflow whose lease expired: thaw, then resume or roll back.
 
-        Returns what was decided, or None when there was nothing to do.
+        Returns what was decided, or None when there was nothing to do.  The
+        lease taken here is released on every way out.
         """
         rec = self.store.load(wf_id)
         if rec.status != RUNNING:
@@ -162,51 +170,80 @@ class Captures:
         if lease is None:
             return None
         try:
-            rec = self.store.load(wf_id)
-            if rec.status != RUNNING:
-                return None
-            lost_worker, rec.worker = rec.worker, owner
-            if quiesce.frozen_info(rec):
-                hv = self.hypervisor_factory(rec.uri)
-                try:
-                    outcome = quiesce.thaw(hv, rec, by=owner)
-                finally:
-                    hv.close()
-                rec.data["freeze_broken"] = "thawed by recovery after the worker died"
-                self.store.save(rec, "thawed", epoch=lease.epoch, **outcome)
-            defn = self.definition(rec.strategy)
-            decision = "resume"
-            if rec.mode == FORWARD:
-                tries = rec.attempts.get(rec.state, 0)
-                if defn.crash_policy(rec.state) == "rollback":
-                    decision = "rollback"
-                elif tries >= defn.max_attempts:
-                    decision = "rollback"
-                    rec.error = {"type": "CrashLoop", "retryable": False, "state": rec.state, "at": time.time(),
-                                 "message": f"the worker died {tries} times in state {rec.state}"}
-                if decision == "rollback":
-                    begin_rollback(defn, rec)
-            else:
-                decision = "continue rollback"
-            rec.data.setdefault("recoveries", []).append({"at": time.time(), "lost_worker": lost_worker,
-                                                          "state": rec.state, "decision": decision})
-            self._requeue(rec, lease, "recovered", decision=decision, lost_worker=lost_worker)
-            return decision
-        except DomcaptureError:
-            lease.release()
-            raise
+            return self._recover(wf_id, owner, lease)
+        finally:
+            lease.release()  # a no-op when _requeue released it already (the value is compared)
+
+    def _recover(self, wf_id: str, owner: str, lease: Lease) -> str | None:
+        rec = self.store.load(wf_id)
+        if rec.status != RUNNING:
+            return None
+        lost_worker, rec.worker = rec.worker, owner
+        if quiesce.frozen_info(rec):
+            hv = self.hypervisor_factory(rec.uri)
+            try:
+                outcome = quiesce.thaw(hv, rec, by=owner)
+            finally:
+                hv.close()
+            rec.data["freeze_broken"] = "thawed by recovery after the worker died"
+            self.store.save(rec, "thawed", epoch=lease.epoch, **outcome)
+        problem = definition_problem(self.definitions, rec)
+        if problem:
+            stop_for_definition(rec, problem)
+            self._note_recovery(rec, lost_worker, "needs attention")
+            self.store.save(rec, "needs-attention", epoch=lease.epoch, error=problem, lost_worker=lost_worker)
+            return "needs attention: " + problem
+        defn = self.definitions[rec.strategy]
+        decision = "resume"
+        if rec.mode == FORWARD:
+            tries = rec.attempts.get(rec.state, 0)
+            if defn.crash_policy(rec.state) == "rollback":
+                decision = "rollback"
+            elif tries >= defn.max_attempts:
+                decision = "rollback"
+                rec.error = {"type": "CrashLoop", "retryable": False, "state": rec.state, "at": time.time(),
+                             "message": f"the worker died {tries} times in state {rec.state}"}
+            if decision == "rollback":
+                begin_rollback(defn, rec)
+        else:
+            decision = "continue rollback"
+            head = rec.revert_queue[0] if rec.revert_queue else None
+            tries = rec.attempts.get(f"revert:{head}", 0) if head else 0
+            if head and tries >= defn.max_attempts:
+                # The same cap as forward mode: a revert that kills its worker every time stops here.
+                reason = f"the worker died {tries} times while reverting {head}"
+                rec.status = NEEDS_ATTENTION
+                rec.error = {"type": "CrashLoop", "retryable": False, "state": head, "at": time.time(),
+                             "message": reason}
+                rec.attention = {"reason": f"rollback stopped: {reason}",
+                                 "command": f"domcapture rollback {rec.id}",
+                                 "hint": "find why the worker dies (its log), then run the command: it "
+                                         "continues the rollback with a fresh attempt count"}
+                self._note_recovery(rec, lost_worker, "needs attention")
+                self.store.save(rec, "needs-attention", epoch=lease.epoch, error=reason, lost_worker=lost_worker)
+                return "needs attention: " + reason
+        self._note_recovery(rec, lost_worker, decision)
+        self._requeue(rec, lease, "recovered", decision=decision, lost_worker=lost_worker)
+        return decision
+
+    @staticmethod
+    def _note_recovery(rec: Record, lost_worker: str | None, decision: str) -> None:
+        rec.data.setdefault("recoveries", []).append({"at": time.time(), "lost_worker": lost_worker,
+                                                      "state": rec.state, "decision": decision})
 
     def reenqueue(self, wf_id: str, owner: str = "recovery") -> bool:
         """A ``queued`` record whose job vanished from the queue gets a new job."""
         lease = self.store.acquire_lease(wf_id, owner, self.lease_ttl)
         if lease is None:
             return False
-        rec = self.store.load(wf_id)
-        if rec.status != QUEUED:
+        try:
+            rec = self.store.load(wf_id)
+            if rec.status != QUEUED:
+                return False
+            self._requeue(rec, lease, "reenqueued", reason="its job was lost from the queue")
+            return True
+        finally:
             lease.release()
-            return False
-        self._requeue(rec, lease, "reenqueued", reason="its job was lost from the queue")
-        return True
 
 
 def summary(rec: Record) -> dict[str, Any]:

@@ -11,6 +11,9 @@ Keys (``P`` is the configurable prefix, ``dc`` by default):
 - ``P:domain:<uri>|<name>``  id of the workflow that holds the domain
 - ``P:index``            sorted set of every id by creation time
 - ``P:active``           ids whose status is not final
+- ``P:quarantine``       ids of records this build cannot read (moved out of
+                         ``P:active``; the record's bytes stay in ``P:wf:<id>``
+                         with the reason in its ``quarantined`` field)
 
 Every record write runs one Lua script that checks the revision the writer
 read and the writer's fencing epoch, writes the record, appends the history
@@ -27,7 +30,8 @@ from typing import Any, Iterator
 
 import redis
 
-from .errors import ConflictError, DomainBusy, LeaseLost, RecordNotFound, StoreUnavailable
+from .errors import (ConflictError, DomainBusy, LeaseLost, RecordNotFound, RecordUnreadable, StoreError,
+                     StoreUnavailable)
 from .record import FINAL_STATUSES, Record
 
 _CREATE = """
@@ -84,6 +88,16 @@ _EVENT = """
 -- KEYS: history, epoch   ARGV: writer_epoch, event
 if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[2])
+return 1
+"""
+
+_QUARANTINE = """
+-- KEYS: record, history, active, quarantine   ARGV: id, reason, event
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+if redis.call('TYPE', KEYS[1]).ok == 'hash' then redis.call('HSET', KEYS[1], 'quarantined', ARGV[2]) end
+local ht = redis.call('TYPE', KEYS[2]).ok
+if ht == 'list' or ht == 'none' then redis.call('RPUSH', KEYS[2], ARGV[3]) end
 return 1
 """
 
@@ -150,14 +164,21 @@ class Store:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._event = client.register_script(_EVENT)
+        self._quarantine = client.register_script(_QUARANTINE)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "dc", lease_ttl: float = 5.0) -> "Store":
+    def from_url(cls, url: str, prefix: str = "dc", *, password: str | None = None,
+                 username: str | None = None, lease_ttl: float = 5.0) -> "Store":
         """A store on ``url``.  Every socket wait is shorter than the lease TTL (a third of it),
         so a worker blocked on a dead Redis finds out before its lease could be taken over."""
+        creds: dict[str, Any] = {}
+        if password is not None:
+            creds["password"] = password
+        if username is not None:
+            creds["username"] = username
         timeout = max(0.2, lease_ttl / 3)
         client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
-                                      health_check_interval=10)
+                                      health_check_interval=10, **creds)
         return cls(client, prefix)
 
     # -- keys ----------------------------------------------------------------
@@ -170,8 +191,15 @@ class Store:
     def _call(self, fn, *args, **kw):
         try:
             return fn(*args, **kw)
+        except redis.AuthenticationError as exc:
+            raise StoreUnavailable(f"redis refused the credentials: {exc} (see DOMCAPTURE_REDIS_PASSWORD_FILE)") \
+                from exc
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailable(f"redis unreachable: {exc}") from exc
+        except redis.ResponseError as exc:
+            if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+                raise StoreUnavailable(f"redis refused: {exc}") from exc
+            raise StoreError(f"redis refused a command: {exc}") from exc
 
     def ping(self) -> None:
         self._call(self.r.ping)
@@ -197,12 +225,51 @@ class Store:
             raise ConflictError(f"workflow {rec.id} already exists")
 
     def load(self, wf_id: str) -> Record:
-        raw = self._call(self.r.hgetall, self._k(wf_id))
+        """The record, or RecordNotFound, or RecordUnreadable with the reason (never another error)."""
+        key = self._k(wf_id)
+        kind = self._call(self.r.type, key).decode()
+        if kind == "none":
+            raise RecordNotFound(f"no workflow with id {wf_id!r}")
+        if kind != "hash":
+            raise RecordUnreadable(f"workflow {wf_id}: {key} is a Redis {kind}, not a workflow record")
+        raw = self._call(self.r.hgetall, key)
         if not raw:
             raise RecordNotFound(f"no workflow with id {wf_id!r}")
-        rec = Record.from_dict(json.loads(raw[b"data"]))
-        rec.rev = int(raw[b"rev"])
+        if b"quarantined" in raw:
+            raise RecordUnreadable(f"workflow {wf_id} is quarantined: "
+                                   f"{raw[b'quarantined'].decode(errors='replace')}")
+        try:
+            doc = json.loads(raw[b"data"])
+            rev = int(raw[b"rev"])
+        except KeyError as exc:
+            raise RecordUnreadable(f"workflow {wf_id}: record has no {exc.args[0].decode()!r} field") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RecordUnreadable(f"workflow {wf_id}: damaged record ({type(exc).__name__}: {exc})") from None
+        rec = Record.from_dict(doc)
+        if rec.id != wf_id:
+            raise RecordUnreadable(f"workflow {wf_id}: the record inside says id {rec.id!r}")
+        rec.rev = rev
         return rec
+
+    def quarantine(self, wf_id: str, reason: str, by: str = "") -> None:
+        """Move an unreadable record out of the active set; its bytes stay, with the reason beside them.
+
+        It keeps its domain claim: nothing knows what it left on the domain.
+        """
+        ev = {"ts": time.time(), "event": "quarantined", "state": "-", "status": "quarantined", "mode": "-",
+              "worker": by or None, "epoch": 0, "reason": reason}
+        self._call(self._quarantine, keys=[self._k(wf_id), self._k(wf_id, ":history"), f"{self.prefix}:active",
+                                           f"{self.prefix}:quarantine"], args=[wf_id, reason, _dumps(ev)])
+
+    def quarantined(self) -> dict[str, str]:
+        """id -> reason, for every quarantined record."""
+        out = {}
+        for raw in self._call(self.r.smembers, f"{self.prefix}:quarantine"):
+            wf_id = raw.decode()
+            why = self._call(self.r.hget, self._k(wf_id), "quarantined") if \
+                self._call(self.r.type, self._k(wf_id)).decode() == "hash" else None
+            out[wf_id] = why.decode(errors="replace") if why else "unreadable"
+        return out
 
     def save(self, rec: Record, event: str | None, *, epoch: int, **detail: Any) -> None:
         """Compare-and-set the record (and append ``event`` to its history).
@@ -237,7 +304,16 @@ class Store:
                                args=[epoch, ev]))
 
     def history(self, wf_id: str) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in self._call(self.r.lrange, self._k(wf_id, ":history"), 0, -1)]
+        out = []
+        for x in self._call(self.r.lrange, self._k(wf_id, ":history"), 0, -1):
+            try:
+                ev = json.loads(x)
+                if not isinstance(ev, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                ev = {"event": "unreadable", "raw": x.decode(errors="replace")[:200]}
+            out.append(ev)
+        return out
 
     def ids(self) -> list[str]:
         return [x.decode() for x in self._call(self.r.zrange, f"{self.prefix}:index", 0, -1)]
@@ -246,10 +322,21 @@ class Store:
         return sorted(x.decode() for x in self._call(self.r.smembers, f"{self.prefix}:active"))
 
     def records(self, status: str | None = None) -> Iterator[Record]:
+        """Every readable record (unreadable ones: see ``listing``)."""
+        for entry in self.listing(status):
+            if isinstance(entry, Record):
+                yield entry
+
+    def listing(self, status: str | None = None) -> Iterator[Record | tuple[str, str]]:
+        """Every record, or ``(id, reason)`` for one this build cannot read (status ``quarantined``)."""
         for wf_id in self.ids():
             try:
                 rec = self.load(wf_id)
             except RecordNotFound:
+                continue
+            except RecordUnreadable as exc:
+                if status in (None, "quarantined"):
+                    yield wf_id, str(exc)
                 continue
             if status is None or rec.status == status:
                 yield rec

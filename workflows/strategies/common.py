@@ -7,8 +7,8 @@ import shutil
 import time
 from typing import Any
 
-from .. import naming, quiesce
-from ..errors import (DeadlineExceeded, DomainNotRunning, DomcaptureError, InputError, InvalidTarget,
+from .. import naming, quiesce, validate
+from ..errors import (DeadlineExceeded, DomainNotRunning, DomcaptureError, InvalidTarget,
                       OperationFailed, StepFailed, UnsupportedDisk)
 from ..definition import Option
 from ..hypervisor.base import Disk, Hypervisor
@@ -31,10 +31,14 @@ OPT_BANDWIDTH = Option("bandwidth", "limit the copy rate, e.g. 50M (bytes/s; def
 
 
 # -- input checks (no side effects) -------------------------------------------------
+# The parsers themselves live in ``workflows.validate``, shared with the CLI.
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)} (got {value!r})")
-    return value
+    return validate.choice(name, value, choices)
+
+
+def check_text(name: str, value: Any) -> str:
+    """A non-empty string without control characters."""
+    return validate.text(name, value)
 
 
 def parse_on_error(params: dict[str, Any]) -> str:
@@ -43,37 +47,22 @@ def parse_on_error(params: dict[str, Any]) -> str:
 
 
 def parse_seconds(name: str, value: Any, default: float) -> float:
-    if value in (None, ""):
+    """A positive, finite number of seconds (NaN, inf, 0 and negatives refused); ``default`` when absent."""
+    if value is None:
         return default
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"--{name.replace('_', '-')} must be a number of seconds (got {value!r})") from None
-    if out <= 0:
-        raise InputError(f"--{name.replace('_', '-')} must be positive (got {value!r})")
-    return out
+    return validate.seconds(name, value)
 
 
 def parse_bandwidth(value: Any) -> int:
     """``--bandwidth`` as bytes per second; accepts 50M, 512K, 1G or a plain number; 0 = unlimited."""
-    if value in (None, "", 0, "0"):
-        return 0
-    text = str(value).strip().upper().removesuffix("/S").removesuffix("IB").removesuffix("B")
-    mult = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in "KMG" else text
-    try:
-        out = int(float(number) * mult)
-    except ValueError:
-        raise InputError(f"--bandwidth must look like 50M, 512K or a number of bytes/s (got {value!r})") from None
-    if out < 0:
-        raise InputError(f"--bandwidth must not be negative (got {value!r})")
-    return out
+    return validate.bandwidth(value)
 
 
 def check_target_dir(path: str | None) -> str:
-    if not path:
+    if path is None:
         raise InvalidTarget("--target is required: the directory the backup is written to")
-    path = os.path.abspath(path)
+    # realpath: the folder the workers will write to, symlinks resolved now
+    path = os.path.realpath(validate.path("target", path))
     if not os.path.isdir(path):
         raise InvalidTarget(f"target directory {path} does not exist")
     if not os.access(path, os.W_OK | os.X_OK):

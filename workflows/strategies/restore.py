@@ -95,7 +95,7 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
     out: dict[str, Any] = {
         "from": chain[-1]["id"], "chain": chain, "target": common.check_target_dir(params.get("target")),
         "on_error": common.parse_on_error(params),
-        "define": params.get("define") or None,
+        "define": None if params.get("define") is None else common.check_text("define", params["define"]),
     }
     if out["define"]:
         if not _NAME_OK.match(out["define"]):

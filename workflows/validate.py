@@ -1,0 +1,201 @@
+"""Parsers for every value a caller hands in: flags, environment variables, submit options.
+
+Each parser takes the raw value (a string from argv or the environment, or a
+typed value from a library caller), returns the typed value, and raises
+``InputError`` with one line naming the flag and what is wrong.  They do no
+I/O, so a refusal never has a side effect.
+
+The ranges are the documented ones (README, "Command line" and
+"Configuration"): numbers are finite; durations are positive; a bandwidth is
+0 (unlimited) or at least one byte per second; names and paths are non-empty
+and free of control characters; workflow ids match the id format before any
+Redis call.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import InputError
+
+ID_RE = re.compile(r"^[0-9a-f]{16}$")
+# libvirt accepts almost any domain name; these are the ones a shell, a path
+# and a log line can carry without quoting surprises.
+DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+:-]{0,199}$")
+# Redis key prefixes and queue names: part of every key of a deployment.
+KEY_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+MAX_SECONDS = 366 * 24 * 3600.0
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def flag(name: str) -> str:
+    """``freeze_deadline`` -> ``--freeze-deadline``; environment names stay as they are."""
+    return name if name.isupper() else f"--{name.replace('_', '-')}"
+
+
+def has_control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def text(name: str, value: Any) -> str:
+    """A non-empty string without control characters (newline, tab, NUL, escape...)."""
+    if not isinstance(value, str):
+        raise InputError(f"{flag(name)} must be a string (got {type(value).__name__})")
+    if value == "" or value.strip() == "":
+        raise InputError(f"{flag(name)} must not be empty")
+    if has_control(value):
+        raise InputError(f"{flag(name)} must not contain control characters (got {value!r})")
+    return value
+
+
+def path(name: str, value: Any) -> str:
+    """A file system path: non-empty, no control characters."""
+    return text(name, value)
+
+
+def domain_name(value: Any, name: str = "domain") -> str:
+    value = text(name, value)
+    if not DOMAIN_RE.match(value):
+        raise InputError(f"{flag(name)} {value!r} is not a valid domain name (letters, digits and . _ + : -, "
+                         "starting with a letter or digit, at most 200)")
+    return value
+
+
+def workflow_id(value: Any, name: str = "id") -> str:
+    """A workflow id as ``new_id`` makes them: 16 lowercase hex digits."""
+    if not isinstance(value, str) or not ID_RE.match(value):
+        shown = value if isinstance(value, str) else type(value).__name__
+        what = "" if name == "id" else f"{flag(name)}: "
+        raise InputError(f"{what}{shown!r} is not a workflow id (16 lowercase hex digits, as 'list' shows)")
+    return value
+
+
+def key_part(name: str, value: Any) -> str:
+    """A Redis key prefix or queue name."""
+    value = text(name, value)
+    if not KEY_PART_RE.match(value):
+        raise InputError(f"{flag(name)} {value!r} must be letters, digits and . _ - (at most 64, starting "
+                         "with a letter or digit)")
+    return value
+
+
+def choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise InputError(f"{flag(name)} must be one of {', '.join(choices)} (got {value!r})")
+    return value
+
+
+def log_level(value: Any, name: str = "log_level") -> str:
+    return choice(name, value.upper() if isinstance(value, str) else value, LOG_LEVELS)
+
+
+def number(name: str, value: Any, *, minimum: float = 0.0, maximum: float = MAX_SECONDS,
+           allow_minimum: bool = False, unit: str = "") -> float:
+    """A finite number in (minimum, maximum] (or [minimum, maximum] with ``allow_minimum``)."""
+    if isinstance(value, bool):
+        raise InputError(f"{flag(name)} must be a number{unit} (got {value!r})")
+    try:
+        out = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise InputError(f"{flag(name)} must be a number{unit} (got {value!r})") from None
+    if not math.isfinite(out):
+        raise InputError(f"{flag(name)} must be a finite number{unit} (got {value!r})")
+    if out < minimum or (out == minimum and not allow_minimum):
+        bound = f"at least {minimum:g}" if allow_minimum else ("positive" if minimum == 0 else
+                                                               f"more than {minimum:g}")
+        raise InputError(f"{flag(name)} must be {bound} (got {value!r})")
+    if out > maximum:
+        raise InputError(f"{flag(name)} must be at most {maximum:g}{unit} (got {value!r})")
+    return out
+
+
+def seconds(name: str, value: Any, default: float | None = None, *, maximum: float = MAX_SECONDS) -> float:
+    """A positive, finite duration in seconds; ``default`` when the value is absent."""
+    if value is None and default is not None:
+        return default
+    return number(name, value, maximum=maximum, unit=" of seconds")
+
+
+def bandwidth(value: Any, name: str = "bandwidth") -> int:
+    """Bytes per second: ``50M``, ``512K``, ``1G``, ``1048576``; 0 means unlimited.
+
+    Anything between 0 and one byte per second is refused: it would round to
+    0, which means unlimited, the opposite of what was asked.
+    """
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        raise InputError(f"{flag(name)} must look like 50M, 512K or a number of bytes/s (got {value!r})")
+    if isinstance(value, (int, float)):
+        raw = float(value)
+        shown = value
+    else:
+        shown = value
+        t = str(value).strip().upper().removesuffix("/S").removesuffix("IB").removesuffix("B")
+        unit = t[-1:] if t[-1:] in "KMGT" else ""
+        digits = t[:-1] if unit else t
+        if not re.fullmatch(r"\d+(\.\d+)?|\.\d+", digits.strip()):
+            raise InputError(f"{flag(name)} must look like 50M, 512K or a number of bytes/s (got {value!r})")
+        raw = float(digits) * _UNITS[unit]
+    if not math.isfinite(raw):
+        raise InputError(f"{flag(name)} must be finite (got {shown!r})")
+    if raw < 0:
+        raise InputError(f"{flag(name)} must not be negative (got {shown!r})")
+    if 0 < raw < 1:
+        raise InputError(f"{flag(name)} must be 0 (unlimited) or at least 1 byte/s (got {shown!r})")
+    if raw > 1024 ** 5:
+        raise InputError(f"{flag(name)} must be at most 1P bytes/s (got {shown!r})")
+    return int(raw)
+
+
+def redis_url(value: Any, name: str = "DOMCAPTURE_REDIS_URL") -> str:
+    """A Redis URL redis-py will accept: scheme, port and database index checked here."""
+    value = text(name, value)
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise InputError(f"{flag(name)}: {exc} in {_redact(value)!r}") from None
+    if parts.scheme not in REDIS_SCHEMES:
+        raise InputError(f"{flag(name)} must start with redis://, rediss:// or unix:// (got {_redact(value)!r})")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise InputError(f"{flag(name)} names no host (got {_redact(value)!r})")
+    if port is not None and not 0 < port < 65536:
+        raise InputError(f"{flag(name)}: port {port} is out of range 1-65535")
+    db = parts.path.lstrip("/") if parts.scheme != "unix" else ""
+    for q in parts.query.split("&"):
+        if q.startswith("db="):
+            db = q[3:]
+    if db:
+        if not db.isdigit():
+            raise InputError(f"{flag(name)}: database index {db!r} must be a number (0 to the server's "
+                             "'databases' setting minus 1)")
+    return value
+
+
+def url_has_password(value: str) -> bool:
+    try:
+        return urlsplit(value).password is not None
+    except ValueError:
+        return False
+
+
+def _redact(url: str) -> str:
+    """The URL with its password (if any) replaced, for error lines and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+redact = _redact
