@@ -23,7 +23,7 @@ from workflows.errors import DomcaptureError, InputError
 from workflows.record import FINAL_STATUSES, STATUSES, STOPPED_STATUSES, Record
 from workflows.service import summary
 
-from . import cli_checkpoints
+from . import cli_checkpoints, notify, web
 from .runtime import Runtime
 from .settings import Settings, process_id
 
@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_recovery)
 
     cli_checkpoints.register(sub)
+    web.register(sub)
+    notify.register(sub)
     return p
 
 
