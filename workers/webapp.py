@@ -30,7 +30,7 @@ from starlette.templating import Jinja2Templates
 
 from workflows import strategies
 from workflows.definition import END_STATES, ROLLING_BACK, Definition
-from workflows.errors import DomcaptureError, InputError
+from workflows.errors import DomcaptureError, InputError, RecordNotFound
 from workflows.record import FINAL_STATUSES, STATUSES, Record
 
 from . import cli_checkpoints
@@ -116,11 +116,11 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
             request.session["csrf"] = token
         return token
 
-    def render(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
+    def render(request: Request, template: str, status_code: int = 200, **context: Any) -> Response:
         flash = request.session.pop("flash", None)
         base = {"user": user(request), "csrf": csrf(request), "read_only": config.read_only, "flash": flash,
                 "statuses": STATUSES, "strategy_names": sorted(strategies.DEFINITIONS)}
-        return templates.TemplateResponse(request, name, {**base, **context}, status_code=status_code)
+        return templates.TemplateResponse(request, template, {**base, **context}, status_code=status_code)
 
     def flash(request: Request, kind: str, text: str) -> None:
         request.session["flash"] = {"kind": kind, "text": text}
@@ -135,6 +135,8 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
                 return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
             try:
                 return await fn(request)
+            except RecordNotFound as exc:
+                return render(request, "error.html", 404, message=str(exc))
             except DomcaptureError as exc:
                 return render(request, "error.html", HTTP_STATUS.get(exc.exit_code, 500), message=str(exc))
         return wrapped
