@@ -139,3 +139,23 @@ def test_compose_services_start_outside_docker(redis_client, prefix, libvirt_uri
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=5)
+
+
+def test_wheel_ships_the_console_templates_and_htmx(tmp_path):
+    """An installed package (not a checkout) must find its templates and static files."""
+    import sys
+    import zipfile
+    src = tmp_path / "src"  # a copy: the build leaves build/ and *.egg-info behind
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for pkg in ("workflows", "workers"):
+        shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    wheel = next((tmp_path / "dist").glob("domcapture-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    templates = {f"workers/templates/{p.name}" for p in (REPO / "workers" / "templates").glob("*.html")}
+    assert templates and templates <= names
+    assert "workers/static/htmx.min.js" in names
