@@ -78,7 +78,8 @@ def test_one_delivery_per_status_even_after_sigkill(cluster, disk_domain, tmp_pa
     receiver = Receiver()
     script = tmp_path / "hook.sh"
     sink = tmp_path / "hook.out"
-    script.write_text(f"#!/bin/sh\nprintf '%s %s\\n' \"$DOMCAPTURE_IDEMPOTENCY_KEY\" \"$(cat | head -c 40)\" >> {sink}\n")
+    script.write_text("#!/bin/sh\n"
+                      f"printf '%s %s\\n' \"$DOMCAPTURE_IDEMPOTENCY_KEY\" \"$(cat | head -c 40)\" >> {sink}\n")
     script.chmod(0o755)
     notifier_cmd = [DOMCAPTURE, "notifier", "--webhook", receiver.url, "--exec", str(script), "--on", ALL,
                     "--interval", "0.2"]

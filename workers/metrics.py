@@ -26,6 +26,8 @@ from workflows.errors import DomcaptureError
 from workflows.record import RUNNING, STATUSES, SUCCEEDED, Record
 from workflows.store import Store
 
+from .notify import redis_call
+
 log = logging.getLogger("domcapture.metrics")
 
 FREEZE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -222,7 +224,7 @@ class StoreCollector(Collector):
         depth = GaugeMetricFamily("domcapture_queue_depth", "jobs waiting in an RQ queue", labels=["queue"])
         workers = GaugeMetricFamily("domcapture_workers", "RQ workers registered on a queue", labels=["queue"])
         names = {self.queue_name}
-        for key in self.store._call(self.store.r.smembers, "rq:queues"):
+        for key in redis_call(self.store, self.store.r.smembers, "rq:queues"):
             name = (key.decode() if isinstance(key, bytes) else str(key)).removeprefix("rq:queue:")
             if name.startswith(f"{self.queue_name}-"):  # per-host queues: <queue>-<host>
                 names.add(name)

@@ -33,7 +33,7 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from workflows.errors import DomcaptureError, InputError, RecordNotFound
 from workflows.record import FAILED, NEEDS_ATTENTION, ROLLED_BACK, SUCCEEDED, Record
@@ -50,6 +50,11 @@ ALLOWED_ON = (NEEDS_ATTENTION, FAILED, ROLLED_BACK, SUCCEEDED)
 RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0, 600.0)  # then it gives up (the log says so)
 LOG_KEEP = 10000
 CLAIM_TTL_MS = 120_000
+
+
+def redis_call(store: Store, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """A Redis call through the store's error mapping (connection errors become StoreUnavailable)."""
+    return store._call(fn, *args, **kw)  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,8 @@ class Notifier:
         return ":".join((self.store.prefix, "notify", *parts))
 
     def since(self) -> float:
-        self.store._call(self.store.r.set, self._k("since"), repr(self.clock()), nx=True)
-        return float(self.store._call(self.store.r.get, self._k("since")))
+        redis_call(self.store, self.store.r.set, self._k("since"), repr(self.clock()), nx=True)
+        return float(redis_call(self.store, self.store.r.get, self._k("since")))
 
     def due(self) -> list[Delivery]:
         since = self.since()
@@ -133,15 +138,15 @@ class Notifier:
     def _attempt(self, d: Delivery, t: Target) -> dict[str, Any] | None:
         r = self.store.r
         done, claim, retry = (self._k(part, t.id, d.key) for part in ("done", "claim", "retry"))
-        if self.store._call(r.exists, done):
+        if redis_call(self.store, r.exists, done):
             return None
-        state = json.loads(self.store._call(r.get, retry) or b'{"attempts": 0, "next_at": 0}')
+        state = json.loads(redis_call(self.store, r.get, retry) or b'{"attempts": 0, "next_at": 0}')
         if state["next_at"] > self.clock():
             return None
-        if not self.store._call(r.set, claim, self.owner, nx=True, px=CLAIM_TTL_MS):
+        if not redis_call(self.store, r.set, claim, self.owner, nx=True, px=CLAIM_TTL_MS):
             return None  # another notifier is on it
         try:
-            if self.store._call(r.exists, done):  # finished by another notifier between our checks
+            if redis_call(self.store, r.exists, done):  # finished by another notifier between our checks
                 return None
             attempt = state["attempts"] + 1
             started = time.monotonic()
@@ -161,12 +166,12 @@ class Notifier:
             else:
                 delay = self.retry_delays[attempt - 1]
                 pipe.set(retry, json.dumps({"attempts": attempt, "next_at": self.clock() + delay}))
-            self.store._call(pipe.execute)
+            redis_call(self.store, pipe.execute)
             level = logging.INFO if ok else logging.WARNING
             log.log(level, "notify %s %s -> %s: %s", d.key, t.kind, t.address, "ok" if ok else detail)
             return entry
         finally:
-            self.store._call(r.delete, claim)
+            redis_call(self.store, r.delete, claim)
 
     def _send(self, d: Delivery, t: Target, attempt: int) -> tuple[bool, dict[str, Any]]:
         body = json.dumps(d.payload(), sort_keys=True)
@@ -205,7 +210,7 @@ class Notifier:
 
 
 def delivery_log(store: Store, limit: int = 100) -> list[dict[str, Any]]:
-    raw = store._call(store.r.lrange, f"{store.prefix}:notify:log", -limit, -1)
+    raw = redis_call(store, store.r.lrange, f"{store.prefix}:notify:log", -limit, -1)
     return [json.loads(x) for x in raw]
 
 

@@ -312,7 +312,10 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         recs = sorted((r for r in rt.store.records() if r.domain == name and (not uri or r.uri == uri)),
                       key=lambda r: r.created_at, reverse=True)
         backups = [r for r in recs if r.status == "succeeded" and (r.result or {}).get("files")]
-        cp_error, checkpoints, canonical, defined = None, [], uri, None
+        cp_error: str | None = None
+        checkpoints: list[dict[str, Any]] = []
+        canonical: str = uri
+        defined: bool | None = None
         try:
             canonical, defined, checkpoints = cli_checkpoints.rows(rt, name, uri or (recs[0].uri if recs else None))
         except DomcaptureError as exc:
