@@ -25,7 +25,8 @@ fi
 PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
       qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc
       redis-server redis-tools python3-venv python3-dev python3-libnbd
-      libnbd-bin nbdkit e2fsprogs cpio gzip busybox-static procps)
+      libnbd-bin nbdkit e2fsprogs cpio gzip busybox-static procps
+      chromium systemd prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -43,7 +44,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     log "creating virtualenv $VENV"
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import workflows, workers, libvirt, transitions, rq, redis, pytest' 2>/dev/null; then
+if ! "$VENV/bin/python" -c 'import workflows, workers, libvirt, transitions, rq, redis, pytest, starlette, prometheus_client, playwright' 2>/dev/null; then
     log "installing domcapture into $VENV"
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q -e "$REPO[test]"

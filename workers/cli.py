@@ -28,7 +28,7 @@ from workflows.errors import DomcaptureError, RecordUnreadable
 from workflows.record import FINAL_STATUSES, STATUSES, STOPPED_STATUSES, Record
 from workflows.service import summary
 
-from . import cli_checkpoints, completion
+from . import cli_checkpoints, completion, notify, web
 from .runtime import Runtime, rq_module
 from .settings import Settings, process_id
 
@@ -352,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("shell", choices=("bash",))
     _with_json(s)
     s.set_defaults(func=cmd_completion, offline=True)
+    web.register(sub)
+    notify.register(sub)
     return p
 
 
