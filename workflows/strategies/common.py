@@ -295,6 +295,7 @@ def copy_disks(ctx: StepContext, artifact_prefix: str) -> None:
         partial = naming.partial_of(art["path"])
         art["partial"] = partial
         ctx.save("copy-intent", disk=disk["target"], partial=partial, offset=cur["offset"])
+        os.makedirs(os.path.dirname(art["path"]), exist_ok=True)  # copy_resumable creates no folder
 
         def durable(pos: int, cur: dict = cur) -> None:
             cur["offset"] = pos

@@ -204,6 +204,7 @@ class Stage(Step):
             cur = cursors.setdefault(target, {"offset": 0})
             partial = naming.partial_of(art["path"])
             ctx.save("stage-intent", disk=target, partial=partial, offset=cur["offset"])
+            os.makedirs(os.path.dirname(art["path"]), exist_ok=True)  # copy_resumable creates no folder
 
             def durable(pos: int, cur: dict = cur) -> None:
                 cur["offset"] = pos
