@@ -51,7 +51,7 @@ TRANSITIONS = [
 
 MODES = ("push", "pull")
 DEFAULT_BACKUP_TIMEOUT = 3600.0
-POLL = 0.2
+POLL = 0.05  # a finished push job is seen within 50 ms (each poll is one libvirt call)
 
 OPT_MODE = Option("mode", "direct-backup: push (libvirt writes the files) | pull (read over NBD); default push",
                   choices=MODES)
