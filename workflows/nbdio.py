@@ -353,14 +353,17 @@ def image_info(path: str) -> dict[str, Any]:
     return json.loads(run_qemu_img("info", "--output=json", "-U", chain_spec([path])))
 
 
-def check_image(path: str) -> None:
-    """``qemu-img check``; leaked clusters (a writer killed mid-way) are repaired, anything else refused."""
+def check_image(path: str) -> bool:
+    """``qemu-img check``; leaked clusters (a writer killed mid-way) are repaired (returns True), anything
+    else refused."""
     out = subprocess.run(["qemu-img", "check", "-q", "-U", chain_spec([path])], capture_output=True, text=True,
                          timeout=QEMU_IMG_TIMEOUT)
     if out.returncode == 3:  # leaks only: the data is intact
         run_qemu_img("check", "-q", "-r", "leaks", chain_spec([path]))
-    elif out.returncode != 0:
+        return True
+    if out.returncode != 0:
         raise OperationFailed(f"qemu-img check of {path} failed: {(out.stderr or out.stdout).strip()}")
+    return False
 
 
 def allocated_bytes(path: str) -> int:

@@ -18,11 +18,10 @@ import os
 import time
 from typing import Any
 
-from .. import naming, nbdio
+from .. import datapath, naming, nbdio
 from ..checkpoints import COMMITTED, KIND_BACKUP, PENDING, Checkpoint, backup_base, owned_pending, restore_chain
 from ..definition import RESUME, Definition, Option
 from ..errors import CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, OperationFailed, StepFailed
-from ..filecopy import fsync_dir, sha256_file
 from ..hypervisor.base import Hypervisor
 from ..record import Artifact
 from ..steps import Step, StepContext
@@ -346,16 +345,10 @@ class Transfer(Step):
             base = ctx.data.get("base")
             if base:  # the header names the parent backup's file, so qemu-img can read the chain
                 nbdio.set_backing(partial, os.path.relpath(base["files"][disk], os.path.dirname(path)))
-            nbdio.check_image(partial)
-            want = next(d["virtual_size"] for d in ctx.data["disks"] if d["target"] == disk)
-            got = nbdio.image_info(partial)["virtual-size"]
-            if got != want:
-                raise StepFailed(f"the backup of {disk} has {got} bytes, the disk {want}")
-            bc.fsync_file(partial)
-            os.replace(partial, path)
-            fsync_dir(os.path.dirname(path))
-        ctx.rec.set_artifact(f"backup:{disk}", status="present", checksum=f"sha256:{sha256_file(path)}",
-                             size=os.path.getsize(path), allocated=nbdio.allocated_bytes(path))
+        want = next(d["virtual_size"] for d in ctx.data["disks"] if d["target"] == disk)
+        sealed = datapath.seal(partial, path, want)  # check, fsync, hash at once; then the rename
+        ctx.rec.set_artifact(f"backup:{disk}", status="present", checksum=sealed.checksum, size=sealed.size,
+                             allocated=sealed.allocated)
         ctx.save("transferred", disk=disk)
 
     def revert(self, ctx: StepContext) -> None:
