@@ -61,6 +61,7 @@ def progress_line(rec: Record) -> str:
 def _wait(rt: Runtime, wf_id: str, timeout: float, quiet: bool) -> Record:
     deadline = time.time() + timeout
     last = ""
+    started = time.time()
     while True:
         rec = rt.store.load(wf_id)
         line = progress_line(rec)
@@ -71,7 +72,7 @@ def _wait(rt: Runtime, wf_id: str, timeout: float, quiet: bool) -> Record:
             return rec
         if time.time() > deadline:
             return rec
-        time.sleep(0.5)
+        time.sleep(0.05 if time.time() - started < 30 else 0.5)  # a short job is seen to end at once
 
 
 def _emit(args: argparse.Namespace, rec: Record, text: str) -> None:

@@ -1,20 +1,88 @@
 """Resumable, checksummed file copies into a partial file, renamed when complete.
 
+The copy is a three-stage pipeline over a small pool of reused buffers:
+
+- a reader thread reads large chunks (``CHUNK``) with ``preadv``; a chunk
+  lying wholly in a hole of the source (``SEEK_DATA``/``SEEK_HOLE``) is not
+  read at all.  Pages it read are dropped from the host's page cache behind
+  it (``posix_fadvise(DONTNEED)``), so a backup does not evict the host's
+  working set;
+- the calling thread checks the lease (``check``) per chunk, applies the
+  bandwidth limit, writes non-zero chunks (zero chunks stay holes: the copy
+  is sparse) and pushes them to disk behind itself (``sync_file_range``,
+  then ``DONTNEED``), so dirty pages never pile up in the page cache;
+- a hashing thread feeds every chunk, holes as zeroes, to sha256 (which
+  releases the GIL on large buffers), so the checksum is the checksum of the
+  file's bytes and costs no time of its own on two cores.
+
 The cursor (bytes durably written) is handed to ``on_durable`` only after an
-fsync, so a resumed copy truncates the partial file to the recorded cursor
-and continues from there.  Zero chunks are skipped (the copy stays sparse)
-but hashed, so the checksum is the checksum of the file's bytes.
+fdatasync, at most once per ``durable_interval`` seconds, so a resumed copy
+truncates the partial file to the recorded cursor and continues from there.
+See docs/datapath.md for the measurements behind these choices.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import os
+import queue
+import stat
+import threading
 import time
 from typing import Callable
 
-CHUNK = 1024 * 1024
-SYNC_EVERY = 8 * 1024 * 1024
+from .errors import OperationFailed
+
+CHUNK = 8 * 1024 * 1024
+DURABLE_INTERVAL = 1.0  # seconds between fdatasync + on_durable
+BUFFERS = 6  # chunks in the pipeline at once (reader, writer, hasher, and queued between them)
+ZERO = bytes(CHUNK)
+_ZERO_VIEW = memoryview(ZERO)
+
+_SYNC_FILE_RANGE_WAIT_BEFORE = 1
+_SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_AFTER = 4
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def _writeback(fd: int, offset: int, length: int, wait: bool) -> None:
+    """Start writing ``[offset, offset+length)`` to disk; with ``wait``, wait for it and drop the pages."""
+    if length <= 0:
+        return
+    if _sync_file_range is not None:
+        flags = _SYNC_FILE_RANGE_WRITE
+        if wait:
+            flags |= _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WAIT_AFTER
+        if _sync_file_range(fd, offset, length, flags) != 0:
+            err = ctypes.get_errno()
+            if err not in (errno.ENOSYS, errno.EINVAL, errno.ESPIPE):
+                raise OSError(err, os.strerror(err))
+    if wait:
+        drop_cache(fd, offset, length)
+
+
+def drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Ask the kernel to forget clean cached pages of ``fd`` (a hint: errors are ignored)."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
 
 
 def fsync_dir(path: str) -> None:
@@ -26,81 +94,232 @@ def fsync_dir(path: str) -> None:
 
 
 def sha256_file(path: str, limit: int | None = None) -> str:
+    """sha256 of a file's first ``limit`` bytes (all when None), read in large chunks, not cached."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        remaining = limit
-        while remaining is None or remaining > 0:
-            n = CHUNK if remaining is None else min(CHUNK, remaining)
-            buf = f.read(n)
-            if not buf:
-                break
-            h.update(buf)
-            if remaining is not None:
-                remaining -= len(buf)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _hash_fd(fd, h, limit)
+    finally:
+        os.close(fd)
     return h.hexdigest()
+
+
+def _hash_fd(fd: int, h: "hashlib._Hash", limit: int | None) -> int:
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    pos = 0
+    while limit is None or pos < limit:
+        n = CHUNK if limit is None else min(CHUNK, limit - pos)
+        got = os.preadv(fd, [view[:n]], pos)
+        if got <= 0:
+            break
+        h.update(view[:got])
+        drop_cache(fd, pos, got)
+        pos += got
+    return pos
+
+
+def _data_start(fd: int, pos: int, end: int) -> int:
+    """The first offset >= ``pos`` holding data (``end`` when only a hole is left)."""
+    try:
+        return min(os.lseek(fd, pos, os.SEEK_DATA), end)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a hole up to the end of the file
+            return end
+        return pos  # SEEK_DATA not supported: treat everything as data
+
+
+def _open_partial(partial: str, offset: int) -> tuple[int, int]:
+    """Open the partial file without following a symlink; returns (fd, the offset to resume from).
+
+    From offset 0 the file is created exclusively (mode 0600); a leftover
+    regular file is removed first, anything else there is refused.
+    """
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    if offset:
+        try:
+            fd = os.open(partial, flags)
+        except FileNotFoundError:
+            offset = 0
+        else:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size >= offset:
+                return fd, offset
+            os.close(fd)
+            offset = 0
+    try:
+        st = os.lstat(partial)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise OperationFailed(f"{partial} exists and is not a regular file; it is left alone")
+        os.unlink(partial)
+    return os.open(partial, flags | os.O_CREAT | os.O_EXCL, 0o600), 0
+
+
+class _Pipeline:
+    """The reader and hasher threads around the calling thread's writes."""
+
+    def __init__(self, fd_in: int, start: int, total: int, h: "hashlib._Hash") -> None:
+        self.fd_in, self.pos, self.total, self.h = fd_in, start, total, h
+        self.free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(BUFFERS):
+            self.free.put(bytearray(CHUNK))
+        self.ready: queue.Queue[tuple[int, int, bytearray | None] | BaseException | None] = queue.Queue()
+        self.to_hash: queue.Queue[tuple[int, bytearray | None] | None] = queue.Queue()
+        self.stop = threading.Event()
+        self.hash_error: BaseException | None = None
+        self.reader = threading.Thread(target=self._read, name="filecopy-read", daemon=True)
+        self.hasher = threading.Thread(target=self._hash, name="filecopy-hash", daemon=True)
+        self.reader.start()
+        self.hasher.start()
+
+    def _read(self) -> None:
+        try:
+            pos, end = self.pos, self.total
+            while pos < end and not self.stop.is_set():
+                n = min(CHUNK, end - pos)
+                if _data_start(self.fd_in, pos, end) >= pos + n:
+                    self.ready.put((pos, n, None))  # a hole: nothing to read
+                    pos += n
+                    continue
+                buf = self.free.get()
+                if self.stop.is_set():
+                    break
+                got = os.preadv(self.fd_in, [memoryview(buf)[:n]], pos)
+                if got <= 0:
+                    raise OperationFailed(f"the source ended at {pos} bytes, {end} were expected")
+                drop_cache(self.fd_in, pos, got)
+                self.ready.put((pos, got, buf))
+                pos += got
+            self.ready.put(None)
+        except BaseException as exc:  # handed to the writer, which raises it
+            self.ready.put(exc)
+
+    def _hash(self) -> None:
+        while True:
+            item = self.to_hash.get()
+            if item is None:
+                return
+            n, buf = item
+            try:
+                if self.hash_error is None:
+                    self.h.update(_ZERO_VIEW[:n] if buf is None else memoryview(buf)[:n])
+            except BaseException as exc:
+                self.hash_error = exc
+            if buf is not None:
+                self.free.put(buf)
+
+    def next(self) -> tuple[int, int, bytearray | None] | None:
+        item = self.ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def finish(self) -> None:
+        """Wait for the hasher to take in every chunk handed to it."""
+        self.to_hash.put(None)
+        self.hasher.join()
+        self.reader.join()
+        if self.hash_error is not None:
+            raise self.hash_error
+
+    def abort(self) -> None:
+        self.stop.set()
+        self.to_hash.put(None)
+        for _ in range(BUFFERS):  # unblock a reader waiting for a buffer
+            self.free.put(bytearray(0))
+        self.reader.join(timeout=10)
+        self.hasher.join(timeout=10)
 
 
 def copy_resumable(src: str, partial: str, final: str, *, offset: int,
                    on_progress: Callable[[int, int], None], on_durable: Callable[[int], None],
                    check: Callable[[], None], bandwidth: float = 0,
-                   sleep: Callable[[float], None] = time.sleep) -> tuple[str, int]:
+                   sleep: Callable[[float], None] = time.sleep,
+                   durable_interval: float = DURABLE_INTERVAL) -> tuple[str, int]:
     """Copy ``src`` to ``partial`` from ``offset``; fsync, rename to ``final``.
 
     ``check`` runs before every chunk (it raises when the caller lost its
     lease or was cancelled).  ``bandwidth`` (bytes/s, 0 = unlimited) limits
-    the read rate to spare the host's I/O.  Returns (sha256, size).
+    the read rate to spare the host's I/O.  ``final``'s directory must exist.
+    Returns (sha256, size).
     """
     check()  # before anything is created: a fenced-out caller leaves no file behind
-    total = os.path.getsize(src)
-    h = hashlib.sha256()
-    if offset and os.path.exists(partial) and os.path.getsize(partial) >= offset:
-        with open(partial, "rb") as f:  # re-hash the part already copied
-            remaining = offset
-            while remaining:
-                buf = f.read(min(CHUNK, remaining))
-                if not buf:
-                    break
-                h.update(buf)
-                remaining -= len(buf)
-    else:
-        offset = 0
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    fd_out = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o600)
+    fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.ftruncate(fd_out, offset)
-        with open(src, "rb") as fin:
-            fin.seek(offset)
-            pos, since_sync = offset, 0
-            started, start_pos = time.monotonic(), offset
-            while True:
-                check()
-                buf = fin.read(CHUNK)
-                if not buf:
-                    break
-                h.update(buf)
-                if buf.count(0) == len(buf):
-                    pass  # leave a hole
-                else:
-                    os.pwrite(fd_out, buf, pos)
-                pos += len(buf)
-                since_sync += len(buf)
-                if since_sync >= SYNC_EVERY:
-                    os.ftruncate(fd_out, pos)
-                    os.fsync(fd_out)
-                    on_durable(pos)
-                    since_sync = 0
-                on_progress(pos, total)
-                if bandwidth > 0:
-                    ahead = (pos - start_pos) / bandwidth - (time.monotonic() - started)
-                    if ahead > 0:
-                        sleep(ahead)
-        os.ftruncate(fd_out, pos)
-        os.fsync(fd_out)
+        total = os.fstat(fd_in).st_size
+        try:
+            os.posix_fadvise(fd_in, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass
+        fd_out, offset = _open_partial(partial, offset)
+        try:
+            h = hashlib.sha256()
+            if offset:
+                fd_old = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:  # re-hash the part already copied
+                    if _hash_fd(fd_old, h, offset) != offset:
+                        raise OperationFailed(f"{partial} is shorter than its cursor {offset}")
+                finally:
+                    os.close(fd_old)
+            os.ftruncate(fd_out, offset)
+            pos = _copy_from(fd_in, fd_out, offset, total, h, on_progress=on_progress, on_durable=on_durable,
+                             check=check, bandwidth=bandwidth, sleep=sleep, durable_interval=durable_interval)
+        finally:
+            os.close(fd_out)
     finally:
-        os.close(fd_out)
+        os.close(fd_in)
     check()
     os.replace(partial, final)
-    fsync_dir(os.path.dirname(final))
+    fsync_dir(os.path.dirname(os.path.abspath(final)))
     on_durable(pos)
     on_progress(pos, total)
     return h.hexdigest(), pos
+
+
+def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Hash", *,
+               on_progress: Callable[[int, int], None], on_durable: Callable[[int], None],
+               check: Callable[[], None], bandwidth: float, sleep: Callable[[float], None],
+               durable_interval: float) -> int:
+    pos = start
+    pipe = _Pipeline(fd_in, start, total, h)
+    last_durable = time.monotonic()
+    started, start_pos = last_durable, start
+    behind: tuple[int, int] | None = None  # the previous written range, still being written back
+    try:
+        while True:
+            check()
+            item = pipe.next()
+            if item is None:
+                break
+            at, n, buf = item
+            if buf is not None and not buf.startswith(_ZERO_VIEW[:n]):
+                os.pwrite(fd_out, memoryview(buf)[:n], at)
+                _writeback(fd_out, at, n, wait=False)
+                if behind:
+                    _writeback(fd_out, *behind, wait=True)
+                behind = (at, n)
+            pipe.to_hash.put((n, buf))
+            pos = at + n
+            now = time.monotonic()
+            if now - last_durable >= durable_interval:
+                os.ftruncate(fd_out, pos)
+                os.fdatasync(fd_out)
+                on_durable(pos)
+                last_durable = time.monotonic()
+            on_progress(pos, total)
+            if bandwidth > 0:
+                ahead = (pos - start_pos) / bandwidth - (time.monotonic() - started)
+                if ahead > 0:
+                    sleep(ahead)
+        pipe.finish()
+    except BaseException:
+        pipe.abort()
+        raise
+    os.ftruncate(fd_out, pos)
+    if behind:
+        _writeback(fd_out, *behind, wait=True)
+    os.fsync(fd_out)
+    return pos

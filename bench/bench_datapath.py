@@ -1,0 +1,400 @@
+"""The data path against the hardware's own tools, side by side in one run on one domain.
+
+One no-OS QEMU domain (tests/realenv.py ``DiskDomain``) with one qcow2 disk
+of ``--disk-mib`` holding ``--data-mib`` of data.  Each job below runs once,
+after the host's page cache is dropped (``echo 3 > /proc/sys/vm/drop_caches``;
+without the permission to do so the bench says so and goes on), and each of
+ours is printed as a ratio to its baseline:
+
+| ours (``domcapture submit ... --wait``)      | baseline                                        |
+| -------------------------------------------- | ----------------------------------------------- |
+| snapshot-backup --quiesce off                | qemu-img convert -U -m 8 -W -O qcow2            |
+| direct-backup --mode push                    | bare push job (virsh backup-begin), polled      |
+| direct-backup --mode pull (full)             | nbdcopy from a bare pull export into qcow2,     |
+|                                              | into raw; virtnbdbackup -l copy (if given)      |
+| direct-backup --mode pull --incremental      | the full pull above (nothing changed, 1 %, 10 %)|
+
+Ours run through the real stack: a ``domcapture worker`` on a private Redis
+prefix and queue (started fresh before each job, so its peak RSS is that
+job's), the CLI submitting and waiting.  Besides the time the table shows
+the growth of the host's page cache (``Cached`` in /proc/meminfo) over the
+job, as a share of the bytes copied, and the peak RSS of the job's process
+tree (sampled every 50 ms; for ours the worker and its children).
+
+Usage (root; qemu:///system, Redis):
+  PYTHONPATH=$PWD .venv/bin/python bench/bench_datapath.py [--disk-mib 2048] [--data-mib 1024]
+      [--virtnbdbackup /path/to/virtnbdbackup/checkout] [--workdir /var/tmp] [--json out.json]
+The issue's figures used --disk-mib 4096 --data-mib 2048.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.realenv import DiskDomain, WorkerCluster  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+# -- measuring -----------------------------------------------------------------------------------
+def cached_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Cached:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def drop_caches() -> str:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return "drop_caches"
+    except OSError:
+        return "none (no permission to write /proc/sys/vm/drop_caches)"
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler:
+    """Peak of the summed RSS of a process tree, sampled every 50 ms."""
+
+    def __init__(self, roots: Callable[[], list[int]]) -> None:
+        self.roots, self.peak = roots, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            kids = _children()
+            todo, total = list(self.roots()), 0
+            seen: set[int] = set()
+            while todo:
+                pid = todo.pop()
+                if pid in seen:
+                    continue
+                seen.add(pid)
+                total += _rss(pid)
+                todo.extend(kids.get(pid, []))
+            self.peak = max(self.peak, total)
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> "RssSampler":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def measure(name: str, fn: Callable[[], Any], roots: Callable[[], list[int]], copied: int) -> dict[str, Any]:
+    drop_caches()
+    c0 = cached_bytes()
+    with RssSampler(roots) as rss:
+        t0 = time.perf_counter()
+        extra = fn()
+        seconds = time.perf_counter() - t0
+    grown = cached_bytes() - c0
+    row = {"job": name, "seconds": round(seconds, 3), "cache_growth": grown, "copied": copied,
+           "cache_share": round(grown / copied, 3) if copied else None, "peak_rss": rss.peak}
+    if isinstance(extra, dict):
+        row.update(extra)
+    print(f"  {name}: {seconds:.2f} s, page cache {grown / MIB:+.0f} MiB, peak RSS {rss.peak / MIB:.0f} MiB"
+          + (f", engine {row['engine_seconds']:.2f} s: {row['states']}" if "states" in row else ""),
+          file=sys.stderr, flush=True)
+    return row
+
+
+# -- baselines -----------------------------------------------------------------------------------
+class Proc:
+    """A child process whose pid the RSS sampler follows."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+
+    def run(self, cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+        self.pids = [p.pid]
+        out, err = p.communicate(timeout=3600)
+        self.pids = []
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:3])} exited {p.returncode}: {err.strip()[-500:]}")
+        return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def libvirt_dom(uri: str, name: str) -> Any:
+    import libvirt
+    return libvirt.open(uri).lookupByName(name)
+
+
+def wait_job_gone(dom: Any, interval: float = 0.02) -> None:
+    import libvirt
+    while dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+        time.sleep(interval)
+    done = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    if done.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED:
+        raise RuntimeError(f"the bare backup job did not complete: {done}")
+
+
+def bare_push(dom: Any, disk: str, out: str) -> None:
+    xml = (f"<domainbackup mode='push'><disks><disk name='{disk}' type='file'><target file='{out}'/>"
+           "<driver type='qcow2'/></disk></disks></domainbackup>")
+    dom.backupBegin(xml, None, 0)
+    wait_job_gone(dom)
+
+
+def bare_pull_begin(dom: Any, disk: str, socket: str, scratch: str) -> None:
+    xml = (f"<domainbackup mode='pull'><server transport='unix' socket='{socket}'/><disks>"
+           f"<disk name='{disk}' backup='yes' type='file'><scratch file='{scratch}'/></disk>"
+           "</disks></domainbackup>")
+    dom.backupBegin(xml, None, 0)
+
+
+def bare_pull_end(dom: Any) -> None:
+    import libvirt
+    try:
+        dom.abortJob()
+    except libvirt.libvirtError:
+        pass
+    while dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+        time.sleep(0.02)
+
+
+# -- ours ----------------------------------------------------------------------------------------
+class Ours:
+    def __init__(self, redis_url: str, uri: str, logdir: Path) -> None:
+        self.prefix = f"dcbench-{uuid.uuid4().hex[:6]}"
+        self.cluster = WorkerCluster(redis_url, uri, self.prefix, logdir, lease_ttl=10.0)
+        self.cluster.env["PYTHONPATH"] = str(REPO)
+        self.worker: subprocess.Popen[bytes] | None = None
+
+    def fresh_worker(self) -> None:
+        if self.worker is not None:
+            self.cluster.kill(self.worker)
+        self.worker = self.cluster.start_worker()
+        log = self.cluster.logdir / f"{self.cluster._n:02d}-worker.log"
+        deadline = time.time() + 60
+        while "Listening on" not in (log.read_text() if log.exists() else ""):
+            if time.time() > deadline or self.worker.poll() is not None:
+                raise RuntimeError(f"the worker did not start: {log.read_text() if log.exists() else ''}")
+            time.sleep(0.05)
+
+    def pids(self) -> list[int]:
+        return [self.worker.pid] if self.worker and self.worker.poll() is None else []
+
+    def submit(self, strategy: str, domain: str, *args: str) -> dict[str, Any]:
+        out = self.cluster.cli("submit", strategy, "--domain", domain, *args, "--wait", "--json", check=False)
+        doc = json.loads(out.stdout) if out.stdout.strip() else {}
+        if out.returncode != 0 or doc.get("status") != "succeeded":
+            raise RuntimeError(f"{strategy} did not succeed: {doc.get('status')} {doc.get('error')} "
+                               f"{out.stderr[-500:]}")
+        result = doc.get("result") or {}
+        return {"engine_seconds": round(doc["updated_at"] - doc["created_at"], 3),
+                "bytes_read": result.get("bytes_read"), "states": self.state_times(doc["id"]), "result": result}
+
+    def state_times(self, wf_id: str) -> dict[str, float]:
+        """Seconds spent in each state, from the record's history (where the engine's time goes)."""
+        history = self.cluster.show(wf_id)["history"]
+        out: dict[str, float] = {}
+        for ev, nxt in zip(history, history[1:], strict=False):
+            out[ev["state"]] = round(out.get(ev["state"], 0.0) + nxt["ts"] - ev["ts"], 3)
+        return out
+
+    def cleanup(self, redis_url: str) -> None:
+        self.cluster.stop()
+        import redis
+        r = redis.Redis.from_url(redis_url)
+        for key in r.scan_iter(f"{self.prefix}*"):
+            r.delete(key)
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def guest_change(dom: DiskDomain, disk: str, disk_mib: int, percent: float, pattern: int) -> int:
+    """Overwrite ``percent`` of the disk through QEMU, in pieces spread over the whole disk."""
+    total = max(1, int(disk_mib * percent / 100))
+    piece = max(1, total // 16)
+    count = max(1, total // piece)
+    stride = disk_mib // count
+    for i in range(count):
+        dom.guest_write(disk, pattern, i * stride, piece)
+    return count * piece * MIB
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--disk-mib", type=int, default=2048)
+    ap.add_argument("--data-mib", type=int, default=1024)
+    ap.add_argument("--uri", default="qemu:///system")
+    ap.add_argument("--redis-url", default=os.environ.get("DOMCAPTURE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--workdir", default="/var/tmp")
+    ap.add_argument("--virtnbdbackup", help="a checkout of virtnbdbackup to run its copy mode from")
+    ap.add_argument("--virtnbdbackup-pythonpath", default="",
+                    help="extra PYTHONPATH for virtnbdbackup's dependencies")
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args()
+    if not 4 <= args.data_mib < args.disk_mib:
+        print("bench_datapath: --data-mib must be at least 4 and below --disk-mib", file=sys.stderr)
+        return 2
+
+    work = Path(tempfile.mkdtemp(prefix="dcbench-", dir=args.workdir))
+    dom: DiskDomain | None = None
+    ours = Ours(args.redis_url, args.uri, work / "logs")
+    rows: list[dict[str, Any]] = []
+    proc = Proc()
+    baseline_pids = lambda: proc.pids  # noqa: E731
+    cache_mode = drop_caches()
+    try:
+        print(f"creating a {args.disk_mib} MiB qcow2 holding {args.data_mib} MiB ...", file=sys.stderr, flush=True)
+        fill = args.data_mib // 4
+        dom = DiskDomain.create(args.uri, work / "dom", sizes_mib={"vda": args.disk_mib}, fill_mib=fill,
+                                random_mib=args.data_mib - fill - 1)
+        disk, image = "vda", str(dom.disks["vda"])
+        data = args.data_mib * MIB
+        vdom = libvirt_dom(args.uri, dom.name)
+        out = work / "out"
+        for sub in ("sb", "push", "pull"):
+            (out / sub).mkdir(parents=True)
+
+        # snapshot-backup vs qemu-img convert
+        rows.append(measure("qemu-img convert -U -m 8 -W -O qcow2",
+                            lambda: proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
+                                              str(out / "convert.qcow2")]), baseline_pids, data))
+        os.unlink(out / "convert.qcow2")
+        ours.fresh_worker()
+        rows.append(measure("domcapture snapshot-backup --quiesce off",
+                            lambda: ours.submit("snapshot-backup", dom.name, "--target", str(out / "sb"),
+                                                "--quiesce", "off"), ours.pids, os.path.getsize(image)))
+
+        # push
+        rows.append(measure("bare push job (backup-begin, polled)",
+                            lambda: bare_push(vdom, disk, str(out / "push.qcow2")), lambda: [], data))
+        os.unlink(out / "push.qcow2")
+        ours.fresh_worker()
+        rows.append(measure("domcapture direct-backup --mode push",
+                            lambda: ours.submit("direct-backup", dom.name, "--target", str(out / "push"),
+                                                "--mode", "push", "--quiesce", "off"), ours.pids, data))
+
+        # pull baselines: one bare export, nbdcopy twice
+        sock, scratch = str(work / "bare.sock"), str(work / "bare.scratch")
+        bare_pull_begin(vdom, disk, sock, scratch)
+        try:
+            url = f"nbd+unix:///{disk}?socket={sock}"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(out / "nbdcopy.qcow2"),
+                            str(args.disk_mib * MIB)], check=True)
+            rows.append(measure("nbdcopy bare pull export -> qcow2 (qemu-nbd)",
+                                lambda: proc.run(["nbdcopy", url, "--", "[", "qemu-nbd", "-f", "qcow2",
+                                                  str(out / "nbdcopy.qcow2"), "]"]), baseline_pids, data))
+            rows.append(measure("nbdcopy bare pull export -> raw",
+                                lambda: proc.run(["nbdcopy", url, str(out / "nbdcopy.raw")]), baseline_pids, data))
+        finally:
+            bare_pull_end(vdom)
+        for f in ("nbdcopy.qcow2", "nbdcopy.raw"):
+            os.unlink(out / f)
+        if args.virtnbdbackup:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (args.virtnbdbackup,
+                                                                          args.virtnbdbackup_pythonpath) if p)}
+            rows.append(measure("virtnbdbackup -l copy",
+                                lambda: proc.run([sys.executable, os.path.join(args.virtnbdbackup, "virtnbdbackup"),
+                                                  "-U", args.uri, "-d", dom.name, "-l", "copy",
+                                                  "-o", str(out / "virtnbdbackup")], env=env),
+                                baseline_pids, data))
+            shutil.rmtree(out / "virtnbdbackup", ignore_errors=True)
+        ours.fresh_worker()
+        rows.append(measure("domcapture direct-backup --mode pull (full)",
+                            lambda: ours.submit("direct-backup", dom.name, "--target", str(out / "pull"),
+                                                "--mode", "pull", "--quiesce", "off"), ours.pids, data))
+
+        # incrementals (pull), after nothing, 1 % and 10 % of the disk changed
+        for label, percent in (("nothing changed", 0.0), ("1 % changed", 1.0), ("10 % changed", 10.0)):
+            changed = guest_change(dom, disk, args.disk_mib, percent, 0x5A) if percent else 0
+            ours.fresh_worker()
+            rows.append(measure(f"domcapture pull incremental, {label}",
+                                lambda: ours.submit("direct-backup", dom.name, "--target", str(out / "pull"),
+                                                    "--mode", "pull", "--incremental", "--quiesce", "off"),
+                                ours.pids, changed))
+    finally:
+        ours.cleanup(args.redis_url)
+        if dom is not None:
+            dom.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+
+    report(rows, args, cache_mode)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "cache": cache_mode, "rows": rows}, f, indent=1, default=str)
+    return 0
+
+
+BASELINE = {
+    "domcapture snapshot-backup --quiesce off": "qemu-img convert -U -m 8 -W -O qcow2",
+    "domcapture direct-backup --mode push": "bare push job (backup-begin, polled)",
+    "domcapture direct-backup --mode pull (full)": "nbdcopy bare pull export -> qcow2 (qemu-nbd)",
+    "domcapture pull incremental, nothing changed": "domcapture direct-backup --mode pull (full)",
+    "domcapture pull incremental, 1 % changed": "domcapture direct-backup --mode pull (full)",
+    "domcapture pull incremental, 10 % changed": "domcapture direct-backup --mode pull (full)",
+}
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, cache_mode: str) -> None:
+    by = {r["job"]: r for r in rows}
+    print(f"\n{args.disk_mib} MiB qcow2 holding {args.data_mib} MiB; "
+          f"page cache dropped before each job: {cache_mode}\n")
+    print("| job | time | engine | vs baseline | page cache growth | peak RSS |")
+    print("| --- | ---: | ---: | --- | ---: | ---: |")
+    for r in rows:
+        base = by.get(BASELINE.get(r["job"], ""))
+        ratio = f"{r['seconds'] / base['seconds']:.2f}× {BASELINE[r['job']]}" if base else ""
+        if r["job"] == "domcapture direct-backup --mode pull (full)":
+            vnb = by.get("virtnbdbackup -l copy")
+            raw = by.get("nbdcopy bare pull export -> raw")
+            if raw:
+                ratio += f"; {r['seconds'] / raw['seconds']:.2f}× nbdcopy -> raw"
+            ratio += (f"; virtnbdbackup takes {vnb['seconds'] / r['seconds']:.2f}× ours" if vnb
+                      else "; virtnbdbackup not run")
+        engine = f"{r['engine_seconds']:.2f} s" if r.get("engine_seconds") is not None else ""
+        share = f" ({100 * r['cache_share']:.0f} % of copied)" if r.get("cache_share") is not None else ""
+        print(f"| {r['job']} | {r['seconds']:.2f} s | {engine} | {ratio} | "
+              f"{r['cache_growth'] / MIB:+.0f} MiB{share} | {r['peak_rss'] / MIB:.0f} MiB |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The last pass over a backup file that a block job wrote: checked, made durable, hashed, at once.
+
+A push backup's file is written by QEMU, a pull backup's by our qemu-nbd.
+Before it is renamed into place it must pass ``qemu-img check``, have the
+disk's virtual size, be on disk (fsync), and its checksum and allocation
+are recorded.  Done one after the other, that is a second full read plus
+several ``qemu-img`` runs after the job; here they run side by side (the
+hash in a thread: hashlib and fsync release the GIL, qemu-img is a child
+process), so the pass costs about as long as its slowest part, the read
+for the hash, which drops the pages it read from the host's page cache.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from . import nbdio
+from .errors import StepFailed
+from .filecopy import drop_cache, fsync_dir, sha256_file
+
+
+@dataclass
+class Sealed:
+    checksum: str  # "sha256:<hex>" of the file's bytes
+    size: int
+    allocated: int  # bytes of guest data the file itself holds
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+        drop_cache(fd)  # clean now: its pages need not stay in the host's cache
+    finally:
+        os.close(fd)
+
+
+def _replace(partial: str, path: str) -> None:
+    os.replace(partial, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def seal(partial: str, path: str, virtual_size: int,
+         rename: Callable[[str, str], None] = _replace) -> Sealed:
+    """Check, fsync, hash and measure ``partial`` at once; then rename it to ``path``.
+
+    Raises (and leaves ``partial`` in place) when ``qemu-img check`` fails or
+    the virtual size is not ``virtual_size``.  Called again after a crash
+    that followed the rename, it only hashes and measures ``path``.
+    """
+    if os.path.exists(path):
+        with ThreadPoolExecutor(2) as pool:
+            digest = pool.submit(sha256_file, path)
+            allocated = pool.submit(nbdio.allocated_bytes, path)
+            return Sealed(f"sha256:{digest.result()}", os.path.getsize(path), allocated.result())
+    with ThreadPoolExecutor(5) as pool:
+        checked = pool.submit(nbdio.check_image, partial)
+        info = pool.submit(nbdio.image_info, partial)
+        digest = pool.submit(sha256_file, partial)
+        allocated = pool.submit(nbdio.allocated_bytes, partial)
+        synced = pool.submit(_fsync, partial)
+        repaired = checked.result()  # a repair of leaks rewrites the file: hashed again below
+        got = info.result()["virtual-size"]
+        synced.result()
+        hexdigest, held = digest.result(), allocated.result()
+    if got != virtual_size:
+        raise StepFailed(f"the backup in {partial} has {got} bytes, the disk {virtual_size}")
+    if repaired:
+        hexdigest = sha256_file(partial)
+        _fsync(partial)
+    rename(partial, path)  # the effects port's rename in a workflow (fenced, owned paths only)
+    return Sealed(f"sha256:{hexdigest}", os.path.getsize(path), held)
