@@ -44,7 +44,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     log "creating virtualenv $VENV"
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import workflows, workers, libvirt, transitions, rq, redis, pytest, starlette, prometheus_client, playwright' 2>/dev/null; then
+if ! "$VENV/bin/python" -c 'import workflows, workers, libvirt, transitions, rq, redis, pytest, starlette, prometheus_client, playwright, mypy' 2>/dev/null; then
     log "installing domcapture into $VENV"
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q -e "$REPO[test]"

@@ -90,6 +90,13 @@ def capture_disks(hv: Hypervisor, domain: str) -> list[Disk]:
     return disks
 
 
+def source_of(d: Disk) -> str:
+    """The path of a disk ``capture_disks`` accepted (it refuses disks without one)."""
+    if not d.source:
+        raise UnsupportedDisk(f"disk {d.target} has no source")
+    return d.source
+
+
 def require_running(hv: Hypervisor, domain: str) -> None:
     state = hv.domain_state(domain)
     if state != "running":

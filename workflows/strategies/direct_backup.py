@@ -61,7 +61,7 @@ OPT_BACKUP_TIMEOUT = Option("backup_timeout", "direct-backup: seconds a push bac
 
 def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
     hv = look.hv
-    out = {
+    out: dict[str, Any] = {
         "target": common.check_target_dir(params.get("target")),
         "mode": common.check_choice("mode", params.get("mode") or "push", MODES),
         "incremental": bool(params.get("incremental")),
@@ -153,7 +153,7 @@ class CheckChain(Step):
                 else:
                     kind = "incremental"
                     ctx.data["base"] = {"checkpoint": base.name, "workflow": base.workflow,
-                                        "manifest": base.backup["manifest"], "files": files,
+                                        "manifest": (base.backup or {})["manifest"], "files": files,
                                         "chain": manifest.get("chain") or [base.workflow]}
             if kind == "full":
                 ctx.data["fallback"] = f"incremental requested, taking a full backup: {why}"
@@ -405,7 +405,7 @@ class Finalize(Step):
 
     def probe(self, ctx: StepContext) -> bool:
         doc = bc.read_manifest(_manifest(ctx))
-        return bool(doc) and doc.get("workflow") == ctx.rec.id
+        return doc is not None and doc.get("workflow") == ctx.rec.id
 
     def _transfer(self, ctx: StepContext) -> dict[str, Any]:
         files = ctx.rec.artifacts_of("backup-file")

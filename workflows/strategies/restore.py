@@ -287,7 +287,7 @@ class Finalize(Step):
 
     def probe(self, ctx: StepContext) -> bool:
         doc = bc.read_manifest(self._path(ctx))
-        return bool(doc) and doc.get("workflow") == ctx.rec.id
+        return doc is not None and doc.get("workflow") == ctx.rec.id
 
     def _files(self, ctx: StepContext) -> dict[str, Any]:
         return {a["disk"]: {"path": a["path"], "size": a["size"], "checksum": a["checksum"]}

@@ -45,7 +45,7 @@ TRANSITIONS = [
 
 def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
     hv = look.hv
-    out = {
+    out: dict[str, Any] = {
         "target": common.check_target_dir(params.get("target")),
         "keep_stopped": bool(params.get("keep_stopped")),
         "on_error": common.parse_on_error(params),
@@ -53,7 +53,7 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
     }
     common.require_running(hv, domain)
     disks = common.capture_disks(hv, domain)
-    needed = hv.get_memory_bytes(domain) + sum(os.path.getsize(d.source) for d in disks)
+    needed = hv.get_memory_bytes(domain) + sum(os.path.getsize(common.source_of(d)) for d in disks)
     common.check_space(out["target"], needed, "save target")
     return out
 
@@ -70,11 +70,11 @@ class Preflight(Step):
         disks = common.capture_disks(ctx.hv, ctx.domain)
         target = ctx.params["target"]
         memory = ctx.hv.get_memory_bytes(ctx.domain)
-        common.check_space(target, memory + sum(os.path.getsize(d.source) for d in disks), "save target")
+        common.check_space(target, memory + sum(os.path.getsize(common.source_of(d)) for d in disks), "save target")
         ctx.data["uuid"] = ctx.hv.get_uuid(ctx.domain)
         ctx.data["memory_bytes"] = memory
         ctx.data["disks"] = [{"target": d.target, "source": d.source, "format": d.format,
-                              "size": os.path.getsize(d.source)} for d in disks]
+                              "size": os.path.getsize(common.source_of(d))} for d in disks]
         ctx.rec.plan_artifact(Artifact("memory", "memory-image",
                                        naming.memory_image_path(target, ctx.domain, ctx.rec.id)))
         for d in disks:

@@ -42,7 +42,7 @@ def wait_no_job(ctx: StepContext, timeout: float = DEFAULT_JOB_TIMEOUT) -> None:
 def image_is_ours(hv: Hypervisor, path: str, uuid: str) -> bool:
     """A complete save image of this very domain at ``path``."""
     info = hv.read_save_image(path)
-    return bool(info) and info["uuid"] == uuid
+    return info is not None and info.get("uuid") == uuid
 
 
 def saved_to(ctx: StepContext, path: str) -> bool:

@@ -47,7 +47,7 @@ TRANSITIONS = [
 
 def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
     hv = look.hv
-    out = {
+    out: dict[str, Any] = {
         "target": common.check_target_dir(params.get("target")),
         "quiesce": common.check_choice("quiesce", params.get("quiesce") or "try", common.QUIESCE_MODES),
         "on_error": common.parse_on_error(params),
@@ -59,7 +59,7 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
     }
     common.require_running(hv, domain)
     disks = common.capture_disks(hv, domain)
-    common.check_space(out["target"], sum(os.path.getsize(d.source) for d in disks), "backup target")
+    common.check_space(out["target"], sum(os.path.getsize(common.source_of(d)) for d in disks), "backup target")
     return out
 
 
@@ -70,12 +70,12 @@ class Preflight(Step):
         common.require_running(ctx.hv, ctx.domain)
         disks = common.capture_disks(ctx.hv, ctx.domain)
         target = ctx.params["target"]
-        common.check_space(target, sum(os.path.getsize(d.source) for d in disks), "backup target")
+        common.check_space(target, sum(os.path.getsize(common.source_of(d)) for d in disks), "backup target")
         ctx.data["disks"] = [{"target": d.target, "source": d.source, "format": d.format,
-                              "size": os.path.getsize(d.source)} for d in disks]
+                              "size": os.path.getsize(common.source_of(d))} for d in disks]
         for d in disks:
             ctx.rec.plan_artifact(Artifact(f"overlay:{d.target}", "overlay",
-                                           naming.overlay_path(d.source, ctx.rec.id, d.target), d.target))
+                                           naming.overlay_path(common.source_of(d), ctx.rec.id, d.target), d.target))
             ctx.rec.plan_artifact(Artifact(f"backup:{d.target}", "backup-file",
                                            naming.backup_file(target, ctx.domain, ctx.rec.id, d.target,
                                                               d.format or "raw"), d.target))
