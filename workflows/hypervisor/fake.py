@@ -17,13 +17,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 from ..errors import AgentUnavailable, DomainNotFound, NotReady, OperationFailed
 from .base import BlockJob, Disk
 from .fake_backup import FakeBackupOps
 from .fake_save import FakeSaveOps
 from .fake_snapshot import FakeSnapshotOps
+
+T = TypeVar("T")
 
 READY_AFTER_POLLS = 2
 
@@ -83,7 +85,7 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
             raise OperationFailed(f"domain {name}: domain is not running")
         return dom
 
-    def _effect(self, method: str, fn: Callable[[], object]):
+    def _effect(self, method: str, fn: Callable[[], T]) -> T:
         if self.hook:
             self.hook("before", method)
         out = fn()

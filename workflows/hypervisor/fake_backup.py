@@ -92,12 +92,13 @@ class FakeBackupOps:
     # -- state and test set-up ---------------------------------------------------------------
     def _bk(self, name: str) -> _BackupState:
         self._dom(name)  # type: ignore[attr-defined]  # raises DomainNotFound
-        states = self.__dict__.setdefault("_backup_states", {})
+        states: dict[str, _BackupState] = self.__dict__.setdefault("_backup_states", {})
         return states.setdefault(name, _BackupState())
 
     def _read_disk(self, name: str, target: str) -> bytes:
         with open(self._dom(name).disks[target].base, "rb") as f:  # type: ignore[attr-defined]
-            return f.read()
+            data: bytes = f.read()
+            return data
 
     def forget_checkpoints(self, name: str) -> None:
         """libvirt loses the checkpoint metadata (undefine + define); the bitmaps stay in the images."""
@@ -159,7 +160,7 @@ class FakeBackupOps:
         return os.path.getsize(self._dom(name).disks[target].base)  # type: ignore[attr-defined]
 
     def get_inactive_xml(self, name: str) -> str:
-        xml = self.domain_xml(name)  # type: ignore[attr-defined]
+        xml: str = self.domain_xml(name)  # type: ignore[attr-defined]
         desc = self._bk(name).description
         if desc:
             xml = xml.replace("</name>", f"</name><description>{desc}</description>", 1)
@@ -187,8 +188,9 @@ class FakeBackupOps:
         if checkpoint in st.checkpoints:
             raise OperationFailed(f"checkpoint {checkpoint} of {name}: operation failed: domain moment "
                                   f"{checkpoint} already exists")
-        return self._effect("checkpoint_create",  # type: ignore[attr-defined]
-                            lambda: self._new_checkpoint(name, checkpoint, disks))
+        info: CheckpointInfo = self._effect("checkpoint_create",  # type: ignore[attr-defined]
+                                            lambda: self._new_checkpoint(name, checkpoint, disks))
+        return info
 
     def checkpoint_redefine(self, name: str, xml: str) -> None:
         st = self._bk(name)

@@ -15,6 +15,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import HypervisorUnavailable, OperationFailed
 
@@ -25,8 +26,8 @@ MEMORY_BYTES = 128 * 1024 * 1024
 @dataclass
 class _SaveState:
     persistent: bool = True
-    memory: dict | None = field(default_factory=lambda: {"boot": 1, "ticks": 0})
-    managed: dict | None = None  # the memory a managed save image holds
+    memory: dict[str, int] | None = field(default_factory=lambda: {"boot": 1, "ticks": 0})
+    managed: dict[str, int] | None = None  # the memory a managed save image holds
     job: str | None = None  # a job libvirtd is still running (tests set it)
 
 
@@ -34,7 +35,7 @@ class FakeSaveOps:
     # -- test set-up -------------------------------------------------------------------
     def _save_state(self, name: str) -> _SaveState:
         dom = self._dom(name)  # type: ignore[attr-defined]
-        states = self.__dict__.setdefault("_save_states", {})
+        states: dict[str, _SaveState] = self.__dict__.setdefault("_save_states", {})
         st = states.get(name)
         if st is None:
             st = states[name] = _SaveState(memory={"boot": 1, "ticks": 0} if dom.state != "shutoff" else None)
@@ -46,7 +47,7 @@ class FakeSaveOps:
         if dom.state == "running" and st.memory is not None:
             st.memory["ticks"] += n
 
-    def memory_of(self, name: str) -> dict | None:
+    def memory_of(self, name: str) -> dict[str, int] | None:
         mem = self._save_state(name).memory
         return dict(mem) if mem is not None else None
 
@@ -69,7 +70,7 @@ class FakeSaveOps:
         dom, st = self._dom(name), self._save_state(name)  # type: ignore[attr-defined]
         return None if dom.state == "shutoff" else st.job
 
-    def read_save_image(self, path: str) -> dict | None:
+    def read_save_image(self, path: str) -> dict[str, Any] | None:
         try:
             with open(path) as f:
                 doc = json.load(f)

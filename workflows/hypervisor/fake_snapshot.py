@@ -41,7 +41,8 @@ class FakeSnapshotOps:
     # -- test set-up ------------------------------------------------------------------
     def _snap_state(self, name: str) -> _SnapState:
         self._dom(name)  # type: ignore[attr-defined]
-        return self.__dict__.setdefault("_snap_states", {}).setdefault(name, _SnapState())
+        states: dict[str, _SnapState] = self.__dict__.setdefault("_snap_states", {})
+        return states.setdefault(name, _SnapState())
 
     def guest_runs(self, name: str, ticks: int = 1) -> None:
         """The guest runs a little: its uptime grows (only while running)."""

@@ -143,7 +143,8 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
         return conn.lookupByName(name)
 
     def canonical_uri(self) -> str:
-        return self._call("getURI", lambda c: c.getURI())
+        uri: str = self._call("getURI", lambda c: c.getURI())
+        return uri
 
     def close(self) -> None:
         with self._lock:
@@ -160,7 +161,8 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
         return _STATES.get(state, "other")
 
     def domain_xml(self, name: str) -> str:
-        return self._call(f"XML of domain {name}", lambda c: self._dom(c, name).XMLDesc(0))
+        xml: str = self._call(f"XML of domain {name}", lambda c: self._dom(c, name).XMLDesc(0))
+        return xml
 
     def disks(self, name: str) -> list[Disk]:
         return parse_disks(self.domain_xml(name))
@@ -175,11 +177,13 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
 
     # -- quiescing --------------------------------------------------------------
     def fs_freeze(self, name: str) -> int:
-        return self._call(f"fsfreeze of {name}", lambda c: self._dom(c, name).fsFreeze(None, 0))
+        frozen: int = self._call(f"fsfreeze of {name}", lambda c: self._dom(c, name).fsFreeze(None, 0))
+        return frozen
 
     def fs_thaw(self, name: str) -> int:
         # Never with mountpoints: libvirt refuses those and the guest stays frozen.
-        return self._call(f"fsthaw of {name}", lambda c: self._dom(c, name).fsThaw(None, 0))
+        thawed: int = self._call(f"fsthaw of {name}", lambda c: self._dom(c, name).fsThaw(None, 0))
+        return thawed
 
     def fs_frozen(self, name: str) -> bool:
         import libvirt_qemu  # part of libvirt-python; only for the agent's freeze status

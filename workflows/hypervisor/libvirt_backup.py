@@ -70,7 +70,7 @@ class LibvirtBackupOps(LibvirtCalls):
     # -- read-only ---------------------------------------------------------------------
     def list_checkpoints(self, name: str) -> list[CheckpointInfo]:
         flags = libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN
-        return self._call(f"checkpoints of {name}", lambda c: [  # type: ignore[return-value]
+        return self._call(f"checkpoints of {name}", lambda c: [
             parse_checkpoint(cp.getXMLDesc(flags)) for cp in self._dom(c, name).listAllCheckpoints(
                 libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)])
 
@@ -83,7 +83,7 @@ class LibvirtBackupOps(LibvirtCalls):
                     return None
                 raise
             return parse_checkpoint(cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
-        return self._call(f"checkpoint {checkpoint} of {name}", lookup)  # type: ignore[return-value]
+        return self._call(f"checkpoint {checkpoint} of {name}", lookup)
 
     def get_backup_job(self, name: str) -> BackupJob | None:
         """The backup job running on ``name`` (None: no job, or a job of another kind)."""
@@ -102,7 +102,7 @@ class LibvirtBackupOps(LibvirtCalls):
             out.processed = int(stats.get("disk_processed", 0))
             out.total = int(stats.get("disk_total", 0))
             return out
-        return self._call(f"backup job of {name}", job)  # type: ignore[return-value]
+        return self._call(f"backup job of {name}", job)
 
     def get_completed_backup(self, name: str) -> CompletedBackup | None:
         """How the domain's last job ended, when it was a backup (None otherwise or unknown)."""
@@ -114,16 +114,17 @@ class LibvirtBackupOps(LibvirtCalls):
                   and not stats.get("errmsg"))
             return CompletedBackup(success=ok, processed=int(stats.get("disk_processed", 0)),
                                    total=int(stats.get("disk_total", 0)), error=stats.get("errmsg"))
-        return self._call(f"completed job of {name}", completed)  # type: ignore[return-value]
+        return self._call(f"completed job of {name}", completed)
 
     def get_disk_capacity(self, name: str, target: str) -> int:
         """The disk's size as the guest sees it (bytes)."""
-        return int(self._call(f"block info of {name}/{target}",  # type: ignore[call-overload]
+        return int(self._call(f"block info of {name}/{target}",
                               lambda c: self._dom(c, name).blockInfo(target, 0)[0]))
 
     def get_inactive_xml(self, name: str) -> str:
-        return self._call(f"inactive XML of {name}",  # type: ignore[return-value]
-                          lambda c: self._dom(c, name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        xml: str = self._call(f"inactive XML of {name}",
+                              lambda c: self._dom(c, name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        return xml
 
     def lookup_domain_description(self, name: str) -> str | None:
         """The ``<description>`` of a defined domain ('' when it has none); None when no such domain."""
@@ -135,7 +136,7 @@ class LibvirtBackupOps(LibvirtCalls):
                     return None
                 raise
             return ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).findtext("description") or ""
-        return self._call(f"lookup of domain {name}", describe)  # type: ignore[return-value]
+        return self._call(f"lookup of domain {name}", describe)
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint_create(self, name: str, checkpoint: str, disks: list[str]) -> CheckpointInfo:
@@ -143,7 +144,7 @@ class LibvirtBackupOps(LibvirtCalls):
             dom = self._dom(c, name)
             cp = dom.checkpointCreateXML(checkpoint_xml(checkpoint, self._targets(dom), disks), 0)
             return parse_checkpoint(cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
-        return self._call(f"checkpoint {checkpoint} of {name}", create)  # type: ignore[return-value]
+        return self._call(f"checkpoint {checkpoint} of {name}", create)
 
     def checkpoint_redefine(self, name: str, xml: str) -> None:
         """Redefine a checkpoint from its XML; libvirt validates its bitmaps (running domain only)."""

@@ -11,6 +11,7 @@ wait for that job instead of starting a second one.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from typing import Any
 
 import libvirt
 
@@ -40,7 +41,8 @@ class LibvirtSaveOps(LibvirtCalls):
                                lambda c: self._dom(c, name).hasManagedSaveImage(0)))
 
     def get_uuid(self, name: str) -> str:
-        return self._call(f"UUID of {name}", lambda c: self._dom(c, name).UUIDString())
+        uuid: str = self._call(f"UUID of {name}", lambda c: self._dom(c, name).UUIDString())
+        return uuid
 
     def get_memory_bytes(self, name: str) -> int:
         return 1024 * int(self._call(f"memory of {name}", lambda c: self._dom(c, name).maxMemory()))
@@ -70,7 +72,7 @@ class LibvirtSaveOps(LibvirtCalls):
             return None
         return self._call(f"job of {name}", job)
 
-    def read_save_image(self, path: str) -> dict | None:
+    def read_save_image(self, path: str) -> dict[str, Any] | None:
         """What a save image holds: ``{"name", "uuid", "disks": {target: source}}``.
 
         None when the file is missing, not a save image, or incomplete (libvirt
@@ -78,7 +80,8 @@ class LibvirtSaveOps(LibvirtCalls):
         """
         def read(c: libvirt.virConnect) -> str | None:
             try:
-                return c.saveImageGetXMLDesc(path, 0)
+                xml: str = c.saveImageGetXMLDesc(path, 0)
+                return xml
             except libvirt.libvirtError as exc:
                 if exc.get_error_domain() == libvirt.VIR_FROM_RPC:
                     raise
@@ -107,9 +110,9 @@ class LibvirtSaveOps(LibvirtCalls):
         self._call(f"resume of {name}", lambda c: self._dom(c, name).resume())
 
 
-def save_image_summary(xml: str) -> dict:
+def save_image_summary(xml: str) -> dict[str, Any]:
     root = ET.fromstring(xml)
-    disks = {}
+    disks: dict[str, str | None] = {}
     for d in root.findall("./devices/disk"):
         target, src = d.find("target"), d.find("source")
         if target is not None and d.get("device", "disk") == "disk":
