@@ -7,6 +7,8 @@ these classes in one table, in ``workflows.hypervisor.libvirt_adapter``.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DomcaptureError(Exception):
     """Root of every error this project raises on purpose."""
@@ -19,7 +21,7 @@ class DomcaptureError(Exception):
         if retryable is not None:
             self.retryable = retryable
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"type": type(self).__name__, "message": str(self), "retryable": self.retryable}
 
 

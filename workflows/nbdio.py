@@ -25,7 +25,8 @@ import os
 import select
 import subprocess
 import time
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any, Callable, cast
 
 from .errors import OperationFailed
 from .hypervisor.backup_types import BLOCK_STATUS_DIRTY, BLOCK_STATUS_ZERO
@@ -40,9 +41,9 @@ WRITER_OPTIONS = ["--cache=none", "--aio=native"]  # O_DIRECT: a backup leaves n
 QEMU_IMG_TIMEOUT = 3600
 
 
-def _nbd():
+def _nbd() -> ModuleType:
     import nbd  # Debian's python3-libnbd (system site packages)
-    return nbd
+    return cast(ModuleType, nbd)  # the module carries no type information
 
 
 def merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -121,7 +122,8 @@ class NbdExport:
         return merge(out)
 
     def pread(self, length: int, offset: int) -> bytes:
-        return self.h.pread(length, offset)
+        data: bytes = self.h.pread(length, offset)
+        return data
 
     def close(self) -> None:
         for h in [self.h, *self.extra]:
@@ -350,7 +352,8 @@ def chain_spec(files: list[str]) -> str:
 
 def image_info(path: str) -> dict[str, Any]:
     """``qemu-img info`` of one file alone (its backing, if named, is not opened)."""
-    return json.loads(run_qemu_img("info", "--output=json", "-U", chain_spec([path])))
+    info: dict[str, Any] = json.loads(run_qemu_img("info", "--output=json", "-U", chain_spec([path])))
+    return info
 
 
 def check_image(path: str) -> bool:

@@ -58,7 +58,7 @@ def path(name: str, value: Any) -> str:
     return text(name, value)
 
 
-def domain_name(value: Any, name: str = "domain") -> str:
+def domain_name(value: object, name: str = "domain") -> str:
     value = text(name, value)
     if not DOMAIN_RE.match(value):
         raise InputError(f"{flag(name)} {value!r} is not a valid domain name (letters, digits and . _ + : -, "
@@ -75,7 +75,7 @@ def workflow_id(value: Any, name: str = "id") -> str:
     return value
 
 
-def key_part(name: str, value: Any) -> str:
+def key_part(name: str, value: object) -> str:
     """A Redis key prefix or queue name."""
     value = text(name, value)
     if not KEY_PART_RE.match(value):
@@ -153,7 +153,7 @@ def bandwidth(value: Any, name: str = "bandwidth") -> int:
     return int(raw)
 
 
-def redis_url(value: Any, name: str = "DOMCAPTURE_REDIS_URL") -> str:
+def redis_url(value: object, name: str = "DOMCAPTURE_REDIS_URL") -> str:
     """A Redis URL redis-py will accept: scheme, port and database index checked here."""
     value = text(name, value)
     try:
