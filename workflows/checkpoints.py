@@ -24,11 +24,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, ParamSpec, TypeVar
 
 from .errors import (CheckpointInconsistent, CheckpointNotFound, LeaseLost, OperationFailed, StoreUnavailable)
 from .record import Record
 from .store import Store
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 PENDING = "pending"
 COMMITTED = "committed"
@@ -99,7 +102,7 @@ class CheckpointStore:
     def _epoch_key(self, wf_id: str) -> str:
         return f"{self.store.prefix}:wf:{wf_id}:epoch"  # the workflow's fencing epoch (see store.py)
 
-    def _redis(self, fn, *args, **kw):
+    def _redis(self, fn: Callable[P, T], *args: P.args, **kw: P.kwargs) -> T:
         return self.store._call(fn, *args, **kw)
 
     # -- reads -----------------------------------------------------------------------

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, ParamSpec, TypeVar
 
 import redis
 
 from .errors import (ConflictError, DomainBusy, LeaseLost, RecordNotFound, RecordUnreadable, StoreError,
                      StoreUnavailable)
 from .record import FINAL_STATUSES, Record
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 _CREATE = """
 -- KEYS: record, history, index, active, domainlock
@@ -155,7 +158,7 @@ class Lease:
 
 
 class Store:
-    def __init__(self, client: redis.Redis, prefix: str = "dc") -> None:
+    def __init__(self, client: redis.Redis[bytes], prefix: str = "dc") -> None:
         self.r = client
         self.prefix = prefix
         self._create = client.register_script(_CREATE)
@@ -188,7 +191,7 @@ class Store:
     def domain_key(self, uri: str, domain: str) -> str:
         return f"{self.prefix}:domain:{uri}|{domain}"
 
-    def _call(self, fn, *args, **kw):
+    def _call(self, fn: Callable[P, T], *args: P.args, **kw: P.kwargs) -> T:
         try:
             return fn(*args, **kw)
         except redis.AuthenticationError as exc:
