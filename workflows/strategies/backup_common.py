@@ -66,7 +66,8 @@ def read_manifest(path: str | None) -> dict[str, Any] | None:
         return None
     try:
         with open(path) as f:
-            return json.load(f)
+            doc: dict[str, Any] = json.load(f)
+            return doc
     except (OSError, ValueError):
         return None
 

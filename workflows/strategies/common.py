@@ -325,7 +325,7 @@ def copy_disks(ctx: StepContext, artifact_prefix: str) -> None:
         art["partial"] = partial
         ctx.save("copy-intent", disk=disk["target"], partial=partial, offset=cur["offset"])
 
-        def durable(pos: int, cur: dict = cur) -> None:
+        def durable(pos: int, cur: dict[str, Any] = cur) -> None:
             cur["offset"] = pos
             ctx.save(None)
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 from .. import datapath, naming, nbdio
 from ..checkpoints import COMMITTED, KIND_BACKUP, PENDING, Checkpoint, backup_base, owned_pending, restore_chain
 from ..definition import RESUME, Definition, Option
 from ..errors import CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, OperationFailed, StepFailed
 from ..effects import Inspect
+from ..hypervisor.backup_types import BackupJob
 from ..record import Artifact
 from ..steps import Step, StepContext
 from . import backup_common as bc
@@ -91,7 +92,7 @@ def _job_files(ctx: StepContext) -> dict[str, str]:
     return {a["disk"]: a["path"] for a in ctx.rec.artifacts_of("scratch-file")}
 
 
-def _our_job(ctx: StepContext):
+def _our_job(ctx: StepContext) -> BackupJob | None:
     job = ctx.hv.get_backup_job(ctx.domain)
     if job is not None and not job.mentions(ctx.rec.id):
         raise StepFailed(f"a backup job that is not ours runs on {ctx.domain} ({job.mode}); "
@@ -100,7 +101,8 @@ def _our_job(ctx: StepContext):
 
 
 def _manifest(ctx: StepContext) -> str:
-    return ctx.rec.artifacts["manifest"]["path"]
+    path: str = ctx.rec.artifacts["manifest"]["path"]
+    return path
 
 
 class Preflight(Step):
@@ -278,7 +280,8 @@ class Transfer(Step):
         cursors = ctx.data.setdefault("cursor", {})
         for a in pending:  # how much there is to read, for the progress figures
             if a["disk"] not in plan and not os.path.exists(a["path"]):
-                export = ctx.hv.open_backup_export(ctx.domain, job, a["disk"])
+                # not None: a missing file with no job was refused above
+                export = ctx.hv.open_backup_export(ctx.domain, cast(BackupJob, job), a["disk"])
                 try:
                     ext = export.extents(dirty)
                 finally:

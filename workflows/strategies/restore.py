@@ -283,7 +283,8 @@ class Finalize(Step):
     description = "write restore.json (images, checksums, the chain, the domain); complete only now"
 
     def _path(self, ctx: StepContext) -> str:
-        return ctx.rec.artifacts["manifest"]["path"]
+        path: str = ctx.rec.artifacts["manifest"]["path"]
+        return path
 
     def probe(self, ctx: StepContext) -> bool:
         doc = bc.read_manifest(self._path(ctx))

@@ -163,14 +163,16 @@ class Finalize(Step):
     description = "checksum the memory image, write the manifest; the capture is complete only now"
 
     def _manifest(self, ctx: StepContext) -> str:
-        return ctx.rec.artifacts["manifest"]["path"]
+        path: str = ctx.rec.artifacts["manifest"]["path"]
+        return path
 
     def probe(self, ctx: StepContext) -> bool:
         if not _memory(ctx).get("checksum"):
             return False
         try:
             with open(self._manifest(ctx)) as f:
-                return json.load(f).get("workflow") == ctx.rec.id
+                same: bool = json.load(f).get("workflow") == ctx.rec.id
+                return same
         except (OSError, ValueError):
             return False
 

@@ -130,7 +130,8 @@ def _ino(path: str) -> int | None:
 
 
 def _safety(ctx: StepContext) -> str:
-    return ctx.rec.artifacts["safety"]["path"]
+    path: str = ctx.rec.artifacts["safety"]["path"]
+    return path
 
 
 def _disks(ctx: StepContext) -> list[dict[str, Any]]:
@@ -207,7 +208,7 @@ class Stage(Step):
             partial = naming.partial_of(art["path"])
             ctx.save("stage-intent", disk=target, partial=partial, offset=cur["offset"])
 
-            def durable(pos: int, cur: dict = cur) -> None:
+            def durable(pos: int, cur: dict[str, Any] = cur) -> None:
                 cur["offset"] = pos
                 ctx.save(None)
 

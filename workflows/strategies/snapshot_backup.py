@@ -180,13 +180,15 @@ class Finalize(Step):
     description = "write the manifest (files, sizes, checksums); the backup is complete only now"
 
     def _manifest(self, ctx: StepContext) -> str:
-        return ctx.rec.artifacts["manifest"]["path"]
+        path: str = ctx.rec.artifacts["manifest"]["path"]
+        return path
 
     def probe(self, ctx: StepContext) -> bool:
         path = self._manifest(ctx)
         try:
             with open(path) as f:
-                return json.load(f).get("workflow") == ctx.rec.id
+                same: bool = json.load(f).get("workflow") == ctx.rec.id
+                return same
         except (OSError, ValueError):
             return False
 

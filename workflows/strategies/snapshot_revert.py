@@ -64,7 +64,7 @@ class Preflight(Step):
 
 def _reverted(ctx: StepContext) -> bool:
     """True only when libvirt shows the revert happened (the snapshot became current)."""
-    snap = ctx.data["snapshot"]
+    snap: str = ctx.data["snapshot"]
     return ctx.data.get("current_before") != snap and ctx.hv.get_current_snapshot(ctx.domain) == snap
 
 
