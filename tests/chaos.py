@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 from .realenv import (DiskDomain, GuestDomain, WorkerCluster, build_guest_image, counter_in_image,
                       images_identical, is_gapless_prefix, run)
@@ -130,7 +130,7 @@ class Target:
 @dataclass
 class Subject:
     kind: str  # disk | guest
-    dom: object
+    dom: DiskDomain | GuestDomain
     target: Target
     busy: str | None = None
     history: list[str] = field(default_factory=list)
@@ -262,7 +262,7 @@ class Chaos:
                 s.followups.popleft()  # nothing left to undo (e.g. the capture's object is gone)
             return
         wf = json.loads(out.stdout)["id"]
-        ref = dict(s.dom.references) if s.kind == "disk" and plan.reference else None
+        ref = dict(cast(DiskDomain, s.dom).references) if s.kind == "disk" and plan.reference else None
         self.workflows[wf] = {"strategy": plan.strategy, "label": plan.label, "subject": s, "reference": ref,
                               "plan": plan}
         s.busy = wf
@@ -437,7 +437,7 @@ class Chaos:
                     bad.append(f"{s.dom.name}/{t} has a backing file: a snapshot applied twice?")
         rows.append(("no domain on an overlay of ours, no overlay file, no backing chain", len(self.subjects), bad))
 
-        bad = [s.dom.name for s in self.subjects if s.kind == "guest" and s.dom.frozen()]
+        bad = [s.dom.name for s in self.subjects if s.kind == "guest" and cast(GuestDomain, s.dom).frozen()]
         rows.append(("no guest filesystem frozen", sum(s.kind == "guest" for s in self.subjects), bad))
 
         bad = []
@@ -471,11 +471,11 @@ class Chaos:
 
         bad = []
         for s in self.subjects:
-            out = self.cli("checkpoints", "--domain", s.dom.name, "--json")
-            if out.returncode != 0:
-                bad.append(f"{s.dom.name}: checkpoints: {out.stderr.strip()}")
+            listed = self.cli("checkpoints", "--domain", s.dom.name, "--json")
+            if listed.returncode != 0:
+                bad.append(f"{s.dom.name}: checkpoints: {listed.stderr.strip()}")
                 continue
-            for cp in json.loads(out.stdout)["checkpoints"]:
+            for cp in json.loads(listed.stdout)["checkpoints"]:
                 if cp["state"] == "committed" and not cp["in_libvirt"] and not cp["broken"]:
                     bad.append(f"{s.dom.name}: {cp['name']} committed in our store, missing in libvirt")
                 elif cp["state"] in ("not-ours", "pending") and cp["in_libvirt"]:
@@ -527,6 +527,7 @@ class Chaos:
             time.sleep(0.5)
         if v.returncode != 0:
             return [f"{wf}: verify failed ({v.returncode}): {(v.stdout + v.stderr).strip()[-200:]}"]
+        bad: list[str]
         meta, bad = self.workflows[wf], []
         plan: Plan = meta["plan"]
         if not plan.reference:
@@ -547,9 +548,9 @@ class Chaos:
         return bad
 
     # -- the table ---------------------------------------------------------------------
-    def report(self, rows) -> int:
+    def report(self, rows: list[tuple[str, int, list[str]]]) -> int:
         docs = {wf: self.status(wf) for wf in self.workflows}
-        per = collections.defaultdict(collections.Counter)
+        per: collections.defaultdict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         for wf, meta in self.workflows.items():
             d = docs[wf]
             per[meta["strategy"]][d["status"] if d else "LOST"] += 1

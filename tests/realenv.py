@@ -17,6 +17,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 VENV_BIN = Path(sys.executable).parent
 DOMCAPTURE = str(VENV_BIN / "domcapture")
@@ -124,14 +125,15 @@ class DiskDomain(VirshDomain):
                 jobs[target] = out.strip()
         return jobs
 
-    def mirrors(self) -> list[str]:
-        return [d.find("target").get("dev") for d in self.xml().findall("./devices/disk")
+    # libvirt writes <target> and <alias> in every disk of a running domain
+    def mirrors(self) -> list[str | None]:
+        return [cast(ET.Element, d.find("target")).get("dev") for d in self.xml().findall("./devices/disk")
                 if d.find("mirror") is not None]
 
-    def alias(self, target: str) -> str:
+    def alias(self, target: str) -> str | None:
         for d in self.xml().findall("./devices/disk"):
-            if d.find("target").get("dev") == target:
-                return d.find("alias").get("name")
+            if cast(ET.Element, d.find("target")).get("dev") == target:
+                return cast(ET.Element, d.find("alias")).get("name")
         raise KeyError(target)
 
     def guest_write(self, target: str, pattern: int, offset_mib: int, length_mib: int) -> None:
@@ -274,8 +276,9 @@ class GuestDomain(VirshDomain):
     def writer_log(self) -> Path:
         return self.workdir / f"{self.name}-writer.log"
 
-    def agent(self, cmd: str, timeout: int = 10, **arguments) -> object:
-        msg: dict = {"execute": cmd}
+    def agent(self, cmd: str, timeout: int = 10, **arguments: Any) -> Any:
+        """The agent's answer: a JSON value whose shape depends on the command."""
+        msg: dict[str, Any] = {"execute": cmd}
         if arguments:
             msg["arguments"] = arguments
         out = self.virsh("qemu-agent-command", self.name, json.dumps(msg), "--timeout", str(timeout))

@@ -11,6 +11,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,8 +39,9 @@ def virsh(*args: str, timeout: float = 60, check: bool = True) -> subprocess.Com
     return run(["virsh", "-c", URI, *args], timeout=timeout, check=check)
 
 
-def agent(cmd: str, **arguments) -> object:
-    msg: dict = {"execute": cmd}
+def agent(cmd: str, **arguments: Any) -> Any:
+    """The agent's answer: a JSON value whose shape depends on the command."""
+    msg: dict[str, Any] = {"execute": cmd}
     if arguments:
         msg["arguments"] = arguments
     out = virsh("qemu-agent-command", NAME, json.dumps(msg), "--timeout", "10").stdout
