@@ -18,6 +18,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -37,7 +38,7 @@ INSTALLED = "/usr/local/bin/domcapture"
 
 def subcommands() -> set[str]:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return set(sub.choices)
+    return set(cast(dict[str, Any], sub.choices))  # a subparsers action: name -> its parser
 
 
 def test_systemd_units_verify(tmp_path):

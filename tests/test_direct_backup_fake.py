@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+from typing import Any
 
 import pytest
 
@@ -74,7 +75,7 @@ class World:
         self.rec = self.submit(mode, incremental, quiesce)
 
     def submit(self, mode: str, incremental: bool, quiesce: str = "require"):
-        params = {"target": self.target, "mode": mode, "quiesce": quiesce}
+        params: dict[str, Any] = {"target": self.target, "mode": mode, "quiesce": quiesce}
         if incremental:
             params["incremental"] = True
         return self.captures.submit("direct-backup", "dom", self.uri, params)

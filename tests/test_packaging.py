@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import yaml
 
@@ -14,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 def subcommands() -> set[str]:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    return set(sub.choices)
+    return set(cast(dict[str, Any], sub.choices))  # a subparsers action: name -> its parser
 
 
 def test_compose_services_run_existing_commands():

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -111,16 +112,17 @@ def assert_memory_continues(memory: dict | None, before: dict) -> None:
 
 
 def assert_save_capture(w: World, rec: dict) -> None:
+    at_save = cast(dict[str, Any], w.at_save)  # set by the save the capture made
     files = rec["result"]["files"]
     assert set(files) == {"memory", "vda", "vdb"}
     for t in ("vda", "vdb"):
-        assert open(files[t]["path"], "rb").read() == w.at_save["disks"][t], f"copy of {t} differs"
+        assert open(files[t]["path"], "rb").read() == at_save["disks"][t], f"copy of {t} differs"
     for info in files.values():
         import hashlib
         assert info["checksum"] == "sha256:" + hashlib.sha256(open(info["path"], "rb").read()).hexdigest()
         assert not os.path.exists(info["path"] + ".partial")
     image = json.load(open(files["memory"]["path"]))
-    assert image["memory"] == w.at_save["memory"]
+    assert image["memory"] == at_save["memory"]
     (folder,) = w.capture_dirs()
     assert sorted(os.listdir(w.target / folder)) == ["manifest.json", "memory.save", "vda.qcow2", "vdb.qcow2"]
 
@@ -278,7 +280,7 @@ SCENARIOS = {"managed-save": ManagedSave, "managed-save-restore": ManagedSaveRes
              "save-restore-from-shutoff": SaveRestoreFromShutoff}
 
 
-_POOL: dict[tuple[str, str], tuple[World, Scenario]] = {}
+_POOL: dict[tuple[str, str], tuple[World, SaveRestore]] = {}
 
 
 def fresh(tmp_path, store, name: str) -> tuple[World, Scenario]:

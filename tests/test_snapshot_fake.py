@@ -13,11 +13,13 @@ from __future__ import annotations
 import collections
 import json
 import os
+from typing import cast
 
 import pytest
 
 from workflows import naming
 from workflows.hypervisor.fake import FakeHypervisor
+from workflows.hypervisor.snapshot_info import SnapshotInfo
 from workflows.record import PARTIALLY_ROLLED_BACK, ROLLED_BACK, SUCCEEDED
 from workflows.service import Captures
 
@@ -28,6 +30,9 @@ POST_WRITE = (8192, b"\xee" * 4096)  # what the guest writes right after the sna
 
 class World:
     """A fake domain with two disks of known bytes, a guest that keeps running, one workflow."""
+
+    s1: dict[str, bytes]  # the disks at snapshot s1 (set by the revert set-ups)
+    cold: dict[str, bytes]  # the disks at the shut-off snapshot "cold"
 
     def __init__(self, tmp_path, store, strategy: str, params: dict, *, state: str = "running",
                  setup=None) -> None:
@@ -117,7 +122,7 @@ def check_create(w: World, rec: dict) -> None:
         assert w.live(t) == w.expected_live(t), f"guest data of {t} lost"
     if rec["status"] == SUCCEEDED:
         assert names.count(snap) == 1
-        info = w.fake.lookup_snapshot("dom", snap)
+        info = cast(SnapshotInfo, w.fake.lookup_snapshot("dom", snap))  # the count above: it exists
         assert info.description == f"domcapture workflow {w.rec.id}" and info.current
         assert rec["result"]["snapshot"] == snap
         if rec["params"]["kind"] == "external":
