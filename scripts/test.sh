@@ -13,6 +13,7 @@ export DOMCAPTURE_GUEST_DIR="${DOMCAPTURE_HOME:-/var/lib/domcapture}/guest"
 echo "[test] ruff"
 .venv/bin/ruff check workflows workers tests bench
 echo "[test] mypy"
-.venv/bin/mypy workflows workers && .venv/bin/mypy tests
+.venv/bin/mypy workflows workers
+.venv/bin/mypy tests
 echo "[test] pytest"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
