@@ -160,3 +160,37 @@ def test_tls_with_a_password(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_compose_redis_command_requires_the_password(tmp_path):
+    """docker-compose.yml's Redis service command, run outside Docker the same way: it requires the secret."""
+    import yaml
+    doc = yaml.safe_load((Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text())
+    secret = _password_file(tmp_path, "redis-password", PASSWORD)
+    assert "redis_password" in doc["services"]["redis"]["secrets"]
+    for name in ("worker", "recovery"):
+        svc = doc["services"][name]
+        assert svc["environment"]["DOMCAPTURE_REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password"
+        assert "redis_password" in svc["secrets"]
+        assert PASSWORD not in json.dumps(svc)
+    cmd = [part.replace("$$", "$").replace("/run/secrets/redis_password", str(secret))
+           .replace("/tmp/auth.conf", str(tmp_path / "auth.conf")) for part in doc["services"]["redis"]["command"]]
+    port = _free_port()
+    proc = subprocess.Popen([*cmd, "--port", str(port), "--dir", str(tmp_path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        env = {**WorkerCluster(f"redis://127.0.0.1:{port}/0", "qemu:///system", PREFIX, tmp_path / "logs").env,
+               "DOMCAPTURE_REDIS_PASSWORD_FILE": str(secret)}
+        for _ in range(100):
+            res = subprocess.run([DOMCAPTURE, "list", "--json"], env=env, capture_output=True, text=True)
+            if "Connection refused" not in res.stderr:
+                break
+            time.sleep(0.1)
+        assert res.returncode == 0 and json.loads(res.stdout) == [], res.stderr
+        assert PASSWORD.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        env.pop("DOMCAPTURE_REDIS_PASSWORD_FILE")
+        res = subprocess.run([DOMCAPTURE, "list"], env=env, capture_output=True, text=True)
+        assert res.returncode == 4 and res.stderr.count("\n") == 1 and "Authentication required" in res.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
