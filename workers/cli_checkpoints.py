@@ -35,10 +35,10 @@ def rows(rt: Runtime, domain: str, uri: str | None) -> tuple[str, bool, list[dic
                     "disks": cp.disks, "created_at": cp.created_at, "committed_at": cp.committed_at,
                     "backup_manifest": (cp.backup or {}).get("manifest")})
     known = {r["name"] for r in out}
-    for name, cp in live.items():
+    for name, info in live.items():
         if name not in known:
-            out.append({"name": name, "parent": cp.parent, "state": "not-ours", "kind": None, "workflow": None,
-                        "broken": None, "in_libvirt": True, "disks": cp.disks, "created_at": cp.created,
+            out.append({"name": name, "parent": info.parent, "state": "not-ours", "kind": None, "workflow": None,
+                        "broken": None, "in_libvirt": True, "disks": info.disks, "created_at": info.created,
                         "committed_at": None, "backup_manifest": None})
     return canonical, defined, out
 
