@@ -89,3 +89,18 @@ def test_recovery_once_json(redis_client, prefix):
     out = _run("recovery", "--once", "--json", env=env)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
+
+
+@pytest.mark.real
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(redis_client, prefix, libvirt_uri):
+    # a damaged entry in the checkpoint store: nothing maps its JSONDecodeError
+    redis_client.hset(f"{prefix}:ckpt:{libvirt_uri}|dctest-nowhere", "c1", b"{damaged")
+    env = {**ENV, "DOMCAPTURE_PREFIX": prefix, "LIBVIRT_DEFAULT_URI": libvirt_uri}
+    out = _run("checkpoints", "--domain", "dctest-nowhere", env=env)
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("domcapture: error: JSONDecodeError: ") and "--debug" in out.stderr
+    out = _run("--debug", "checkpoints", "--domain", "dctest-nowhere", env=env)
+    assert out.returncode == 1
+    assert out.stderr.startswith("Traceback (most recent call last):")
+    assert out.stderr.splitlines()[-1].startswith("domcapture: error: JSONDecodeError: ")
