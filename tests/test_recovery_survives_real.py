@@ -58,14 +58,15 @@ def test_unreadable_records_do_not_stop_recovery(cluster, disk_domain, tmp_path)
     target.mkdir()
     first = cluster.start_worker()
     recovery = cluster.start_recovery()
-    wf = submit(cluster, dom, target, "--bandwidth", "8M")
+    wf = submit(cluster, dom, target, "--bandwidth", "4M")
     cluster.wait(wf, lambda d: d["state"] == "copying" and d["data"].get("copy", {}).get("vda", {})
                  .get("offset", 0) > 0, timeout=60)
     cluster.kill(first)
     cluster.start_worker()
     doc = cluster.wait_final(wf, timeout=180)
     assert doc["status"] == "succeeded", doc["error"]
-    assert any(e["event"] == "recovered" for e in doc["history"])
+    recovered = [e for e in doc["history"] if e["event"] == "recovered"]
+    assert recovered and recovered[0]["state"] == "copying", "the worker was not killed mid-copy"
     assert_domain_clean(dom)
     assert_backup_matches(doc, dom.references)
 
