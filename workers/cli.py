@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", help="submit a capture workflow ('submit STRATEGY --help': its options)")
     strat = s.add_subparsers(dest="strategy", required=True, metavar="STRATEGY",
-                             help=f"one of: {', '.join(sorted(strategies.DEFINITIONS))}")
+                             help="the capture strategy; 'submit STRATEGY --help' shows its options")
     for defn in strategies.DEFINITIONS.values():
         _add_strategy(strat, defn)
 
