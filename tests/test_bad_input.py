@@ -76,6 +76,9 @@ CASES: list[tuple[str, list[str], dict[str, str], int, str]] = [
     ("env", ["list"], {"DOMCAPTURE_REDIS_PASSWORD_FILE": "{file}", "DOMCAPTURE_REDIS_PASSWORD": "x"}, 2,
      "not both"),
     ("env", ["list"], {"DOMCAPTURE_REDIS_PASSWORD": ""}, 2, "DOMCAPTURE_REDIS_PASSWORD must not be empty"),
+    ("env", ["worker", "--burst"], {"DOMCAPTURE_RUN_DIR": "/run/x\ny"}, 2,
+     "DOMCAPTURE_RUN_DIR must not contain control characters"),
+    ("env", ["worker", "--burst"], {"DOMCAPTURE_FAULT": "explode"}, 2, "DOMCAPTURE_FAULT must look like kill-at:"),
     # -- submit: every strategy ------------------------------------------------------------------
     ("submit", ["submit"], {}, 2, "the following arguments are required: STRATEGY"),
     ("submit", ["submit", "nope", "--domain", "{dom}"], {}, 2, "unknown strategy 'nope'"),

@@ -30,7 +30,7 @@ from workflows.service import summary
 
 from . import cli_checkpoints, completion, notify, web
 from .runtime import Runtime, rq_module
-from .settings import Settings, process_id
+from .settings import ENV, Settings, process_id
 
 UNREADABLE = "unreadable"
 
@@ -291,7 +291,11 @@ def _with_json(s: argparse.ArgumentParser, what: str = "print JSON instead of te
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="domcapture", description="Durable libvirt domain state capture")
+    env = "\n".join(f"  {name:<32} {what}" for name, what in ENV.items())
+    p = Parser(prog="domcapture", description="Durable libvirt domain state capture",
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=f"environment:\n{env}\n\nexit codes: 0 ok, 1 ended without success or unexpected error, "
+                      "2 bad input, 3 refused by a workflow's state, 4 Redis or libvirt unreachable or refusing")
     p.add_argument("--redis-url", help="Redis URL without a password (env DOMCAPTURE_REDIS_URL; the password "
                                        "comes from DOMCAPTURE_REDIS_PASSWORD_FILE)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO for worker and "
@@ -301,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", help="submit a capture workflow ('submit STRATEGY --help': its options)")
     strat = s.add_subparsers(dest="strategy", required=True, metavar="STRATEGY",
-                             help=f"one of: {', '.join(sorted(strategies.DEFINITIONS))}")
+                             help="the capture strategy; 'submit STRATEGY --help' shows its options")
     for defn in strategies.DEFINITIONS.values():
         _add_strategy(strat, defn)
 

@@ -6,6 +6,7 @@ import fnmatch
 import logging
 import os
 import signal
+from typing import Callable
 
 from workflows import strategies
 from workflows.engine import Engine
@@ -16,7 +17,7 @@ from .settings import Settings, process_id
 log = logging.getLogger("domcapture.jobs")
 
 
-def fault_hook(spec: str | None):
+def fault_hook(spec: str | None) -> Callable[[str], None] | None:
     """Fault injection for chaos and crash tests: ``DOMCAPTURE_FAULT=kill-at:<pattern>``.
 
     The worker SIGKILLs itself at the first engine boundary whose label

@@ -29,6 +29,8 @@ ENV = {
     "DOMCAPTURE_QUEUE": "RQ queue name",
     "DOMCAPTURE_LEASE_TTL": "lease time to live, seconds (0.5 to 300)",
     "DOMCAPTURE_RECOVERY_INTERVAL": "seconds between recovery sweeps (0.05 to 3600)",
+    "DOMCAPTURE_RUN_DIR": "folder of pull-mode NBD sockets (default /run/domcapture)",
+    "DOMCAPTURE_FAULT": "fault injection for tests: kill-at:<pattern>",
 }
 
 
@@ -54,6 +56,13 @@ class Settings:
             password = read_password_file(validate.path("DOMCAPTURE_REDIS_PASSWORD_FILE", pw_file))
         elif password is not None:
             password = validate.text("DOMCAPTURE_REDIS_PASSWORD", password)
+        if "DOMCAPTURE_RUN_DIR" in env:  # read by workflows.naming; checked here with the rest
+            validate.path("DOMCAPTURE_RUN_DIR", env["DOMCAPTURE_RUN_DIR"])
+        fault = env.get("DOMCAPTURE_FAULT")
+        if fault is not None:
+            kind, _, pattern = validate.text("DOMCAPTURE_FAULT", fault).partition(":")
+            if kind != "kill-at" or not pattern:
+                raise ConfigError(f"DOMCAPTURE_FAULT must look like kill-at:<pattern> (got {fault!r})")
         username = env.get("DOMCAPTURE_REDIS_USERNAME")
         uri = env.get("LIBVIRT_DEFAULT_URI", cls.libvirt_uri)
         return cls(

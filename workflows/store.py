@@ -230,12 +230,13 @@ class Store:
     def load(self, wf_id: str) -> Record:
         """The record, or RecordNotFound, or RecordUnreadable with the reason (never another error)."""
         key = self._k(wf_id)
-        kind = self._call(self.r.type, key).decode()
-        if kind == "none":
-            raise RecordNotFound(f"no workflow with id {wf_id!r}")
-        if kind != "hash":
-            raise RecordUnreadable(f"workflow {wf_id}: {key} is a Redis {kind}, not a workflow record")
-        raw = self._call(self.r.hgetall, key)
+        try:
+            raw = self._call(self.r.hgetall, key)
+        except StoreError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            kind = self._call(self.r.type, key).decode()
+            raise RecordUnreadable(f"workflow {wf_id}: {key} is a Redis {kind}, not a workflow record") from None
         if not raw:
             raise RecordNotFound(f"no workflow with id {wf_id!r}")
         if b"quarantined" in raw:

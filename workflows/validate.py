@@ -59,11 +59,11 @@ def path(name: str, value: Any) -> str:
 
 
 def domain_name(value: object, name: str = "domain") -> str:
-    value = text(name, value)
-    if not DOMAIN_RE.match(value):
-        raise InputError(f"{flag(name)} {value!r} is not a valid domain name (letters, digits and . _ + : -, "
+    out = text(name, value)
+    if not DOMAIN_RE.match(out):
+        raise InputError(f"{flag(name)} {out!r} is not a valid domain name (letters, digits and . _ + : -, "
                          "starting with a letter or digit, at most 200)")
-    return value
+    return out
 
 
 def workflow_id(value: Any, name: str = "id") -> str:
@@ -77,11 +77,11 @@ def workflow_id(value: Any, name: str = "id") -> str:
 
 def key_part(name: str, value: object) -> str:
     """A Redis key prefix or queue name."""
-    value = text(name, value)
-    if not KEY_PART_RE.match(value):
-        raise InputError(f"{flag(name)} {value!r} must be letters, digits and . _ - (at most 64, starting "
+    out = text(name, value)
+    if not KEY_PART_RE.match(out):
+        raise InputError(f"{flag(name)} {out!r} must be letters, digits and . _ - (at most 64, starting "
                          "with a letter or digit)")
-    return value
+    return out
 
 
 def choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -155,16 +155,16 @@ def bandwidth(value: Any, name: str = "bandwidth") -> int:
 
 def redis_url(value: object, name: str = "DOMCAPTURE_REDIS_URL") -> str:
     """A Redis URL redis-py will accept: scheme, port and database index checked here."""
-    value = text(name, value)
+    url = text(name, value)
     try:
-        parts = urlsplit(value)
+        parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise InputError(f"{flag(name)}: {exc} in {_redact(value)!r}") from None
+        raise InputError(f"{flag(name)}: {exc} in {_redact(url)!r}") from None
     if parts.scheme not in REDIS_SCHEMES:
-        raise InputError(f"{flag(name)} must start with redis://, rediss:// or unix:// (got {_redact(value)!r})")
+        raise InputError(f"{flag(name)} must start with redis://, rediss:// or unix:// (got {_redact(url)!r})")
     if parts.scheme != "unix" and not parts.hostname:
-        raise InputError(f"{flag(name)} names no host (got {_redact(value)!r})")
+        raise InputError(f"{flag(name)} names no host (got {_redact(url)!r})")
     if port is not None and not 0 < port < 65536:
         raise InputError(f"{flag(name)}: port {port} is out of range 1-65535")
     db = parts.path.lstrip("/") if parts.scheme != "unix" else ""
@@ -175,7 +175,7 @@ def redis_url(value: object, name: str = "DOMCAPTURE_REDIS_URL") -> str:
         if not db.isdigit():
             raise InputError(f"{flag(name)}: database index {db!r} must be a number (0 to the server's "
                              "'databases' setting minus 1)")
-    return value
+    return url
 
 
 def url_has_password(value: str) -> bool:
