@@ -177,7 +177,7 @@ def test_submit_verify_and_domain_page_from_the_console(cluster, disk_domain, tm
             assert cluster.show(wf)["data"]["verifications"][-1]["ok"] is True
 
             page = c.get("/domain", params={"uri": doc["uri"], "name": dom.name}).text
-            for disk, f in doc["result"]["files"].items():
+            for f in doc["result"]["files"].values():
                 assert f["path"] in page
             cp_name = f"domcapture-{cp_wf}"
             row = re.search(rf"<tr><td>{cp_name}</td>.*?</tr>", page, re.S)
