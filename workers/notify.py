@@ -102,6 +102,8 @@ class Notifier:
     timeout: float = 10.0
     retry_delays: tuple[float, ...] = RETRY_DELAYS
     clock: Any = time.time
+    # records whose every delivery is settled, by revision: a later sweep skips their history
+    _settled: dict[str, int] = field(default_factory=dict)
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.store.prefix, "notify", *parts))
@@ -118,7 +120,7 @@ class Notifier:
                 rec = self.store.load(wf_id)
             except RecordNotFound:
                 continue
-            if rec.status not in self.on or rec.updated_at < since:
+            if rec.status not in self.on or rec.updated_at < since or self._settled.get(wf_id) == rec.rev:
                 continue
             times = entries_into(self.store.history(wf_id), rec.status)
             if times and times[-1] >= since:
@@ -133,6 +135,9 @@ class Notifier:
                 entry = self._attempt(d, t)
                 if entry is not None:
                     written.append(entry)
+            done = [self._k("done", t.id, d.key) for t in self.targets]
+            if redis_call(self.store, self.store.r.exists, *done) == len(done):
+                self._settled[d.rec.id] = d.rec.rev
         return written
 
     def _attempt(self, d: Delivery, t: Target) -> dict[str, Any] | None:
