@@ -20,6 +20,8 @@ Redis keys (``P`` is the prefix):
                                    never send the same delivery at once
 - ``P:notify:retry:<target>:<key>`` attempts so far and the time of the next one
 - ``P:notify:log``                 the delivery log: one JSON entry per attempt, newest last (trimmed)
+- ``P:notify:counts``              hash ``<status>|<outcome>`` -> attempts (delivered, failed, gave-up),
+                                   never trimmed: what ``/metrics`` counts
 """
 
 from __future__ import annotations
@@ -165,6 +167,8 @@ class Notifier:
             pipe = r.pipeline(transaction=True)
             pipe.rpush(self._k("log"), json.dumps(entry, sort_keys=True))
             pipe.ltrim(self._k("log"), -LOG_KEEP, -1)
+            outcome = "delivered" if ok else ("gave-up" if final else "failed")
+            pipe.hincrby(self._k("counts"), f"{d.status}|{outcome}", 1)
             if final:
                 pipe.set(done, json.dumps({"ok": ok, "attempts": attempt, "at": entry["ts"]}))
                 pipe.delete(retry)
