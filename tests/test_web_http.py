@@ -65,6 +65,7 @@ def test_user_file_login_and_read_only_mode(prefix, store, failed_record, tmp_pa
             assert r.status_code == 303 and r.headers["location"] == "/"
             page = c.get(f"/wf/{failed_record.id}")
             assert page.status_code == 200 and "disk full" in page.text
+            assert page.headers["x-frame-options"] == "DENY" and page.headers["cache-control"] == "no-store"
             assert "action-resume" not in page.text and "read-only" in page.text
             # even with a valid CSRF token, read-only refuses the action and changes nothing
             r = c.post(f"/wf/{failed_record.id}/action/resume", data={"csrf": csrf_of(c, f"/wf/{failed_record.id}")})
