@@ -18,6 +18,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from workers.metrics import StoreCollector
+from workflows.store import Store
 
 from .realenv import DOMCAPTURE
 
@@ -151,3 +156,12 @@ def test_one_delivery_per_status_even_after_sigkill(cluster, disk_domain, tmp_pa
     assert [(e["attempt"], e["ok"], e["http_status"]) for e in retried] == [(1, False, 500), (2, True, 204)]
     shown = cluster.cli("notifier", "--log").stdout.splitlines()
     assert len(shown) == len(log)
+
+    # /metrics counts the attempts (webhook and script): one failure, the rest delivered
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(Store(redis_client, prefix), cluster.env["DOMCAPTURE_QUEUE"]))
+    counts = {(s.labels["status"], s.labels["outcome"]): s.value
+              for fam in text_string_to_metric_families(generate_latest(registry).decode())
+              if fam.name == "domcapture_notification_attempts" for s in fam.samples}
+    assert counts == {("rolled_back", "delivered"): 4, ("failed", "delivered"): 2,
+                      ("succeeded", "delivered"): 2, ("succeeded", "failed"): 1}

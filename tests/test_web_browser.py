@@ -50,7 +50,7 @@ def test_list_open_watch_progress_abort_rolled_back(cluster, disk_domain, web, p
     cluster.start_worker()
     cluster.start_recovery()
     out = cluster.cli("submit", "snapshot-backup", "--domain", dom.name, "--target", str(target),
-                      "--quiesce", "off", "--bandwidth", "3M", "--json")
+                      "--quiesce", "off", "--bandwidth", "2M", "--json")
     wf = json.loads(out.stdout)["id"]
 
     # a wrong token: refused, still on the login page, no session

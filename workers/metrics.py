@@ -218,7 +218,18 @@ class StoreCollector(Collector):
             g.add_metric(list(key), ts)
         out.append(g)
         out += self._queues()
+        out.append(self._notifications())
         return out
+
+    def _notifications(self) -> Metric:
+        c = CounterMetricFamily("domcapture_notification_attempts",
+                                "notifier delivery attempts, by status and outcome (delivered, failed, gave-up)",
+                                labels=["status", "outcome"])
+        raw = redis_call(self.store, self.store.r.hgetall, f"{self.store.prefix}:notify:counts")
+        for key, n in sorted(raw.items()):
+            status, _, outcome = key.decode().partition("|")
+            c.add_metric([status, outcome], float(n))
+        return c
 
     def _queues(self) -> list[Metric]:
         depth = GaugeMetricFamily("domcapture_queue_depth", "jobs waiting in an RQ queue", labels=["queue"])

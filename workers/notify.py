@@ -20,6 +20,8 @@ Redis keys (``P`` is the prefix):
                                    never send the same delivery at once
 - ``P:notify:retry:<target>:<key>`` attempts so far and the time of the next one
 - ``P:notify:log``                 the delivery log: one JSON entry per attempt, newest last (trimmed)
+- ``P:notify:counts``              hash ``<status>|<outcome>`` -> attempts (delivered, failed, gave-up),
+                                   never trimmed: what ``/metrics`` counts
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ class Notifier:
     timeout: float = 10.0
     retry_delays: tuple[float, ...] = RETRY_DELAYS
     clock: Any = time.time
+    # records whose every delivery is settled, by revision: a later sweep skips their history
+    _settled: dict[str, int] = field(default_factory=dict)
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.store.prefix, "notify", *parts))
@@ -118,7 +122,7 @@ class Notifier:
                 rec = self.store.load(wf_id)
             except RecordNotFound:
                 continue
-            if rec.status not in self.on or rec.updated_at < since:
+            if rec.status not in self.on or rec.updated_at < since or self._settled.get(wf_id) == rec.rev:
                 continue
             times = entries_into(self.store.history(wf_id), rec.status)
             if times and times[-1] >= since:
@@ -133,6 +137,9 @@ class Notifier:
                 entry = self._attempt(d, t)
                 if entry is not None:
                     written.append(entry)
+            done = [self._k("done", t.id, d.key) for t in self.targets]
+            if redis_call(self.store, self.store.r.exists, *done) == len(done):
+                self._settled[d.rec.id] = d.rec.rev
         return written
 
     def _attempt(self, d: Delivery, t: Target) -> dict[str, Any] | None:
@@ -160,6 +167,8 @@ class Notifier:
             pipe = r.pipeline(transaction=True)
             pipe.rpush(self._k("log"), json.dumps(entry, sort_keys=True))
             pipe.ltrim(self._k("log"), -LOG_KEEP, -1)
+            outcome = "delivered" if ok else ("gave-up" if final else "failed")
+            pipe.hincrby(self._k("counts"), f"{d.status}|{outcome}", 1)
             if final:
                 pipe.set(done, json.dumps({"ok": ok, "attempts": attempt, "at": entry["ts"]}))
                 pipe.delete(retry)

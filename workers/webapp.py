@@ -42,6 +42,9 @@ from .webauth import Auth, csrf_ok, new_csrf_token
 HERE = Path(__file__).resolve().parent
 ACTIONS = ("resume", "rollback", "abort", "verify")
 HTTP_STATUS = {2: 400, 3: 409, 4: 503}  # DomcaptureError.exit_code -> HTTP status
+# no framing (the action buttons must not be clickjacked), no caching of pages that show live state
+PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+                "Cache-Control": "no-store", "Referrer-Policy": "same-origin", "X-Content-Type-Options": "nosniff"}
 
 
 @dataclass
@@ -120,7 +123,9 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         flash = request.session.pop("flash", None)
         base = {"user": user(request), "csrf": csrf(request), "read_only": config.read_only, "flash": flash,
                 "statuses": STATUSES, "strategy_names": sorted(strategies.DEFINITIONS)}
-        return templates.TemplateResponse(request, template, {**base, **context}, status_code=status_code)
+        resp = templates.TemplateResponse(request, template, {**base, **context}, status_code=status_code)
+        resp.headers.update(PAGE_HEADERS)
+        return resp
 
     def flash(request: Request, kind: str, text: str) -> None:
         request.session["flash"] = {"kind": kind, "text": text}
