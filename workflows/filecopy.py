@@ -38,6 +38,7 @@ from .errors import OperationFailed
 
 CHUNK = 8 * 1024 * 1024
 DURABLE_INTERVAL = 1.0  # seconds between fdatasync + on_durable
+SPARSE_BLOCK = 1024 * 1024  # an all-zero block of this size stays a hole in the copy
 BUFFERS = 6  # chunks in the pipeline at once (reader, writer, hasher, and queued between them)
 ZERO = bytes(CHUNK)
 _ZERO_VIEW = memoryview(ZERO)
@@ -279,6 +280,21 @@ def copy_resumable(src: str, partial: str, final: str, *, offset: int,
     return h.hexdigest(), pos
 
 
+def _write_sparse(fd: int, buf: bytearray, at: int, n: int) -> None:
+    """Write ``buf[:n]`` at ``at``, leaving every all-zero ``SPARSE_BLOCK`` of it a hole."""
+    view = memoryview(buf)
+    run_start = -1
+    for i in range(0, n, SPARSE_BLOCK):
+        zero = buf.startswith(_ZERO_VIEW[:min(SPARSE_BLOCK, n - i)], i)
+        if zero and run_start >= 0:
+            os.pwrite(fd, view[run_start:i], at + run_start)
+            run_start = -1
+        elif not zero and run_start < 0:
+            run_start = i
+    if run_start >= 0:
+        os.pwrite(fd, view[run_start:n], at + run_start)
+
+
 def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Hash", *,
                on_progress: Callable[[int, int], None], on_durable: Callable[[int], None],
                check: Callable[[], None], bandwidth: float, sleep: Callable[[float], None],
@@ -296,7 +312,7 @@ def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Has
                 break
             at, n, buf = item
             if buf is not None and not buf.startswith(_ZERO_VIEW[:n]):
-                os.pwrite(fd_out, memoryview(buf)[:n], at)
+                _write_sparse(fd_out, buf, at, n)
                 _writeback(fd_out, at, n, wait=False)
                 if behind:
                     _writeback(fd_out, *behind, wait=True)
