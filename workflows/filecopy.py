@@ -23,6 +23,7 @@ See docs/datapath.md for the measurements behind these choices.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -39,6 +40,7 @@ from .errors import OperationFailed
 CHUNK = 8 * 1024 * 1024
 DURABLE_INTERVAL = 1.0  # seconds between fdatasync + on_durable
 SPARSE_BLOCK = 1024 * 1024  # an all-zero block of this size stays a hole in the copy
+WRITEBACK_WINDOW = 4  # chunks written but not yet waited for: the most the copy leaves dirty in the cache
 BUFFERS = 6  # chunks in the pipeline at once (reader, writer, hasher, and queued between them)
 ZERO = bytes(CHUNK)
 _ZERO_VIEW = memoryview(ZERO)
@@ -303,7 +305,7 @@ def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Has
     pipe = _Pipeline(fd_in, start, total, h)
     last_durable = time.monotonic()
     started, start_pos = last_durable, start
-    behind: tuple[int, int] | None = None  # the previous written range, still being written back
+    behind: collections.deque[tuple[int, int]] = collections.deque()  # written ranges still being written back
     try:
         while True:
             check()
@@ -314,9 +316,9 @@ def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Has
             if buf is not None and not buf.startswith(_ZERO_VIEW[:n]):
                 _write_sparse(fd_out, buf, at, n)
                 _writeback(fd_out, at, n, wait=False)
-                if behind:
-                    _writeback(fd_out, *behind, wait=True)
-                behind = (at, n)
+                behind.append((at, n))
+                if len(behind) > WRITEBACK_WINDOW:
+                    _writeback(fd_out, *behind.popleft(), wait=True)
             pipe.to_hash.put((n, buf))
             pos = at + n
             now = time.monotonic()
@@ -335,7 +337,7 @@ def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Has
         pipe.abort()
         raise
     os.ftruncate(fd_out, pos)
-    if behind:
-        _writeback(fd_out, *behind, wait=True)
+    while behind:
+        _writeback(fd_out, *behind.popleft(), wait=True)
     os.fsync(fd_out)
     return pos
