@@ -80,6 +80,12 @@ def _writeback(fd: int, offset: int, length: int, wait: bool) -> None:
         drop_cache(fd, offset, length)
 
 
+def start_writeback(fd: int) -> None:
+    """Start writing all of ``fd``'s dirty pages to disk, without waiting (a hint: errors are ignored)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
 def drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
     """Ask the kernel to forget clean cached pages of ``fd`` (a hint: errors are ignored)."""
     try:
