@@ -23,6 +23,7 @@ See docs/datapath.md for the measurements behind these choices.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -38,6 +39,8 @@ from .errors import OperationFailed
 
 CHUNK = 8 * 1024 * 1024
 DURABLE_INTERVAL = 1.0  # seconds between fdatasync + on_durable
+SPARSE_BLOCK = 1024 * 1024  # an all-zero block of this size stays a hole in the copy
+WRITEBACK_WINDOW = 4  # chunks written but not yet waited for: the most the copy leaves dirty in the cache
 BUFFERS = 6  # chunks in the pipeline at once (reader, writer, hasher, and queued between them)
 ZERO = bytes(CHUNK)
 _ZERO_VIEW = memoryview(ZERO)
@@ -75,6 +78,12 @@ def _writeback(fd: int, offset: int, length: int, wait: bool) -> None:
                 raise OSError(err, os.strerror(err))
     if wait:
         drop_cache(fd, offset, length)
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing all of ``fd``'s dirty pages to disk, without waiting (a hint: errors are ignored)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
@@ -279,6 +288,21 @@ def copy_resumable(src: str, partial: str, final: str, *, offset: int,
     return h.hexdigest(), pos
 
 
+def _write_sparse(fd: int, buf: bytearray, at: int, n: int) -> None:
+    """Write ``buf[:n]`` at ``at``, leaving every all-zero ``SPARSE_BLOCK`` of it a hole."""
+    view = memoryview(buf)
+    run_start = -1
+    for i in range(0, n, SPARSE_BLOCK):
+        zero = buf.startswith(_ZERO_VIEW[:min(SPARSE_BLOCK, n - i)], i)
+        if zero and run_start >= 0:
+            os.pwrite(fd, view[run_start:i], at + run_start)
+            run_start = -1
+        elif not zero and run_start < 0:
+            run_start = i
+    if run_start >= 0:
+        os.pwrite(fd, view[run_start:n], at + run_start)
+
+
 def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Hash", *,
                on_progress: Callable[[int, int], None], on_durable: Callable[[int], None],
                check: Callable[[], None], bandwidth: float, sleep: Callable[[float], None],
@@ -287,7 +311,7 @@ def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Has
     pipe = _Pipeline(fd_in, start, total, h)
     last_durable = time.monotonic()
     started, start_pos = last_durable, start
-    behind: tuple[int, int] | None = None  # the previous written range, still being written back
+    behind: collections.deque[tuple[int, int]] = collections.deque()  # written ranges still being written back
     try:
         while True:
             check()
@@ -296,11 +320,11 @@ def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Has
                 break
             at, n, buf = item
             if buf is not None and not buf.startswith(_ZERO_VIEW[:n]):
-                os.pwrite(fd_out, memoryview(buf)[:n], at)
+                _write_sparse(fd_out, buf, at, n)
                 _writeback(fd_out, at, n, wait=False)
-                if behind:
-                    _writeback(fd_out, *behind, wait=True)
-                behind = (at, n)
+                behind.append((at, n))
+                if len(behind) > WRITEBACK_WINDOW:
+                    _writeback(fd_out, *behind.popleft(), wait=True)
             pipe.to_hash.put((n, buf))
             pos = at + n
             now = time.monotonic()
@@ -319,7 +343,7 @@ def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Has
         pipe.abort()
         raise
     os.ftruncate(fd_out, pos)
-    if behind:
-        _writeback(fd_out, *behind, wait=True)
+    while behind:
+        _writeback(fd_out, *behind.popleft(), wait=True)
     os.fsync(fd_out)
     return pos

@@ -254,6 +254,7 @@ class Transfer(Step):
             if job is None:
                 break
             ctx.progress("backup", job.processed, job.total)
+            datapath.write_behind([a["partial"] for a in ctx.rec.artifacts_of("backup-file")])
             if time.time() > deadline:
                 raise DeadlineExceeded(f"the push backup of {ctx.domain} did not complete by its deadline")
             ctx.sleep(POLL)

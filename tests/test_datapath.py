@@ -1,0 +1,155 @@
+"""The data path's copies, killed mid-way and resumed from their durable cursor, give the same bytes.
+
+Real files, a real SIGKILL of the copying process, real qemu-nbd and libnbd
+for the pull copy.  No timing here: speed is measured in bench/bench_datapath.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from workflows import nbdio
+from workflows.errors import OperationFailed
+from workflows.filecopy import copy_resumable
+
+MIB = 1024 * 1024
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_source(path: Path, mib: int) -> bytes:
+    """A sparse file: random data, pattern data, holes, and a zero-filled but allocated stretch."""
+    with open(path, "wb") as f:
+        f.truncate(mib * MIB)
+        for i in range(0, mib, 4):
+            f.seek(i * MIB)
+            f.write(os.urandom(MIB) if i % 8 else bytes([0x5A]) * 2 * MIB)
+        f.seek(mib // 2 * MIB)
+        f.write(bytes(3 * MIB))  # written zeroes: data to SEEK_DATA, a hole in the copy
+    return path.read_bytes()
+
+
+def run_until_cursor(script: str, min_cursor: int, timeout: float = 60) -> int:
+    """Run ``script`` (printing one durable cursor per line), SIGKILL it once a cursor >= ``min_cursor``
+    is printed; returns the last cursor it printed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    last, deadline = 0, time.time() + timeout
+    assert p.stdout is not None
+    try:
+        for line in p.stdout:
+            last = int(line)
+            if last >= min_cursor or time.time() > deadline:
+                break
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+    return last
+
+
+COPY_CHILD = """
+import sys
+from workflows.filecopy import copy_resumable
+copy_resumable({src!r}, {partial!r}, {final!r}, offset=0, on_progress=lambda p, t: None,
+               on_durable=lambda pos: print(pos, flush=True), check=lambda: None,
+               bandwidth=16 * 1024 * 1024, durable_interval=0.05)
+"""
+
+
+def test_a_killed_copy_resumes_from_its_cursor_to_identical_bytes(tmp_path: Path) -> None:
+    src, partial, final = tmp_path / "src.img", tmp_path / "out.img.partial", tmp_path / "out.img"
+    data = make_source(src, 48)
+    cursor = run_until_cursor(COPY_CHILD.format(src=str(src), partial=str(partial), final=str(final)), 8 * MIB)
+    assert 0 < cursor < len(data) and partial.exists() and not final.exists()
+    assert partial.stat().st_mode & 0o777 == 0o600
+    durable: list[int] = []
+    checksum, size = copy_resumable(str(src), str(partial), str(final), offset=cursor,
+                                    on_progress=lambda p, t: None, on_durable=durable.append,
+                                    check=lambda: None)
+    assert final.read_bytes() == data and size == len(data)
+    assert checksum == hashlib.sha256(data).hexdigest()
+    assert durable[-1] == len(data) and not partial.exists()
+    assert final.stat().st_blocks * 512 < len(data)  # holes and zero chunks stayed holes
+
+
+def test_a_leftover_partial_is_replaced_and_a_symlink_is_never_followed(tmp_path: Path) -> None:
+    src, partial, final = tmp_path / "src.img", tmp_path / "out.partial", tmp_path / "out.img"
+    data = make_source(src, 8)
+    partial.write_bytes(b"left by an earlier attempt" * 1000)
+    copy_resumable(str(src), str(partial), str(final), offset=0, on_progress=lambda p, t: None,
+                   on_durable=lambda p: None, check=lambda: None)
+    assert final.read_bytes() == data
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not ours")
+    os.symlink(victim, partial)
+    for offset in (0, MIB):
+        with pytest.raises((OperationFailed, OSError)):
+            copy_resumable(str(src), str(partial), str(tmp_path / "other.img"), offset=offset,
+                           on_progress=lambda p, t: None, on_durable=lambda p: None, check=lambda: None)
+    assert victim.read_bytes() == b"not ours" and partial.is_symlink()
+    assert not (tmp_path / "other.img").exists()
+
+
+PULL_CHILD = """
+import time
+from workflows import nbdio
+nbdio.REQUEST, nbdio.IN_FLIGHT, nbdio.DURABLE_INTERVAL = 256 * 1024, 2, 0.05
+export = nbdio.NbdExport({sock!r}, "vda")
+writer = nbdio.QcowWriter({partial!r}, export.size)
+nbdio.copy_extents(export, export.extents(False), writer, start=0, stats={{}}, check=lambda: time.sleep(0.05),
+                   on_progress=lambda d: None, on_durable=lambda pos, st: print(pos, flush=True),
+                   zero_writes=False)
+"""
+
+
+@pytest.fixture
+def served_image(tmp_path: Path):
+    """A qcow2 image served read-only by qemu-nbd, several connections allowed (multi-conn)."""
+    raw = tmp_path / "src.raw"
+    make_source(raw, 48)
+    img = tmp_path / "src.qcow2"
+    nbdio.run_qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(img))
+    sock = tmp_path / "src.sock"
+    server = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "8", "-x", "vda", "-f", "qcow2", "-k", str(sock),
+                               str(img)])
+    deadline = time.time() + 20
+    while not sock.exists():
+        assert time.time() < deadline and server.poll() is None, "qemu-nbd did not start"
+        time.sleep(0.05)
+    yield img, str(sock)
+    server.kill()
+    server.wait(timeout=10)
+
+
+def test_a_killed_pull_resumes_from_its_cursor_to_identical_data(tmp_path: Path, served_image) -> None:
+    img, sock = served_image
+    partial = tmp_path / "backup.qcow2.partial"
+    cursor = run_until_cursor(PULL_CHILD.format(sock=sock, partial=str(partial)), 4 * MIB)
+    export = nbdio.NbdExport(sock, "vda")
+    try:
+        assert len(export.connections(nbdio.CONNECTIONS)) > 1  # the export advertises multi-conn: used
+        extents = export.extents(False)
+        assert 0 < cursor < extents[-1][0] + extents[-1][1]
+        writer = nbdio.QcowWriter(str(partial))  # the partial file as the killed copy left it
+        try:
+            durable: list[int] = []
+            stats = nbdio.copy_extents(export, extents, writer, start=cursor, stats={}, check=lambda: None,
+                                       on_progress=lambda d: None, on_durable=lambda p, s: durable.append(p),
+                                       zero_writes=False)
+        finally:
+            writer.close()
+    finally:
+        export.close()
+    assert stats["read"] == sum(max(0, off + n - max(off, cursor)) for off, n in extents)
+    nbdio.check_image(str(partial))
+    out = subprocess.run(["qemu-img", "compare", "-U", str(img), str(partial)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
