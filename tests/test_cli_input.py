@@ -31,6 +31,11 @@ def assert_nothing_changed(cluster, dom, target) -> None:
     assert dom.on_original_disks()
 
 
+def assert_one_line(out) -> None:
+    assert len(out.stderr.strip().splitlines()) == 1, f"not one line: {out.stderr!r}"
+    assert "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["submit", "nope", "--domain", "{dom}", "--target", "{target}"], 2, "unknown strategy 'nope'"),
     (["submit", "snapshot-backup", "--domain", "dctest-missing", "--target", "{target}"], 2, "Domain not found"),
@@ -44,7 +49,6 @@ def assert_nothing_changed(cluster, dom, target) -> None:
       "--uri", "qemu+unix:///system?socket=/nonexistent/sock"], 4, "cannot connect to libvirt"),
     (["--redis-url", "redis://127.0.0.1:1/0", "submit", "snapshot-backup", "--domain", "{dom}",
       "--target", "{target}"], 4, "redis unreachable"),
-    (["submit"], 2, "usage:"),
     (["show", "0123456789abcdef"], 2, "no workflow with id"),
 ])
 def test_bad_submit_input(cluster, dom, tmp_path, args, code, message):
@@ -53,8 +57,21 @@ def test_bad_submit_input(cluster, dom, tmp_path, args, code, message):
     argv = [a.format(dom=dom.name, target=target) for a in args]
     out = cluster.cli(*argv, check=False)
     assert out.returncode == code, out.stderr
+    assert_one_line(out)
     assert message in out.stderr
-    assert out.stderr.strip().count("\n") == 0 or message == "usage:"  # one line
+    assert_nothing_changed(cluster, dom, target)
+
+
+def test_submit_without_arguments_prints_its_usage_and_one_error(cluster, dom, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    out = cluster.cli("submit", check=False)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    # argparse's usage block, then one line naming what is missing; no traceback
+    assert lines[0].startswith("usage: domcapture submit"), lines
+    assert lines[-1] == "domcapture submit: error: the following arguments are required: strategy, --domain"
+    assert [line for line in lines if "error:" in line] == [lines[-1]]
     assert_nothing_changed(cluster, dom, target)
 
 
@@ -63,7 +80,10 @@ def test_target_that_is_a_file(cluster, dom, tmp_path):
     target.mkdir()
     out = cluster.cli("submit", "snapshot-backup", "--domain", dom.name, "--target", str(dom.disks["vda"]),
                       check=False)
-    assert out.returncode == 2 and "does not exist" in out.stderr or "not a directory" in out.stderr
+    assert out.returncode == 2, out.stderr
+    assert_one_line(out)
+    assert str(dom.disks["vda"]) in out.stderr
+    assert ("does not exist" in out.stderr) or ("not a directory" in out.stderr), out.stderr
     assert_nothing_changed(cluster, dom, target)
 
 
@@ -73,6 +93,7 @@ def test_stopped_domain_is_refused(cluster, dom, tmp_path):
     dom.virsh("destroy", dom.name)
     out = cluster.cli("submit", "snapshot-backup", "--domain", dom.name, "--target", str(target), check=False)
     assert out.returncode == 2 and f"domain {dom.name} is shutoff" in out.stderr
+    assert_one_line(out)
     assert json.loads(cluster.cli("list", "--json").stdout) == []
 
 
@@ -89,6 +110,7 @@ def test_disk_with_a_backing_chain_is_refused(cluster, libvirt_uri, tmp_path, di
     target.mkdir()
     out = cluster.cli("submit", "snapshot-backup", "--domain", dom.name, "--target", str(target), check=False)
     assert out.returncode == 2 and "already has a backing chain" in out.stderr
+    assert_one_line(out)
     assert json.loads(cluster.cli("list", "--json").stdout) == []
     assert list(target.iterdir()) == []
 
@@ -99,6 +121,7 @@ def test_second_capture_of_a_busy_domain_is_refused(cluster, dom, tmp_path):
     first = cluster.cli("submit", "snapshot-backup", "--domain", dom.name, "--target", str(target)).stdout.strip()
     out = cluster.cli("submit", "snapshot-backup", "--domain", dom.name, "--target", str(target), check=False)
     assert out.returncode == 3 and f"busy with workflow {first}" in out.stderr
+    assert_one_line(out)
     assert [d["id"] for d in json.loads(cluster.cli("list", "--json").stdout)] == [first]
 
 
