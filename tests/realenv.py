@@ -178,13 +178,21 @@ class WorkerCluster:
         logdir.mkdir(parents=True, exist_ok=True)
         self.workers: list[subprocess.Popen] = []
         self.recovery: subprocess.Popen | None = None
+        self.logs: dict[int, Path] = {}  # pid -> the process's log file
         self._n = 0
 
     def _spawn(self, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         self._n += 1
-        log = open(self.logdir / f"{self._n:02d}-{args[0]}.log", "w")
-        return subprocess.Popen([DOMCAPTURE, "--log-level", "INFO", *args], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        path = self.logdir / f"{self._n:02d}-{args[0]}.log"
+        log = open(path, "w")
+        p = subprocess.Popen([DOMCAPTURE, "--log-level", "INFO", *args], env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        self.logs[p.pid] = path
+        return p
+
+    def log_of(self, p: subprocess.Popen) -> str:
+        """What a worker or recovery process has logged so far."""
+        return self.logs[p.pid].read_text(errors="replace")
 
     def start_worker(self, fault: str | None = None) -> subprocess.Popen:
         env = dict(self.env)

@@ -22,6 +22,7 @@ import pytest
 from workflows import strategies
 from workflows.engine import Engine
 from workflows.errors import LeaseLost
+from workflows.hypervisor.base import UndeclaredCall, fenced
 from workflows.hypervisor.fake import FakeHypervisor
 from workflows.record import ROLLED_BACK, SUCCEEDED
 from workflows.service import Captures
@@ -47,12 +48,15 @@ class World:
         self.fake.add_domain("dom", self.paths, agent=True)
         self.crasher = Crasher()
         self.wrote_after_snapshot = False
+        self.frozen_at_snapshot: bool | None = None  # what the hypervisor saw, not what the record says
         self.fake.hook = self._hv_hook
         self.captures = Captures(store, lambda uri: self.fake, lambda rec: None)
         self.rec = self.captures.submit("snapshot-backup", "dom", "fake:///default",
                                         {"target": self.target, "quiesce": quiesce})
 
     def _hv_hook(self, when: str, method: str) -> None:
+        if (when, method) == ("after", "snapshot_disk_only"):
+            self.frozen_at_snapshot = self.fake.domains["dom"].frozen
         if (when, method) == ("after", "snapshot_disk_only") and not self.wrote_after_snapshot:
             self.wrote_after_snapshot = True  # the guest keeps writing: onto the overlay
             self.fake.guest_write("dom", "vda", *POST_SNAPSHOT_WRITE)
@@ -74,6 +78,14 @@ class World:
             data[off:off + len(payload)] = payload
         return bytes(data)
 
+    def expected_quiesced(self, rec: dict) -> bool:
+        """Quiesced exactly when the guest was frozen at the instant of the snapshot and the
+        worker itself ended that freeze.  A freeze that recovery had to break after a crash is
+        reported as not quiesced (an understatement, never an overstatement)."""
+        assert self.frozen_at_snapshot is not None, "no snapshot was taken"
+        broken_by = (rec["data"].get("last_thaw") or {}).get("by")
+        return self.frozen_at_snapshot and broken_by not in ("recovery", "freeze-watchdog")
+
     def check_invariants(self, rec: dict) -> None:
         dom = self.fake.domains["dom"]
         assert rec["status"] in (SUCCEEDED, ROLLED_BACK), rec["status"]
@@ -88,7 +100,9 @@ class World:
         if rec["status"] == SUCCEEDED:
             (bdir,) = backup_dirs
             manifest = json.load(open(os.path.join(self.target, bdir, "manifest.json")))
-            assert manifest["workflow"] == self.rec.id and manifest["quiesced"] in (True, False)
+            assert manifest["workflow"] == self.rec.id
+            assert manifest["quiesced"] is self.expected_quiesced(rec), (manifest["quiesced"], rec["data"])
+            assert rec["result"]["quiesced"] is manifest["quiesced"]
             for f in manifest["files"]:
                 with open(f["path"], "rb") as fh:
                     assert fh.read() == self.initial[f["disk"]], f"backup of {f['disk']} differs"
@@ -139,8 +153,21 @@ def test_recovery_thaws_a_guest_frozen_by_a_dead_worker(tmp_path, store):
     assert rec.data["freeze_broken"] and rec.data["last_thaw"]["by"] == "recovery"
     final = w.drive_to_end()
     w.check_invariants(final)
-    # the snapshot went back through freezing: the capture is still quiesced
-    assert final["result"]["quiesced"] is False or final["data"]["quiesced"] is True
+    # the snapshot went back through freezing: the guest was frozen again when it was taken,
+    # the worker thawed it, and the capture says quiesced
+    assert w.frozen_at_snapshot is True
+    assert final["data"]["last_thaw"]["by"].startswith("w")
+    assert "freeze_broken" not in final["data"]
+    assert final["result"]["quiesced"] is True
+
+
+def test_a_capture_taken_without_a_freeze_says_it_is_not_quiesced(tmp_path, store):
+    w = World(tmp_path, store, quiesce="off")
+    assert not w.run()
+    rec = store.load(w.rec.id).to_dict()
+    w.check_invariants(rec)
+    assert w.frozen_at_snapshot is False
+    assert rec["result"]["quiesced"] is False
 
 
 def _rollback_points(tmp_path, store, crash_first: tuple[str, int]) -> list[tuple[str, int]]:
@@ -199,8 +226,32 @@ def test_a_worker_woken_after_losing_its_lease_changes_nothing(tmp_path, store):
 
 
 def test_lease_lost_is_raised_by_the_fence_before_any_effect(tmp_path, store):
+    """The real fenced wrapper around the fake: a lost lease stops a mutating call before the
+    hypervisor sees it; with the lease held, the very same call goes through."""
     w = World(tmp_path, store)
+    seen: list[tuple[str, str]] = []
+    w.fake.hook = lambda when, method: seen.append((when, method))
     lease = store.acquire_lease(w.rec.id, "w1", 5)
-    store.r.delete(f"{store.prefix}:wf:{w.rec.id}:lease")
+    hv = fenced(w.fake, lambda call: lease.check())
+    overlays = {t: str(w.dir / f"domcapture-{w.rec.id}-{t}.overlay") for t in w.paths}
+    store.r.delete(f"{store.prefix}:wf:{w.rec.id}:lease")  # taken away, as by an expiry
     with pytest.raises(LeaseLost):
-        lease.check()
+        hv.snapshot_disk_only("dom", overlays)
+    with pytest.raises(LeaseLost):
+        hv.fs_freeze("dom")
+    assert seen == []  # the fake was never called
+    dom = w.fake.domains["dom"]
+    assert not dom.frozen
+    assert all(d.overlay is None for d in dom.disks.values())
+    assert sorted(os.listdir(w.dir)) == ["vda.img", "vdb.img"]
+    # looking stays allowed, and a method declared nowhere cannot be reached at all
+    assert [d.source for d in hv.disks("dom")] == [w.paths["vda"], w.paths["vdb"]]
+    with pytest.raises(UndeclaredCall):
+        hv.guest_write  # noqa: B018 (a fake-only method, in neither READ_ONLY nor MUTATING)
+    # the control: the same call with a lease that is ours changes the domain
+    held = store.acquire_lease(w.rec.id, "w2", 5)
+    hv = fenced(w.fake, lambda call: held.check())
+    hv.snapshot_disk_only("dom", overlays)
+    assert seen == [("before", "snapshot_disk_only"), ("after", "snapshot_disk_only")]
+    assert {t: d.overlay for t, d in dom.disks.items()} == overlays
+    assert all(os.path.exists(p) for p in overlays.values())

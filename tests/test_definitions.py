@@ -5,19 +5,71 @@ from __future__ import annotations
 import pytest
 
 from workflows import strategies
-from workflows.definition import ROLLED_BACK, ROLLING_BACK, SUCCEEDED
+from workflows.definition import (END_STATES, PARTIALLY_ROLLED_BACK, RESUME, ROLLBACK, ROLLED_BACK, ROLLING_BACK,
+                                  SUCCEEDED)
 from workflows.errors import StepFailed, UnknownStrategy
 
 DEFS = list(strategies.DEFINITIONS.values())
+
+
+WAY_BACK = {"rollback", "reverted", "reverted_partially"}
+
+
+def forward_graph(defn) -> dict[str, dict[str, str]]:
+    """state -> {trigger: destination}, from the machine itself: every trigger of every forward
+    state is fired, so a destination the machine does not know fails here, not mid-workflow."""
+    return {state: {t: defn.fire(state, t) for t in defn.triggers_from(state) if t not in WAY_BACK}
+            for state in defn.states}
 
 
 @pytest.mark.parametrize("defn", DEFS, ids=lambda d: d.name)
 def test_every_forward_state_has_a_step_and_a_way_back(defn):
     for state in defn.states:
         assert state in defn.steps
-        assert "rollback" in defn.triggers_from(state), state
         assert defn.fire(state, "rollback") == ROLLING_BACK
+    # the way back ends in one of two honest statuses, and nothing leads forward from it
+    assert defn.triggers_from(ROLLING_BACK) == ["reverted", "reverted_partially"]
     assert defn.fire(ROLLING_BACK, "reverted") == ROLLED_BACK
+    assert defn.fire(ROLLING_BACK, "reverted_partially") == PARTIALLY_ROLLED_BACK
+    for end in END_STATES:
+        assert defn.triggers_from(end) == [], end
+        with pytest.raises(StepFailed):
+            defn.fire(end, "rollback")
+
+
+@pytest.mark.parametrize("defn", DEFS, ids=lambda d: d.name)
+def test_the_table_names_only_its_own_states(defn):
+    known = set(defn.states) | {SUCCEEDED}
+    for trigger, source, dest in defn.transitions:
+        assert trigger not in WAY_BACK, f"{trigger!r} is the engine's own trigger"
+        assert source in defn.states, f"{trigger}: unknown source {source!r}"
+        assert dest in known, f"{trigger} from {source}: unknown destination {dest!r}"
+    assert set(defn.on_crash) <= set(defn.states), set(defn.on_crash) - set(defn.states)
+    assert set(defn.on_crash.values()) <= {RESUME, ROLLBACK}
+
+
+@pytest.mark.parametrize("defn", DEFS, ids=lambda d: d.name)
+def test_every_state_is_reachable_and_can_still_succeed(defn):
+    graph = forward_graph(defn)
+    for state, moves in graph.items():
+        assert set(moves.values()) <= set(defn.states) | {SUCCEEDED}, (state, moves)
+    reached, todo = {defn.initial}, [defn.initial]
+    while todo:
+        for dest in graph.get(todo.pop(), {}).values():
+            if dest not in reached:
+                reached.add(dest)
+                todo.append(dest)
+    assert reached == set(defn.states) | {SUCCEEDED}, set(defn.states) - reached
+    # no forward dead end: from every state some path still leads to succeeded
+    can_finish = {SUCCEEDED}
+    changed = True
+    while changed:
+        changed = False
+        for state, moves in graph.items():
+            if state not in can_finish and can_finish & set(moves.values()):
+                can_finish.add(state)
+                changed = True
+    assert can_finish >= set(defn.states), set(defn.states) - can_finish
 
 
 @pytest.mark.parametrize("defn", DEFS, ids=lambda d: d.name)

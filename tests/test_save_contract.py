@@ -48,7 +48,7 @@ def test_save_image_reads_back_and_restores(env):
     assert info == {"name": env.name, "uuid": env.hv.get_uuid(env.name), "disks": env.disks}
     env.hv.restore(path)
     assert env.hv.domain_state(env.name) == "running"
-    assert env.hv.read_save_image(path) is not None  # a restore leaves the image alone
+    assert env.hv.read_save_image(path) == info  # a restore leaves the image alone
 
 
 def test_read_save_image_of_anything_else_is_none(env):

@@ -222,6 +222,7 @@ SAVE_KILLS = ["saved:save-intent:saving",        # intent recorded, libvirt not 
               "executed:saving",                 # the guest is stopped, the record does not say so yet
               "saved:copy-intent:copying",
               "saved:restore-intent:restoring",  # stopped, about to restore
+              "executed:restoring",              # running again, the moment not recorded
               "executed:finalizing"]
 REWIND_KILLS = ["saved:stage-intent:staging",
                 "executed:stopping",             # the guest saved to its safety image, not recorded
@@ -236,7 +237,10 @@ def test_sigkill_in_each_state_of_a_save(procs, guest, target):
     assert doc["status"] == "succeeded", (doc["status"], doc["error"])
     assert_capture_files(procs, doc)
     assert_running_same_boot(guest, before["boot_id"], before["uptime"])
-    assert doc["result"]["downtime_is_upper_bound"] in (True, False)
+    # the kill at executed:restoring lost the moment the guest ran again: the next worker found
+    # it running, so the downtime it reports is an upper bound, and says so
+    assert doc["result"]["downtime_is_upper_bound"] is True
+    assert doc["result"]["downtime_s"] > 0
     shutil.rmtree(doc["result"]["capture_dir"])
 
 

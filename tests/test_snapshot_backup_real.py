@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
+import socket
 import time
 
 import pytest
@@ -218,12 +220,24 @@ def test_sigstopped_worker_cannot_change_anything_after_sigcont(cluster, disk_do
     cluster.start_worker()
     doc = cluster.wait_final(wf, timeout=120)
     assert doc["status"] == "succeeded"
-    before = (doc["rev"], {t: open(f["path"], "rb").read() for t, f in doc["result"]["files"].items()})
+    zombie_id = f"{socket.gethostname()}:{sleeper.pid}"
+    zombie_epochs = {e["epoch"] for e in doc["history"] if e.get("worker") == zombie_id}
+    assert zombie_epochs and max(zombie_epochs) < doc["epoch"], (zombie_epochs, doc["epoch"])
+    before = (doc["rev"], len(doc["history"]),
+              {t: open(f["path"], "rb").read() for t, f in doc["result"]["files"].items()})
     os.killpg(sleeper.pid, signal.SIGCONT)
-    time.sleep(3)  # the zombie wakes, finds its lease gone, stops
+    # the zombie wakes in the middle of its copy, and its next fenced step is refused
+    deadline = time.time() + 30
+    while f"workflow {wf}: lease-lost" not in cluster.log_of(sleeper):
+        assert time.time() < deadline, cluster.log_of(sleeper)[-2000:]
+        time.sleep(0.2)
+    refused = re.findall(rf"workflow {wf}: .*?epoch (\d+).*; stopping without further changes",
+                         cluster.log_of(sleeper))
+    assert [int(e) for e in refused] == [max(zombie_epochs)], cluster.log_of(sleeper)[-2000:]
     after = cluster.show(wf)
-    assert after["rev"] == before[0]
-    assert {t: open(f["path"], "rb").read() for t, f in after["result"]["files"].items()} == before[1]
+    assert (after["rev"], len(after["history"])) == before[:2]
+    assert not [e for e in after["history"][len(doc["history"]):] if e.get("worker") == zombie_id]
+    assert {t: open(f["path"], "rb").read() for t, f in after["result"]["files"].items()} == before[2]
     assert_domain_clean(dom)
     assert sorted(os.listdir(os.path.dirname(doc["result"]["manifest"]))) == ["manifest.json", "vda.qcow2",
                                                                                "vdb.qcow2"]

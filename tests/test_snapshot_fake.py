@@ -223,15 +223,31 @@ def test_rollback_of_an_internal_memory_snapshot(tmp_path, store):
 
 
 def test_a_create_still_running_in_libvirtd_is_waited_for(tmp_path, store):
-    """The worker died inside the libvirt call; libvirtd still holds the domain when the next one probes."""
+    """The worker died inside the libvirt call; libvirtd still holds the domain when the next one
+    probes, and the snapshot exists only once that job ends.  A probe that looked without waiting
+    would find nothing and create the snapshot a second time."""
     w = World(tmp_path, store, "snapshot", {"kind": "internal"})
     w.crasher.target = ("hv-after:create_snapshot", 1)
     assert w.run()
+    snap = naming.snapshot_name(w.rec.id)
+    st = w.fake._snap_state("dom")
+    made_by_libvirtd, current = st.snaps.pop(snap), st.current
+    st.current = made_by_libvirtd.info.parent
     w.fake.set_domain_busy("dom", 3)
+    busy = w.fake.is_domain_busy
+
+    def libvirtd_job(name: str) -> bool:  # after its last busy answer the job has ended: the snapshot is there
+        if busy(name):
+            return True
+        if snap not in st.snaps:
+            st.snaps[snap], st.current = made_by_libvirtd, current
+        return False
+    w.fake.is_domain_busy = libvirtd_job
     rec = w.drive_to_end()
     assert rec["status"] == SUCCEEDED and rec["data"]["waited_for_libvirt"] == 1
     check_create(w, rec)
-    assert not w.fake.is_domain_busy("dom")
+    assert st.snaps[snap] is made_by_libvirtd, "the snapshot was created a second time"
+    assert [e["event"] for e in store.history(w.rec.id)].count("snapshot-intent") == 1
 
 
 def test_someone_elses_snapshot_of_the_same_name_is_never_deleted(tmp_path, store):
@@ -314,7 +330,12 @@ def test_revert_rolled_back_after_it_took_effect_says_so(tmp_path, store):
     rec = w.drive_to_end()
     assert rec["status"] == PARTIALLY_ROLLED_BACK and rec["state"] == "partially_rolled_back"
     assert "cannot be undone" in rec["result"]["effects_standing"][0]
-    assert any(e["event"] == "not-undone" and e["reverted"] for e in store.history(w.rec.id))
+    stands = [e for e in store.history(w.rec.id) if e["event"] == "effect-stands"]
+    assert [e["reason"] for e in stands] == rec["result"]["effects_standing"]
+    # and it does stand: the domain is at s1, and the record says libvirt showed the revert
+    assert rec["data"]["reverted"] is True
+    assert {t: open(p, "rb").read() for t, p in w.paths.items()} == w.s1
+    assert w.fake.get_current_snapshot("dom") == "s1"
 
 
 def test_revert_of_a_shutoff_snapshot_stops_the_domain(tmp_path, store):
