@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -215,13 +216,32 @@ class OwnedFiles:
                                        on_durable=on_durable, check=fenced_check, bandwidth=bandwidth, **kwargs)
 
 
+class HostCommands:
+    """Commands an operator asked to run on the worker's host (hooks), fenced, each with a timeout."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    def run(self, argv: list[str], *, timeout: float, env: dict[str, str]) -> dict[str, Any]:
+        self.guard()
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                                 env={**os.environ, **env})
+        except subprocess.TimeoutExpired:
+            return {"exitcode": None, "timed_out": True, "out": "", "err": ""}
+        except OSError as exc:
+            return {"exitcode": None, "timed_out": False, "out": "", "err": str(exc)}
+        return {"exitcode": out.returncode, "timed_out": False, "out": out.stdout[-2000:], "err": out.stderr[-2000:]}
+
+
 @dataclass
 class Effects:
-    """Everything a step may change: the fenced hypervisor, our files, the checkpoint store."""
+    """Everything a step may change: the fenced hypervisor, our files, the checkpoint store, host commands."""
 
     hv: Hypervisor
     files: OwnedFiles
     checkpoints: CheckpointStore
+    host: HostCommands
 
 
 @dataclass

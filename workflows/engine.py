@@ -24,7 +24,7 @@ from typing import Any, Callable
 from . import quiesce
 from .checkpoints import CheckpointStore
 from .definition import ROLLING_BACK, SUCCEEDED, Definition
-from .effects import Effects, OwnedFiles
+from .effects import Effects, HostCommands, OwnedFiles
 from .errors import AgentUnavailable, Cancelled, DomcaptureError, LeaseLost, RecordUnreadable, StepFailed
 from .hypervisor.base import CANCEL_EXEMPT, Hypervisor, fenced
 from .record import (FAILED, FINAL_STATUSES, FORWARD, NEEDS_ATTENTION, PARTIALLY_ROLLED_BACK, QUEUED, ROLLBACK,
@@ -264,7 +264,8 @@ class Engine:
     def _context(self, rec: Record, hv: Hypervisor, lease: Lease) -> StepContext:
         fx = Effects(hv=fenced(hv, lambda call: self._guard(lease, rec, call)),
                      files=OwnedFiles(rec, lambda: self._guard(lease, rec, "file")),
-                     checkpoints=CheckpointStore(self.store))
+                     checkpoints=CheckpointStore(self.store),
+                     host=HostCommands(lambda: self._guard(lease, rec, "host")))
         return StepContext(rec, fx,
                            save=lambda event=None, **d: self._save(rec, lease, event, **d),
                            guard=lambda: self._guard(lease, rec, "guard"),

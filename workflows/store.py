@@ -172,14 +172,15 @@ class Store:
     @classmethod
     def from_url(cls, url: str, prefix: str = "dc", *, password: str | None = None,
                  username: str | None = None, lease_ttl: float = 5.0) -> "Store":
-        """A store on ``url``.  Every socket wait is shorter than the lease TTL (a third of it),
-        so a worker blocked on a dead Redis finds out before its lease could be taken over."""
+        """A store on ``url``.  Every socket wait is shorter than the lease TTL (four fifths of it):
+        a worker blocked on a dead Redis gets an error before its lease could have been taken over,
+        and its lease clock (stamped when a renewal is sent) has already judged it lost."""
         creds: dict[str, Any] = {}
         if password is not None:
             creds["password"] = password
         if username is not None:
             creds["username"] = username
-        timeout = max(0.2, lease_ttl / 3)
+        timeout = max(0.5, lease_ttl * 0.8)
         client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
                                       health_check_interval=10, **creds)
         return cls(client, prefix)

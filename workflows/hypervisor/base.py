@@ -51,7 +51,7 @@ READ_ONLY = frozenset({
     "get_inactive_xml", "lookup_domain_description", "open_backup_export",
 })
 MUTATING = frozenset({
-    "fs_freeze", "fs_thaw", "snapshot_disk_only", "block_commit_active", "block_pivot", "block_job_abort",
+    "fs_freeze", "fs_thaw", "guest_exec", "snapshot_disk_only", "block_commit_active", "block_pivot", "block_job_abort",
     "create_snapshot", "revert_to_snapshot", "delete_snapshot",
     "managed_save", "start", "save", "restore", "destroy", "resume",
     "checkpoint_create", "checkpoint_redefine", "checkpoint_delete", "backup_begin", "backup_abort",
@@ -79,6 +79,10 @@ class DomainReads(Protocol):
 class QuiesceOps(Protocol):
     def fs_freeze(self, name: str) -> int: ...
     def fs_thaw(self, name: str) -> int: ...
+    def guest_exec(self, name: str, argv: list[str], timeout: float) -> dict[str, Any]:
+        """Run ``argv`` in the guest through the agent; {"exitcode", "out", "err", "timed_out"}.
+        A command still running at ``timeout`` is killed in the guest."""
+        ...
 
 
 class BlockOps(Protocol):

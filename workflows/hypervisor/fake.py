@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from ..errors import AgentUnavailable, DomainNotFound, NotReady, OperationFailed
 from .base import BlockJob, Disk
@@ -149,6 +149,17 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
             dom.frozen = False
             return n
         return self._effect("fs_thaw", thaw)
+
+    def guest_exec(self, name: str, argv: list[str], timeout: float) -> dict[str, Any]:
+        dom = self._running(name)
+        if not dom.agent:
+            raise AgentUnavailable(f"guest-exec in {name}: QEMU guest agent is not connected")
+
+        def run() -> dict[str, Any]:
+            dom.log.append("exec " + " ".join(argv))
+            return {"exitcode": 0, "timed_out": False, "out": "", "err": ""}
+        out: dict[str, Any] = self._effect("guest_exec", run)
+        return out
 
     def fs_frozen(self, name: str) -> bool:
         dom = self._running(name)

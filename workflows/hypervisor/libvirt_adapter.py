@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 import xml.etree.ElementTree as ET
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import libvirt
 
@@ -192,6 +193,32 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
             out = libvirt_qemu.qemuAgentCommand(self._dom(c, name), '{"execute":"guest-fsfreeze-status"}', 5, 0)
             return '"frozen"' in out
         return self._call(f"fsfreeze status of {name}", status)
+
+    def guest_exec(self, name: str, argv: list[str], timeout: float) -> dict[str, Any]:
+        import base64
+        import json
+
+        import libvirt_qemu
+
+        def agent(cmd: dict[str, Any]) -> Any:
+            def call(c: libvirt.virConnect) -> Any:
+                out = libvirt_qemu.qemuAgentCommand(self._dom(c, name), json.dumps(cmd), 10, 0)
+                return json.loads(out)["return"]
+            return self._call(f"guest-exec in {name}", call)
+
+        pid = agent({"execute": "guest-exec", "arguments": {"path": argv[0], "arg": argv[1:],
+                                                            "capture-output": True}})["pid"]
+        deadline = time.monotonic() + timeout
+        while True:
+            status = agent({"execute": "guest-exec-status", "arguments": {"pid": pid}})
+            if status.get("exited"):
+                return {"exitcode": status.get("exitcode"), "timed_out": False,
+                        "out": base64.b64decode(status.get("out-data", "")).decode(errors="replace")[-2000:],
+                        "err": base64.b64decode(status.get("err-data", "")).decode(errors="replace")[-2000:]}
+            if time.monotonic() > deadline:
+                agent({"execute": "guest-exec", "arguments": {"path": "/bin/kill", "arg": ["-9", str(pid)]}})
+                return {"exitcode": None, "timed_out": True, "out": "", "err": "", "killed_pid": pid}
+            time.sleep(0.1)
 
     # -- snapshots and block jobs ---------------------------------------------------
     def snapshot_disk_only(self, name: str, overlays: dict[str, str], quiesce: bool = False) -> None:

@@ -7,8 +7,8 @@ import shutil
 import time
 from typing import Any
 
-from .. import naming, quiesce, validate
-from ..errors import (DeadlineExceeded, DomainNotRunning, DomcaptureError, InvalidTarget,
+from .. import hooks, naming, quiesce, validate
+from ..errors import (DeadlineExceeded, InputError, DomainNotRunning, DomcaptureError, InvalidTarget,
                       OperationFailed, StepFailed, UnsupportedDisk)
 from ..definition import Option
 from ..hypervisor.base import Disk, Hypervisor
@@ -44,6 +44,19 @@ def check_text(name: str, value: Any) -> str:
 def parse_on_error(params: dict[str, Any]) -> str:
     """``--on-error``: rollback (default) or stop."""
     return check_choice("on_error", params.get("on_error") or "rollback", OPT_ON_ERROR.choices or ())
+
+
+def parse_hooks(params: dict[str, Any]) -> dict[str, Any]:
+    """``--pre-freeze``, ``--post-thaw`` (one line of sh, no control characters), ``--hooks-on``, ``--hook-timeout``."""
+    out: dict[str, Any] = {}
+    for name in ("pre_freeze", "post_thaw"):
+        if params.get(name) is not None:
+            out[name] = validate.text(name, params[name])
+    if out and (params.get("quiesce") or "try") == "off":
+        raise InputError("--pre-freeze and --post-thaw run around a freeze; they need --quiesce try or require")
+    out["hooks_on"] = check_choice("hooks_on", params.get("hooks_on") or "guest", hooks.WHERE)
+    out["hook_timeout"] = parse_seconds("hook_timeout", params.get("hook_timeout"), hooks.DEFAULT_TIMEOUT)
+    return out
 
 
 def parse_seconds(name: str, value: Any, default: float) -> float:
@@ -120,6 +133,15 @@ class Freeze(Step):
         if mode == "off":
             ctx.data["quiesced"] = False
             return
+        hooks.arm(ctx)
+        failed = hooks.pre_freeze(ctx)
+        if failed:
+            ctx.data["quiesced"] = False
+            ctx.data["quiesce_error"] = failed
+            if mode == "require":
+                raise StepFailed(f"quiesce=require but {failed}")
+            ctx.save("quiesce-skipped", reason=failed)
+            return
         deadline = float(ctx.params.get("freeze_deadline", DEFAULT_FREEZE_DEADLINE))
         quiesce.mark_freezing(ctx.rec, deadline)
         ctx.data.pop("freeze_broken", None)
@@ -142,21 +164,25 @@ class Freeze(Step):
     def revert(self, ctx: StepContext) -> None:
         if quiesce.frozen_info(ctx.rec):
             quiesce.thaw(ctx.hv, ctx.rec, by="rollback")
+        hooks.post_thaw(ctx)
 
 
 class Thaw(Step):
-    description = "thaw guest filesystems"
+    description = "thaw guest filesystems, then the post-thaw hook"
 
     def probe(self, ctx: StepContext) -> bool:
-        return not quiesce.frozen_info(ctx.rec)
+        return not quiesce.frozen_info(ctx.rec) and not hooks.post_thaw_owed(ctx)
 
     def execute(self, ctx: StepContext) -> None:
-        outcome = quiesce.thaw(ctx.hv, ctx.rec, by=ctx.rec.worker or "worker")
-        ctx.data["downtime_s"] = outcome.get("frozen_seconds")
+        if quiesce.frozen_info(ctx.rec):
+            outcome = quiesce.thaw(ctx.hv, ctx.rec, by=ctx.rec.worker or "worker")
+            ctx.data["downtime_s"] = outcome.get("frozen_seconds")
+        hooks.post_thaw(ctx)
 
     def revert(self, ctx: StepContext) -> None:
         if quiesce.frozen_info(ctx.rec):
             quiesce.thaw(ctx.hv, ctx.rec, by="rollback")
+        hooks.post_thaw(ctx)
 
 
 def needs_refreeze(ctx: StepContext) -> bool:

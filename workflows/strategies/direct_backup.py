@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any, cast
 
-from .. import datapath, naming, nbdio
+from .. import datapath, hooks, naming, nbdio
 from ..checkpoints import COMMITTED, KIND_BACKUP, PENDING, Checkpoint, backup_base, owned_pending, restore_chain
 from ..definition import RESUME, Definition, Option
 from ..errors import CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, OperationFailed, StepFailed
@@ -73,6 +73,7 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
         "backup_timeout": common.parse_seconds("backup_timeout", params.get("backup_timeout"),
                                                DEFAULT_BACKUP_TIMEOUT),
     }
+    out.update(common.parse_hooks(params))
     bc.require_active(hv, domain)
     disks = bc.bitmap_disks(hv, domain)
     if not out["incremental"]:  # an incremental's size is not known before its bitmap is read
@@ -485,5 +486,5 @@ STEPS: dict[str, Step] = {
 DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
                         validate=validate,
                         options=(common.OPT_TARGET, OPT_MODE, OPT_INCREMENTAL, common.OPT_QUIESCE,
-                                 common.OPT_ON_ERROR, common.OPT_FREEZE_DEADLINE, OPT_BACKUP_TIMEOUT),
+                                 common.OPT_ON_ERROR, common.OPT_FREEZE_DEADLINE, OPT_BACKUP_TIMEOUT, *hooks.OPTIONS),
                         summary="backup begin with a checkpoint (full or incremental), push or pull over NBD")

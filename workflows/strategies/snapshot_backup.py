@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from .. import naming
+from .. import hooks, naming
 from ..definition import RESUME, Definition
 from ..errors import StepFailed
 from ..effects import Inspect
@@ -57,6 +57,7 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
                                                common.DEFAULT_COMMIT_TIMEOUT),
         "bandwidth": common.parse_bandwidth(params.get("bandwidth")),
     }
+    out.update(common.parse_hooks(params))
     common.require_running(hv, domain)
     disks = common.capture_disks(hv, domain)
     common.check_space(out["target"], sum(os.path.getsize(common.source_of(d)) for d in disks), "backup target")
@@ -236,5 +237,6 @@ STEPS: dict[str, Step] = {
 DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
                         validate=validate,
                         options=(common.OPT_TARGET, common.OPT_QUIESCE, common.OPT_ON_ERROR,
-                                 common.OPT_FREEZE_DEADLINE, common.OPT_COMMIT_TIMEOUT, common.OPT_BANDWIDTH),
+                                 common.OPT_FREEZE_DEADLINE, common.OPT_COMMIT_TIMEOUT, common.OPT_BANDWIDTH,
+                                 *hooks.OPTIONS),
                         summary="disk-only external snapshot, copy the backing images, active commit + pivot")
