@@ -29,6 +29,7 @@ from types import ModuleType
 from typing import Any, Callable, cast
 
 from .errors import OperationFailed
+from .filecopy import drop_cache
 from .hypervisor.backup_types import BLOCK_STATUS_DIRTY, BLOCK_STATUS_ZERO
 
 CHUNK = 2 * 1024 * 1024
@@ -37,7 +38,8 @@ REQUEST = 4 * 1024 * 1024  # bytes per NBD request in the parallel copy
 IN_FLIGHT = 12  # requests in flight at once (reads and writes together)
 CONNECTIONS = 4  # connections to an export that advertises multi-conn
 DURABLE_INTERVAL = 1.0  # seconds between flushes that make the cursor durable
-WRITER_OPTIONS = ["--cache=none", "--aio=native"]  # O_DIRECT: a backup leaves no dirty pages in the host cache
+WRITER_OPTIONS = ["--cache=writeback"]  # measured faster than O_DIRECT here; flushed pages are dropped behind
+CHECK_INTERVAL = 0.05  # seconds between lease checks while requests are issued
 QEMU_IMG_TIMEOUT = 3600
 
 
@@ -212,6 +214,18 @@ def copy_extents(source: Any, extents: list[tuple[int, int]], writer: Any, *, st
     return stats
 
 
+def drop_file_cache(path: str) -> None:
+    """Drop the clean cached pages of ``path`` (a hint; a file that is not there is skipped)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        drop_cache(fd)
+    finally:
+        os.close(fd)
+
+
 def _chunks(extents: list[tuple[int, int]], start: int) -> list[tuple[int, int]]:
     out = []
     for off, length in extents:
@@ -248,14 +262,17 @@ def _copy_parallel(source: NbdExport, extents: list[tuple[int, int]], writer: Qc
         h.set_pread_initialize(False)  # every byte of a buffer is overwritten by a successful read
     next_chunk = cursor = 0
     pending_flush: tuple[int, int, dict[str, int]] | None = None  # cookie, position, stats
-    last_flush = time.monotonic()
+    last_flush = last_check = time.monotonic()
+    check()
 
     def cursor_pos() -> int:
         return chunks[cursor][0] if cursor < len(chunks) else (chunks[-1][0] + chunks[-1][1] if chunks else start)
 
     while cursor < len(chunks):
         while next_chunk < len(chunks) and len(inflight) < IN_FLIGHT:
-            check()
+            if time.monotonic() - last_check >= CHECK_INTERVAL:
+                check()
+                last_check = time.monotonic()
             off, n = chunks[next_chunk]
             buf = free.pop() if free and n == REQUEST else nbd.Buffer(n)
             h = sources[next_chunk % len(sources)]
@@ -315,9 +332,11 @@ def _copy_parallel(source: NbdExport, extents: list[tuple[int, int]], writer: Qc
             if flushed:
                 on_durable(pos, at)
                 pending_flush = None
+                drop_file_cache(writer.path)  # what the flush wrote is clean: out of the host's cache
         elif time.monotonic() - last_flush >= DURABLE_INTERVAL and cursor < len(chunks):
             pending_flush = (w.aio_flush(), cursor_pos(), dict(stats))
-            last_flush = time.monotonic()
+            last_flush = last_check = time.monotonic()
+    check()
     while pending_flush is not None and not w.aio_command_completed(pending_flush[0]):
         w.poll(-1)
     writer.flush()
