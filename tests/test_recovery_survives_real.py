@@ -40,6 +40,8 @@ def test_unreadable_records_do_not_stop_recovery(cluster, disk_domain, tmp_path)
     newer_bytes = json.dumps(newer_doc).encode()
     _plant(r, prefix, damaged, damaged_bytes)
     _plant(r, prefix, newer, newer_bytes)
+    dangling = new_id()  # an id in the active set with no record at all
+    r.sadd(f"{prefix}:active", dangling)
 
     # list and show before anything quarantined them: one clear line each, exit 0
     listed = cluster.cli("list")
@@ -71,7 +73,8 @@ def test_unreadable_records_do_not_stop_recovery(cluster, disk_domain, tmp_path)
     assert_backup_matches(doc, dom.references)
 
     # the bad records: quarantined with their bytes, out of the active set, still one line each
-    assert r.smembers(f"{prefix}:quarantine") == {damaged.encode(), newer.encode()}
+    assert r.smembers(f"{prefix}:quarantine") == {damaged.encode(), newer.encode(), dangling.encode()}
+    assert not r.sismember(f"{prefix}:active", dangling)
     assert not r.sismember(f"{prefix}:active", damaged) and not r.sismember(f"{prefix}:active", newer)
     assert r.hget(f"{prefix}:wf:{damaged}", "data") == damaged_bytes
     assert r.hget(f"{prefix}:wf:{newer}", "data") == newer_bytes

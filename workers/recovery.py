@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 
-from workflows.errors import DomcaptureError, RecordUnreadable
+from workflows.errors import DomcaptureError, RecordNotFound, RecordUnreadable
 from workflows.record import QUEUED, RUNNING
 
 from .runtime import Runtime
@@ -50,8 +50,9 @@ class Recovery:
                         status = self.rt.job_status(rec)
                         if self.rt.captures.reenqueue(wf_id, self.owner):
                             actions.append((wf_id, f"re-enqueued (job {status or 'missing'}, not in the queue)"))
-            except RecordUnreadable as exc:
+            except (RecordUnreadable, RecordNotFound) as exc:
                 try:
+                    # an id in the active set without a record is moved out too, or it would be met every sweep
                     store.quarantine(wf_id, str(exc), by=self.owner)
                     log.error("workflow %s: quarantined: %s", wf_id, exc)
                     actions.append((wf_id, f"quarantined: {exc}"))
