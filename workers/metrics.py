@@ -235,8 +235,10 @@ class StoreCollector(Collector):
         depth = GaugeMetricFamily("domcapture_queue_depth", "jobs waiting in an RQ queue", labels=["queue"])
         workers = GaugeMetricFamily("domcapture_workers", "RQ workers registered on a queue", labels=["queue"])
         names = {self.queue_name}
-        for key in redis_call(self.store, self.store.r.smembers, "rq:queues"):
-            name = (key.decode() if isinstance(key, bytes) else str(key)).removeprefix("rq:queue:")
+        # RQ's own key names: under the deployment's prefix (RQ was loaded with it)
+        for key in redis_call(self.store, self.store.r.smembers, Queue.redis_queues_keys):
+            name = (key.decode() if isinstance(key, bytes) else str(key)).removeprefix(
+                Queue.redis_queue_namespace_prefix)
             if name.startswith(f"{self.queue_name}-"):  # per-host queues: <queue>-<host>
                 names.add(name)
         for name in sorted(names):

@@ -282,4 +282,5 @@ def register(sub: Any) -> None:
     s.add_argument("--once", action="store_true", help="one sweep, print the attempts, exit")
     s.add_argument("--log", dest="show_log", action="store_true", help="print the delivery log and exit")
     s.add_argument("--limit", type=int, default=100, help="with --log: how many entries")
-    s.set_defaults(func=lambda a, rt: cmd_notifier_log(a, rt) if a.show_log else cmd_notifier(a, rt))
+    s.add_argument("--json", action="store_true", help="log as JSON lines")
+    s.set_defaults(func=lambda a, rt: cmd_notifier_log(a, rt) if a.show_log else cmd_notifier(a, rt), daemon=True)

@@ -107,7 +107,7 @@ def cmd_web(args: argparse.Namespace, rt: Runtime) -> int:
     from .webapp import WebConfig, create_app
     app = create_app(rt, WebConfig(auth=auth, read_only=read_only, secret=secret,
                                    secure_cookie=args.secure_cookie))
-    uvicorn.run(app, host=host, port=port, log_level=str(args.log_level).lower(), access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level=str(args.log_level or "info").lower(), access_log=False)
     return 0
 
 
@@ -127,4 +127,5 @@ def register(sub: Any) -> None:
     s.add_argument("--metrics", choices=METRICS_MODES, help="who may GET /metrics: loopback clients (default), "
                    "anyone, or holders of the metrics token (env DOMCAPTURE_METRICS_AUTH)")
     s.add_argument("--metrics-token-file", help="bearer token for /metrics (env DOMCAPTURE_METRICS_TOKEN_FILE)")
-    s.set_defaults(func=cmd_web)
+    s.add_argument("--json", action="store_true", help="log as JSON lines")
+    s.set_defaults(func=cmd_web, daemon=True)
