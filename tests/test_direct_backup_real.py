@@ -26,7 +26,7 @@ from workflows.store import Store
 from workflows.verify import verify_files
 
 from .conftest import REDIS_URL
-from .realenv import GuestDomain, WorkerCluster, counter_in_image, is_gapless_prefix, run
+from .realenv import ENDED, GuestDomain, WorkerCluster, counter_in_image, is_gapless_prefix, run
 
 pytestmark = pytest.mark.real
 
@@ -76,7 +76,7 @@ def wait_final(w, wf: str, timeout: float = 120) -> dict:
     deadline = time.time() + timeout
     while True:
         doc = show(w, wf)
-        if doc["status"] in ("succeeded", "rolled_back", "needs_attention", "failed"):
+        if doc["status"] in ENDED:
             return doc
         assert time.time() < deadline, f"timed out; workflow is {doc['status']}/{doc['state']}"
         time.sleep(0.1)
