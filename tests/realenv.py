@@ -19,6 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from workflows.record import FINAL_STATUSES, STOPPED_STATUSES
+
+#: the statuses a workflow stops in (partially_rolled_back included: waiting past it only times out)
+ENDED = FINAL_STATUSES + STOPPED_STATUSES
+
 VENV_BIN = Path(sys.executable).parent
 DOMCAPTURE = str(VENV_BIN / "domcapture")
 
@@ -226,8 +231,7 @@ class WorkerCluster:
             time.sleep(interval)
 
     def wait_final(self, wf_id: str, timeout: float = 120) -> dict:
-        return self.wait(wf_id, lambda d: d["status"] in ("succeeded", "rolled_back", "needs_attention",
-                                                           "failed"), timeout, interval=0.2)
+        return self.wait(wf_id, lambda d: d["status"] in ENDED, timeout, interval=0.2)
 
     @staticmethod
     def kill(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

@@ -22,7 +22,7 @@ import pytest
 from workflows.store import Store
 
 from .conftest import REDIS_URL
-from .realenv import COUNTER_LINE, GuestDomain, WorkerCluster, counter_in_image
+from .realenv import COUNTER_LINE, ENDED, GuestDomain, WorkerCluster, counter_in_image
 
 pytestmark = pytest.mark.real
 
@@ -71,7 +71,7 @@ def wait_final(procs, wf: str, timeout: float = 180) -> dict:
     deadline = time.time() + timeout
     while True:
         doc = show(procs, wf)
-        if doc["status"] in ("succeeded", "rolled_back", "needs_attention", "failed"):
+        if doc["status"] in ENDED:
             return doc
         assert time.time() < deadline, f"timed out; workflow is {doc['status']}/{doc['state']}"
         time.sleep(0.1)
