@@ -7,7 +7,7 @@ is still running, then asks whether the snapshot became the current one
 (when it already was, it cannot tell, and reverting again is harmless: the
 domain ends at the snapshot either way).  Rollback is possible until the
 revert is issued; after that it has nothing it could restore, and says so
-in the workflow's history ("not-undone").
+in the workflow's history ("effect-stands"); the workflow ends `partially_rolled_back`.
 """
 
 from __future__ import annotations
