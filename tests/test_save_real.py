@@ -310,7 +310,7 @@ def test_operator_rollback_of_a_rewind_puts_everything_back(procs, guest, captur
 @pytest.mark.parametrize("args, message", [
     (["save-restore"], "--from is required"),
     (["managed-save-restore"], "is running; only a shut off domain"),
-    (["managed-save", "--quiesce", "off"], "--quiesce does not apply to strategy managed-save"),
+    (["managed-save", "--quiesce", "off"], "unrecognized arguments: --quiesce off"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(procs, guest, args, message):
     before = procs.store.ids()

@@ -310,7 +310,7 @@ BAD_INPUT = [
     (["snapshot", "--kind", "external"], "already has a backing chain"),  # stacking on an external snapshot
     (["snapshot-revert", "--name", "ext"], "reverts only to internal snapshots"),
     (["snapshot-delete", "--name", "ext"], "has 1 child snapshot(s)"),
-    (["snapshot-revert", "--name", "existing", "--kind", "internal"], "--kind does not apply to strategy"),
+    (["snapshot-revert", "--name", "existing", "--kind", "internal"], "unrecognized arguments: --kind internal"),
 ]
 
 
