@@ -177,6 +177,14 @@ class Proc:
         return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def libvirt_dom(uri: str, name: str) -> Any:
     import libvirt
     return libvirt.open(uri).lookupByName(name)
@@ -319,6 +327,11 @@ def main() -> int:
                             lambda: proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
                                               str(out / "convert.qcow2")]), baseline_pids, data))
         os.unlink(out / "convert.qcow2")
+        rows.append(measure("qemu-img convert, then fsync of the copy",
+                            lambda: (proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
+                                               str(out / "convert.qcow2")]), fsync(out / "convert.qcow2")),
+                            baseline_pids, data))
+        os.unlink(out / "convert.qcow2")
         ours.fresh_worker()
         rows.append(measure("domcapture snapshot-backup --quiesce off",
                             lambda: ours.submit("snapshot-backup", dom.name, "--target", str(out / "sb"),
@@ -327,6 +340,10 @@ def main() -> int:
         # push
         rows.append(measure("bare push job (backup-begin, polled)",
                             lambda: bare_push(vdom, disk, str(out / "push.qcow2")), lambda: [], data))
+        os.unlink(out / "push.qcow2")
+        rows.append(measure("bare push job, then fsync of its file",
+                            lambda: (bare_push(vdom, disk, str(out / "push.qcow2")), fsync(out / "push.qcow2")),
+                            lambda: [], data))
         os.unlink(out / "push.qcow2")
         ours.fresh_worker()
         rows.append(measure("domcapture direct-backup --mode push",
@@ -394,6 +411,12 @@ BASELINE = {
 }
 
 
+DURABLE = {  # the same baseline with its output on disk, as ours is when it reports success
+    "domcapture snapshot-backup --quiesce off": "qemu-img convert, then fsync of the copy",
+    "domcapture direct-backup --mode push": "bare push job, then fsync of its file",
+}
+
+
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, cache_mode: str) -> None:
     by = {r["job"]: r for r in rows}
     print(f"\n{args.disk_mib} MiB qcow2 holding {args.data_mib} MiB; "
@@ -403,6 +426,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, cache_mode: str
     for r in rows:
         base = by.get(BASELINE.get(r["job"], ""))
         ratio = f"{r['seconds'] / base['seconds']:.2f}× {BASELINE[r['job']]}" if base else ""
+        durable = by.get(DURABLE.get(r["job"], ""))
+        if durable:
+            ratio += f"; {r['seconds'] / durable['seconds']:.2f}× with fsync"
+            if r.get("engine_seconds"):
+                ratio += f" (engine {r['engine_seconds'] / durable['seconds']:.2f}×)"
         if r["job"] == "domcapture direct-backup --mode pull (full)":
             vnb = by.get("virtnbdbackup -l copy")
             raw = by.get("nbdcopy bare pull export -> raw")
