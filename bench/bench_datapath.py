@@ -177,6 +177,14 @@ class Proc:
         return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def libvirt_dom(uri: str, name: str) -> Any:
     import libvirt
     return libvirt.open(uri).lookupByName(name)
@@ -289,7 +297,10 @@ def main() -> int:
     ap.add_argument("--virtnbdbackup-pythonpath", default="",
                     help="extra PYTHONPATH for virtnbdbackup's dependencies")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--report", metavar="JSON", help="only print the table of a run saved with --json")
     args = ap.parse_args()
+    if args.report:
+        return reprint(args.report)
     if not 4 <= args.data_mib < args.disk_mib:
         print("bench_datapath: --data-mib must be at least 4 and below --disk-mib", file=sys.stderr)
         return 2
@@ -319,6 +330,11 @@ def main() -> int:
                             lambda: proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
                                               str(out / "convert.qcow2")]), baseline_pids, data))
         os.unlink(out / "convert.qcow2")
+        rows.append(measure("qemu-img convert, then fsync of the copy",
+                            lambda: (proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
+                                               str(out / "convert.qcow2")]), fsync(out / "convert.qcow2")),
+                            baseline_pids, data))
+        os.unlink(out / "convert.qcow2")
         ours.fresh_worker()
         rows.append(measure("domcapture snapshot-backup --quiesce off",
                             lambda: ours.submit("snapshot-backup", dom.name, "--target", str(out / "sb"),
@@ -327,6 +343,10 @@ def main() -> int:
         # push
         rows.append(measure("bare push job (backup-begin, polled)",
                             lambda: bare_push(vdom, disk, str(out / "push.qcow2")), lambda: [], data))
+        os.unlink(out / "push.qcow2")
+        rows.append(measure("bare push job, then fsync of its file",
+                            lambda: (bare_push(vdom, disk, str(out / "push.qcow2")), fsync(out / "push.qcow2")),
+                            lambda: [], data))
         os.unlink(out / "push.qcow2")
         ours.fresh_worker()
         rows.append(measure("domcapture direct-backup --mode push",
@@ -394,34 +414,65 @@ BASELINE = {
 }
 
 
+DURABLE = {  # the same baseline with its output on disk, as ours is when it reports success
+    "domcapture snapshot-backup --quiesce off": "qemu-img convert, then fsync of the copy",
+    "domcapture direct-backup --mode push": "bare push job, then fsync of its file",
+}
+
+
+SHORT = {
+    "qemu-img convert -U -m 8 -W -O qcow2": "qemu-img convert",
+    "qemu-img convert, then fsync of the copy": "qemu-img convert + fsync",
+    "bare push job (backup-begin, polled)": "bare push job",
+    "bare push job, then fsync of its file": "bare push job + fsync",
+    "nbdcopy bare pull export -> qcow2 (qemu-nbd)": "nbdcopy -> qcow2",
+    "nbdcopy bare pull export -> raw": "nbdcopy -> raw",
+    "domcapture direct-backup --mode pull (full)": "the full pull",
+}
+
+
+def _vs(r: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """``wall× name (engine×)``: ours against one baseline, by the CLI's time and by the engine's own."""
+    if not base:
+        return ""
+    text = f"{r['seconds'] / base['seconds']:.2f}× {SHORT.get(base['job'], base['job'])}"
+    if r.get("engine_seconds"):
+        text += f" (engine {r['engine_seconds'] / base.get('engine_seconds', base['seconds']):.2f}×)"
+    return text
+
+
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, cache_mode: str) -> None:
     by = {r["job"]: r for r in rows}
     print(f"\n{args.disk_mib} MiB qcow2 holding {args.data_mib} MiB; "
           f"page cache dropped before each job: {cache_mode}\n")
-    print("| job | time | engine | vs baseline | page cache growth | of it not the disk image | peak RSS |")
+    print("| job | time | engine | ours vs baseline: time (engine) | page cache growth | of it not the disk image "
+          "| peak RSS |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for r in rows:
-        base = by.get(BASELINE.get(r["job"], ""))
-        ratio = f"{r['seconds'] / base['seconds']:.2f}× {BASELINE[r['job']]}" if base else ""
+        parts = [_vs(r, by.get(BASELINE.get(r["job"], ""))), _vs(r, by.get(DURABLE.get(r["job"], "")))]
         if r["job"] == "domcapture direct-backup --mode pull (full)":
+            parts.append(_vs(r, by.get("nbdcopy bare pull export -> raw")))
             vnb = by.get("virtnbdbackup -l copy")
-            raw = by.get("nbdcopy bare pull export -> raw")
-            if raw:
-                ratio += f"; {r['seconds'] / raw['seconds']:.2f}× nbdcopy -> raw"
-            ratio += (f"; virtnbdbackup takes {vnb['seconds'] / r['seconds']:.2f}× ours "
-                      f"({vnb['seconds'] / r['engine_seconds']:.2f}× our engine time)" if vnb
-                      else "; virtnbdbackup not run")
+            parts.append(f"virtnbdbackup takes {vnb['seconds'] / r['seconds']:.2f}× ours "
+                         f"({vnb['seconds'] / r['engine_seconds']:.2f}× our engine time)" if vnb
+                         else "virtnbdbackup not run")
         engine = f"{r['engine_seconds']:.2f} s" if r.get("engine_seconds") is not None else ""
         share = f" ({100 * r['cache_share']:.0f} % of copied)" if r.get("cache_share") is not None else ""
-        other = r["cache_growth"] - r["source_cached"]
-        oshare = f" ({100 * r['other_share']:.0f} %)" if r.get("other_share") is not None else ""
-        if r.get("engine_seconds") and base and base.get("engine_seconds"):
-            ratio += f" (engine {r['engine_seconds'] / base['engine_seconds']:.2f}×)"
-        elif r.get("engine_seconds") and base:
-            ratio += f" (engine {r['engine_seconds'] / base['seconds']:.2f}×)"
-        print(f"| {r['job']} | {r['seconds']:.2f} s | {engine} | {ratio} | "
-              f"{r['cache_growth'] / MIB:+.0f} MiB{share} | {other / MIB:+.0f} MiB{oshare} | "
-              f"{r['peak_rss'] / MIB:.0f} MiB |")
+        if "source_cached" in r:
+            oshare = f" ({100 * r['other_share']:.0f} %)" if r.get("other_share") is not None else ""
+            other = f"{(r['cache_growth'] - r['source_cached']) / MIB:+.0f} MiB{oshare}"
+        else:
+            other = "not measured"
+        print(f"| {r['job']} | {r['seconds']:.2f} s | {engine} | {'; '.join(p for p in parts if p)} | "
+              f"{r['cache_growth'] / MIB:+.0f} MiB{share} | {other} | {r['peak_rss'] / MIB:.0f} MiB |")
+
+
+def reprint(path: str) -> int:
+    """Print the table of a run saved with --json."""
+    with open(path) as f:
+        doc = json.load(f)
+    report(doc["rows"], argparse.Namespace(**doc["args"]), doc["cache"])
+    return 0
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ CONNECTIONS = 4  # connections to an export that advertises multi-conn
 DURABLE_INTERVAL = 1.0  # seconds between flushes that make the cursor durable
 WRITER_OPTIONS = ["--cache=writeback"]  # measured faster than O_DIRECT here; flushed pages are dropped behind
 CHECK_INTERVAL = 0.05  # seconds between lease checks while requests are issued
+DROP_FLUSHED = True  # drop the written file's pages after each flush
 QEMU_IMG_TIMEOUT = 3600
 
 
@@ -332,7 +333,8 @@ def _copy_parallel(source: NbdExport, extents: list[tuple[int, int]], writer: Qc
             if flushed:
                 on_durable(pos, at)
                 pending_flush = None
-                drop_file_cache(writer.path)  # what the flush wrote is clean: out of the host's cache
+                if DROP_FLUSHED:
+                    drop_file_cache(writer.path)  # what the flush wrote is clean: out of the host's cache
         elif time.monotonic() - last_flush >= DURABLE_INTERVAL and cursor < len(chunks):
             pending_flush = (w.aio_flush(), cursor_pos(), dict(stats))
             last_flush = last_check = time.monotonic()
