@@ -94,3 +94,16 @@ def guest_image(libvirt_uri: str):
 def guest_domain(libvirt_uri: str, guest_image, tmp_path):
     """A factory of running tiny Linux guests (agent + writer); destroyed after the test."""
     yield from _domain_factory(GuestDomain, libvirt_uri, tmp_path / "guest")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_boundaries(request, monkeypatch):
+    """Exhaustive crash tests on the in-memory hypervisor enumerate every persistence boundary in a
+    first run, then crash at each: progress writes and durable cursors must not depend on the clock."""
+    if request.module.__name__.endswith("_fake"):
+        from workflows import filecopy, nbdio, steps
+        monkeypatch.setattr(steps, "PROGRESS_INTERVAL", 0.0)
+        monkeypatch.setattr(filecopy, "DURABLE_INTERVAL", 0.0)
+        monkeypatch.setattr(filecopy, "CHECK_INTERVAL", 0.0)
+        monkeypatch.setattr(nbdio, "DURABLE_INTERVAL", 0.0)
+        monkeypatch.setattr(nbdio, "CHECK_INTERVAL", 0.0)

@@ -248,8 +248,8 @@ def copy_resumable(src: str, partial: str, final: str, *, offset: int,
                    on_progress: Callable[[int, int], None], on_durable: Callable[[int], None],
                    check: Callable[[], None], bandwidth: float = 0,
                    sleep: Callable[[float], None] = time.sleep,
-                   durable_interval: float = DURABLE_INTERVAL,
-                   check_interval: float = CHECK_INTERVAL) -> tuple[str, int]:
+                   durable_interval: float | None = None,
+                   check_interval: float | None = None) -> tuple[str, int]:
     """Copy ``src`` to ``partial`` from ``offset``; fsync, rename to ``final``.
 
     ``check`` runs before a chunk once ``check_interval`` seconds passed since
@@ -279,8 +279,9 @@ def copy_resumable(src: str, partial: str, final: str, *, offset: int,
                     os.close(fd_old)
             os.ftruncate(fd_out, offset)
             pos = _copy_from(fd_in, fd_out, offset, total, h, on_progress=on_progress, on_durable=on_durable,
-                             check=check, bandwidth=bandwidth, sleep=sleep, durable_interval=durable_interval,
-                             check_interval=check_interval)
+                             check=check, bandwidth=bandwidth, sleep=sleep,
+                             durable_interval=DURABLE_INTERVAL if durable_interval is None else durable_interval,
+                             check_interval=CHECK_INTERVAL if check_interval is None else check_interval)
         finally:
             os.close(fd_out)
     finally:

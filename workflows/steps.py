@@ -26,13 +26,18 @@ if TYPE_CHECKING:
     from .record import Record
 
 
+#: seconds between two progress writes (a module value, so exhaustive crash tests can make every
+#: persistence boundary deterministic by setting it to 0)
+PROGRESS_INTERVAL = 1.0
+
+
 class StepContext:
     """What a step sees: its record, the effects port (``fx``), persistence and the guards."""
 
     def __init__(self, rec: "Record", fx: "Effects", save: Callable[..., None],
                  guard: Callable[[], None], cancelled: Callable[[], str | None],
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
-                 progress_interval: float = 1.0) -> None:
+                 progress_interval: float | None = None) -> None:
         self.rec = rec
         self.fx = fx
         self._save = save
@@ -40,7 +45,7 @@ class StepContext:
         self._cancelled = cancelled
         self.clock = clock
         self.sleep = sleep
-        self.progress_interval = progress_interval
+        self.progress_interval = PROGRESS_INTERVAL if progress_interval is None else progress_interval
         self._last_progress = 0.0
         self._rate_mark: tuple[float, int] | None = None
 
