@@ -66,7 +66,7 @@ def test_scrape_during_and_after_a_real_capture(cluster, guest_domain, tmp_path)
         assert value(during, "domcapture_store_up") == 1
         assert value(during, "domcapture_workflows", strategy=strategy, status="running", host="localhost") == 1
         assert value(during, "domcapture_workflows", strategy=strategy, status="succeeded", host="localhost") == 0
-        assert 0 < ratio < 1
+        assert 0 < ratio <= 1  # the copy may be complete while its step still finishes
         assert rate > 0  # progress bytes/s: holes skipped by SEEK_DATA count too, so it may pass --bandwidth
         assert value(during, "domcapture_workers", queue=queue) == 1
         assert value(during, "domcapture_queue_depth", queue=queue) == 0  # its one job is running
