@@ -20,7 +20,7 @@ from typing import Callable
 
 from . import nbdio
 from .errors import StepFailed
-from .filecopy import drop_cache, fsync_dir, sha256_file, start_writeback
+from .filecopy import drop_cache, fsync_dir, opened_nofollow, sha256_file, start_writeback
 
 
 WRITE_BEHIND_INTERVAL = 0.5
@@ -41,14 +41,11 @@ def write_behind(paths: list[str]) -> None:
             continue
         _last_write_behind[path] = now
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with opened_nofollow(path) as fd:
+                start_writeback(fd)
+                drop_cache(fd)
         except OSError:
             continue
-        try:
-            start_writeback(fd)
-            drop_cache(fd)
-        finally:
-            os.close(fd)
 
 
 @dataclass
@@ -59,12 +56,9 @@ class Sealed:
 
 
 def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
+    with opened_nofollow(path) as fd:
         os.fsync(fd)
         drop_cache(fd)  # clean now: its pages need not stay in the host's cache
-    finally:
-        os.close(fd)
 
 
 def _replace(partial: str, path: str) -> None:

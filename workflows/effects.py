@@ -43,6 +43,12 @@ class NotOurs(StepFailed):
     """A file operation on a path the record does not name: refused, nothing touched."""
 
 
+def _private_folder(path: str) -> bool:
+    """A real directory (no symlink) of this process's user that group and others cannot write."""
+    st = os.lstat(path)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
 class OwnedFiles:
     """File operations on the paths a workflow's record names, each fenced."""
 
@@ -85,8 +91,7 @@ class OwnedFiles:
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
-            st = os.lstat(path)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            if not _private_folder(path):
                 raise NotOurs(f"{path} exists and is not a private folder of ours; refusing to use it") from None
             return
         filecopy.fsync_dir(os.path.dirname(path))
@@ -99,8 +104,7 @@ class OwnedFiles:
             os.makedirs(path, 0o700)
         except FileExistsError:
             pass
-        st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        if not _private_folder(path):
             raise NotOurs(f"{path} is not a private folder of this user; refusing to put sockets there")
 
     def remove_folder(self, path: str) -> bool:
@@ -177,11 +181,8 @@ class OwnedFiles:
     def fsync(self, path: str) -> None:
         """Make a file of ours (written by QEMU or libvirt) durable."""
         self._check(path, self.owned(), "fsync")
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
+        with filecopy.opened_nofollow(path) as fd:
             os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def prepare_for_writer(self, path: str) -> None:
         """Create an empty file of ours that a helper process (qemu-img, libvirt) will fill.

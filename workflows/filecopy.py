@@ -24,6 +24,7 @@ See docs/datapath.md for the measurements behind these choices.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -33,7 +34,7 @@ import queue
 import stat
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import OperationFailed
 
@@ -93,6 +94,16 @@ def drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def opened_nofollow(path: str) -> Iterator[int]:
+    """A read-only descriptor of ``path``, never opened through a symlink; closed on leaving."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: str) -> None:

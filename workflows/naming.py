@@ -1,7 +1,7 @@
 """Deterministic artifact names: every path is derived from the workflow id.
 
-Anything a revert deletes must carry ``PREFIX`` and the workflow id in its
-name, so a revert can never touch a file it did not create.
+Every artifact carries ``PREFIX`` and the workflow id in its name; a revert
+deletes only the exact paths its record planned (``workflows.effects``).
 """
 
 from __future__ import annotations
@@ -30,10 +30,6 @@ def partial_of(path: str) -> str:
 
 def manifest_path(target_dir: str, domain: str, wf_id: str) -> str:
     return os.path.join(backup_dir(target_dir, domain, wf_id), "manifest.json")
-
-
-def is_ours(path: str, wf_id: str) -> bool:
-    return f"{PREFIX}-" in os.path.basename(path) and wf_id in path
 
 
 # -- save / save-restore ------------------------------------------------------------

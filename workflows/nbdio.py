@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import Any, Callable, cast
 
 from .errors import OperationFailed
-from .filecopy import drop_cache
+from .filecopy import drop_cache, opened_nofollow
 from .hypervisor.backup_types import BLOCK_STATUS_DIRTY, BLOCK_STATUS_ZERO
 
 CHUNK = 2 * 1024 * 1024
@@ -132,7 +132,7 @@ class NbdExport:
         for h in [self.h, *self.extra]:
             try:
                 h.shutdown()
-            except Exception:  # the server may already be gone: nothing to flush on a read-only export
+            except _nbd().Error:  # the server may already be gone: nothing to flush on a read-only export
                 pass
         self.extra = []
         del self.h
@@ -218,13 +218,10 @@ def copy_extents(source: Any, extents: list[tuple[int, int]], writer: Any, *, st
 def drop_file_cache(path: str) -> None:
     """Drop the clean cached pages of ``path`` (a hint; a file that is not there is skipped)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with opened_nofollow(path) as fd:
+            drop_cache(fd)
     except OSError:
         return
-    try:
-        drop_cache(fd)
-    finally:
-        os.close(fd)
 
 
 def _chunks(extents: list[tuple[int, int]], start: int) -> list[tuple[int, int]]:

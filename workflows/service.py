@@ -136,11 +136,13 @@ class Captures:
         if rec.status != "succeeded":
             raise InvalidOperation(f"workflow {wf_id} is {rec.status}; only a succeeded capture can be verified")
         defn = self.definition(rec.strategy)
-        hv = self.hypervisor_factory(rec.uri) if defn.verify else None
-        try:
-            checks = defn.verify(rec, self._inspect(hv)) if defn.verify and hv else verify_files(rec)
-        finally:
-            if hv is not None:
+        if defn.verify is None:
+            checks = verify_files(rec)
+        else:
+            hv = self.hypervisor_factory(rec.uri)
+            try:
+                checks = defn.verify(rec, self._inspect(hv))
+            finally:
                 hv.close()
         if not checks:
             raise InvalidOperation(f"workflow {wf_id} recorded nothing to verify")

@@ -15,7 +15,7 @@ from .filecopy import sha256_file
 from .record import Record
 
 
-def verify_files(rec: Record, hv: Any = None) -> list[dict[str, Any]]:
+def verify_files(rec: Record) -> list[dict[str, Any]]:
     checks = []
     for disk, info in sorted((rec.result.get("files") or {}).items()):
         check: dict[str, Any] = {"item": disk, "path": info["path"], "expected": info.get("checksum")}

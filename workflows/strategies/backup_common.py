@@ -56,11 +56,6 @@ def end_our_job(ctx: StepContext, timeout: float = JOB_END_TIMEOUT) -> bool:
         ctx.sleep(POLL)
 
 
-def write_json_durably(ctx: StepContext, path: str, doc: dict[str, Any]) -> None:
-    """Write ``doc`` to ``path`` through a partial file, fsynced, renamed, folder fsynced."""
-    ctx.fx.files.write_atomic(path, doc)
-
-
 def read_manifest(path: str | None) -> dict[str, Any] | None:
     if not path:
         return None

@@ -439,7 +439,7 @@ class Finalize(Step):
                     "chain": (list(base["chain"]) if base else []) + [ctx.rec.id],
                     "quiesced": self._quiesced(ctx), "fallback": ctx.data.get("fallback"),
                     "domain_xml": os.path.basename(xml_path), "files": files, "transfer": self._transfer(ctx)}
-        bc.write_json_durably(ctx, _manifest(ctx), manifest)
+        ctx.fx.files.write_atomic(_manifest(ctx), manifest)
 
     @staticmethod
     def _quiesced(ctx: StepContext) -> bool:

@@ -299,7 +299,7 @@ class Finalize(Step):
                "domain": ctx.domain, "from": ctx.params["from"],
                "chain": [link["id"] for link in ctx.params["chain"]],
                "defined": ctx.params.get("define"), "files": self._files(ctx)}
-        bc.write_json_durably(ctx, self._path(ctx), doc)
+        ctx.fx.files.write_atomic(self._path(ctx), doc)
 
     def next_trigger(self, ctx: StepContext) -> str:
         ctx.rec.set_artifact("manifest", status="present")
