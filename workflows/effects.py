@@ -13,6 +13,7 @@ can change anything:
   ``O_EXCL|O_NOFOLLOW`` and mode 0600 in folders made 0700, and never follows
   a symlink planted where one of our files goes.
 - ``fx.checkpoints``: the checkpoint store of this deployment, handed in.
+- ``fx.backups``: the backups' records (``workflows.backups``), each changed under its own lease.
 
 Strategies therefore hold no ``os`` mutation, no store global and no
 hand-placed guard; a type checker sees the whole boundary.
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import filecopy, naming
+from .backups import BackupRecords
 from .checkpoints import CheckpointStore
 from .errors import StepFailed
 from .hypervisor.base import Hypervisor
@@ -237,12 +239,14 @@ class HostCommands:
 
 @dataclass
 class Effects:
-    """Everything a step may change: the fenced hypervisor, our files, the checkpoint store, host commands."""
+    """Everything a step may change: the fenced hypervisor, our files, the checkpoint store, host commands,
+    and (for a prune) the records of a domain's backups."""
 
     hv: Hypervisor
     files: OwnedFiles
     checkpoints: CheckpointStore
     host: HostCommands
+    backups: BackupRecords | None = None
 
 
 @dataclass

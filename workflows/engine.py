@@ -22,6 +22,7 @@ import traceback
 from typing import Any, Callable
 
 from . import quiesce
+from .backups import BackupRecords
 from .checkpoints import CheckpointStore
 from .definition import ROLLING_BACK, SUCCEEDED, Definition
 from .effects import Effects, HostCommands, OwnedFiles
@@ -265,7 +266,8 @@ class Engine:
         fx = Effects(hv=fenced(hv, lambda call: self._guard(lease, rec, call)),
                      files=OwnedFiles(rec, lambda: self._guard(lease, rec, "file")),
                      checkpoints=CheckpointStore(self.store),
-                     host=HostCommands(lambda: self._guard(lease, rec, "host")))
+                     host=HostCommands(lambda: self._guard(lease, rec, "host")),
+                     backups=BackupRecords(self.store, rec, lambda: self._guard(lease, rec, "backups")))
         return StepContext(rec, fx,
                            save=lambda event=None, **d: self._save(rec, lease, event, **d),
                            guard=lambda: self._guard(lease, rec, "guard"),

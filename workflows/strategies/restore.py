@@ -65,6 +65,10 @@ def resolve(load: Callable[[str], Record], params: dict[str, Any]) -> dict[str, 
             raise InputError(f"workflow {wf_id} is a {src.strategy} workflow; --from needs a direct-backup")
         if src.status != "succeeded":
             raise InputError(f"backup {wf_id} is {src.status}; only a succeeded direct-backup can be restored")
+        state = (src.data.get("retention") or {}).get("state") or "good"
+        if state != "good":
+            raise InputError(f"backup {wf_id} is {state} (by prune {(src.data.get('retention') or {}).get('by')}); "
+                             "only a good backup can be restored")
         if len(chain) > MAX_CHAIN or any(link["id"] == src.id for link in chain):
             raise InputError(f"the chain of backup {ref} loops at {src.id}")
         chain.insert(0, {"id": src.id, "domain": src.domain, "kind": src.result["kind"],
