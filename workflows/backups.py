@@ -16,6 +16,9 @@ Each backup has a retention state in ``data["retention"]``:
 - ``deleting``: a prune is removing it; some of its files may be gone;
 - ``deleted``: gone.
 
+A backup that is good itself but reads through one that is not is listed
+``chain-incomplete`` (a restore refuses it the same way).
+
 Only a good backup is listed as such, restored, or used as the base of an
 incremental: a crash anywhere leaves no backup listed good whose files are
 partly gone.  A prune changes a backup's record only through
@@ -37,6 +40,7 @@ from .store import Store
 
 STRATEGIES = ("snapshot-backup", "direct-backup")
 GOOD, CONSOLIDATING, DELETING, DELETED = "good", "consolidating", "deleting", "deleted"
+CHAIN_INCOMPLETE = "chain-incomplete"  # good itself, but a backup of its chain is not
 LEASE_TTL = 30.0
 
 
@@ -118,6 +122,7 @@ def from_record(rec: Record) -> BackupInfo | None:
 def with_chains(backups: list[BackupInfo]) -> list[BackupInfo]:
     """Fill each backup's chain by following the parents (full first); oldest backup first."""
     by_id = {b.id: b for b in backups}
+    own = {b.id: b.state for b in backups}
     for b in backups:
         chain, cur, seen = [b.id], b.parent, {b.id}
         while cur and cur not in seen:
@@ -125,6 +130,8 @@ def with_chains(backups: list[BackupInfo]) -> list[BackupInfo]:
             seen.add(cur)
             cur = by_id[cur].parent if cur in by_id else None
         b.chain = chain
+        if b.state == GOOD and any(own.get(c) != GOOD for c in chain):
+            b.state = CHAIN_INCOMPLETE  # good only when every backup it reads through is
     return sorted(backups, key=lambda x: (x.time, x.id))
 
 
@@ -174,4 +181,4 @@ class BackupRecords:
 
 
 __all__ = ["BackupInfo", "BackupRecords", "catalog", "from_record", "read_manifest", "backup_time", "with_chains",
-           "STRATEGIES", "GOOD", "CONSOLIDATING", "DELETING", "DELETED"]
+           "STRATEGIES", "GOOD", "CONSOLIDATING", "DELETING", "DELETED", "CHAIN_INCOMPLETE"]

@@ -36,7 +36,8 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .. import naming, nbdio, retention
-from ..backups import CONSOLIDATING, DELETED, DELETING, GOOD, BackupInfo, BackupRecords, catalog, read_manifest
+from ..backups import (CHAIN_INCOMPLETE, CONSOLIDATING, DELETED, DELETING, GOOD, BackupInfo, BackupRecords, catalog,
+                       read_manifest)
 from ..checkpoints import restore_chain
 from ..definition import RESUME, Definition, Option
 from ..errors import DomainNotFound, InputError, StepFailed
@@ -78,12 +79,17 @@ def _rules(params: dict[str, Any]) -> dict[str, int]:
                 raw[rule] = int(str(value))
             except ValueError:
                 raise InputError(f"--{rule.replace('_', '-')} must be a whole number, not {value!r}") from None
+    from_cli = params.get("retention") is None
     if not isinstance(raw, dict):
         raise InputError("retention must be a table of keep_* rules")
     try:
         rules = retention.check_rules(raw)
     except ValueError as exc:
-        raise InputError(str(exc)) from None
+        message = str(exc)
+        if from_cli:  # name the option the operator typed
+            for rule in retention.RULES:
+                message = message.replace(f"rule {rule} ", f"--{rule.replace('_', '-')} ")
+        raise InputError(message) from None
     if retention.is_empty(rules):
         raise InputError("a prune needs a retention: at least one of --keep-last, --keep-hourly, --keep-daily, "
                          "--keep-weekly, --keep-monthly, --keep-yearly above 0")
@@ -196,7 +202,7 @@ class Consolidate(Step):
         records = _records(ctx)
         every = _current(ctx)
         b = every[wf]
-        if b.state == GOOD and b.parent == onto:
+        if b.state in (GOOD, CHAIN_INCOMPLETE) and b.parent == onto:
             return  # done before a crash
         if b.state != CONSOLIDATING:
             records.set_state(wf, CONSOLIDATING, onto=onto)
@@ -328,7 +334,7 @@ class Delete(Step):
         every = _current(ctx)
         for wf in ctx.data.get("plan", {}).get("remove", []):
             b = every.get(wf)
-            if b is None or b.state == GOOD:
+            if b is None or b.state in (GOOD, CHAIN_INCOMPLETE):
                 continue
             if b.state == DELETING and all(os.path.exists(p) for p in b.paths()):
                 _records(ctx).set_state(wf, GOOD)  # nothing of it was removed: it stays
