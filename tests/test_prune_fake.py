@@ -16,8 +16,10 @@ taken; libvirt's checkpoints are the ones our store holds committed.
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 from workflows.backups import CHAIN_INCOMPLETE, CONSOLIDATING, DELETED, GOOD, catalog
 from workflows.checkpoints import COMMITTED, CheckpointStore
@@ -26,6 +28,7 @@ from workflows.hypervisor.fake import FakeHypervisor
 from workflows.record import SUCCEEDED
 from workflows.service import Captures
 from workflows.store import Store
+from workers import cli_backups
 
 from .crashkit import Crasher, drive_to_end, run_once
 from .test_direct_backup_fake import chain_bytes
@@ -157,6 +160,30 @@ def test_keep_last_keeps_a_whole_chain_without_rewriting(tmp_path, store):
     assert every[b2].kind == "full" and every[b3].chain == [b2, b3]
     assert every[b0].state == every[b1].state == DELETED
     s.check_invariants()
+
+
+def test_backups_command_lists_chains_and_states(tmp_path, store, capsys):
+    s = Series(tmp_path, store)
+    wf = s.prune(keep_last=2)
+    assert not run_once(store, s.fake, wf.id, None)
+    assert all(c["ok"] for c in s.captures.verify(s.ids[3]))
+    rt = SimpleNamespace(store=store, settings=SimpleNamespace(libvirt_uri=s.uri), hypervisor=lambda uri: s.fake)
+    b0, b1, b2, b3 = s.ids
+    assert cli_backups.cmd_backups(SimpleNamespace(domain="dom", uri=None, all=False, json=False), rt) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["WORKFLOW", "KIND", "STATE", "PARENT"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == {b2, b3}
+    assert rows[b2][1:4] == ["full", "good", "-"] and rows[b2][-1] == b2
+    assert rows[b3][1:4] == ["incremental", "good", b2] and rows[b3][6] == "ok"
+    assert rows[b3][-3:] == [b2, ">", b3]
+    assert cli_backups.cmd_backups(SimpleNamespace(domain="dom", uri=None, all=True, json=True), rt) == 0
+    doc = json.loads(capsys.readouterr().out)
+    states = {b["workflow"]: b["state"] for b in doc["backups"]}
+    assert states == {b0: "deleted", b1: "deleted", b2: "good", b3: "good"}
+    listed = {b["workflow"]: b for b in doc["backups"]}
+    assert listed[b3]["checkpoint_state"] == "committed" and listed[b0]["checkpoint_state"].endswith("not-in-libvirt")
+    assert listed[b3]["size"] == sum(f["size"] for f in store.load(b3).result["files"].values())
 
 
 def test_every_crash_point_leaves_the_invariants(tmp_path, store):
