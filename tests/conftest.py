@@ -42,8 +42,9 @@ def redis_client() -> redis.Redis:
 def prefix(redis_client: redis.Redis):
     p = f"dct-{uuid.uuid4().hex[:8]}"
     yield p
-    for key in redis_client.scan_iter(f"{p}:*"):
-        redis_client.delete(key)
+    keys = list(redis_client.scan_iter(f"{p}:*", count=5000))
+    for i in range(0, len(keys), 500):
+        redis_client.delete(*keys[i:i + 500])
 
 
 @pytest.fixture
