@@ -153,3 +153,28 @@ def test_a_killed_pull_resumes_from_its_cursor_to_identical_data(tmp_path: Path,
     nbdio.check_image(str(partial))
     out = subprocess.run(["qemu-img", "compare", "-U", str(img), str(partial)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_bandwidth_limit_counts_bytes_read_and_never_waits_after_the_last_read(tmp_path: Path) -> None:
+    """Paced on a clock that moves only when the copy sleeps: the time it waited is the bytes it read
+    before its last read divided by the limit; holes (whole chunks or inside one) are not read."""
+    src, partial, final = tmp_path / "src.img", tmp_path / "out.img.partial", tmp_path / "out.img"
+    with open(src, "wb") as f:
+        f.truncate(40 * MIB)
+        for at, mib in ((0, 1), (9, 1), (20, 2), (33, 1)):  # 8 MiB chunks: 1, 1, 2, hole, 1 MiB of data
+            f.seek(at * MIB)
+            f.write(os.urandom(mib * MIB))
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    checksum, size = copy_resumable(str(src), str(partial), str(final), offset=0, on_progress=lambda p, t: None,
+                                    on_durable=lambda pos: None, check=lambda: None, bandwidth=MIB,
+                                    sleep=sleep, clock=lambda: now[0])
+    assert checksum == hashlib.sha256(src.read_bytes()).hexdigest() and size == 40 * MIB
+    assert final.read_bytes() == src.read_bytes()
+    assert now[0] == pytest.approx(4.0)  # 1 + 1 + 2 MiB read before the last read, at 1 MiB/s; none after it
+    assert max(sleeps) <= 0.1 + 1e-9  # short sleeps: an abort is not held up
