@@ -46,7 +46,8 @@ CHECK_INTERVAL = 0.05  # seconds of copying between two lease checks
 SPARSE_BLOCK = 1024 * 1024  # an all-zero block of this size stays a hole in the copy
 WRITEBACK_WINDOW = 4  # chunks written but not yet waited for: the most the copy leaves dirty in the cache
 BUFFERS = 6  # chunks in the pipeline at once (reader, writer, hasher, and queued between them)
-PACE_SLICE = 0.1  # longest single sleep of the bandwidth limit: an abort waits no longer
+PACE_SLICE = 0.1  # longest single sleep of the bandwidth limit (an abort waits no longer), and read at the limit
+MIN_PIECE = 64 * 1024  # smallest read under a bandwidth limit
 ZERO = bytes(CHUNK)
 _ZERO_VIEW = memoryview(ZERO)
 
@@ -161,13 +162,15 @@ def _hole_start(fd: int, pos: int, end: int) -> int:
         return end
 
 
-def _read_data(fd: int, buf: bytearray, pos: int, n: int) -> int:
+def _read_data(fd: int, buf: bytearray, pos: int, n: int, piece: int = CHUNK,
+               pace: Callable[[int], None] | None = None) -> None:
     """Fill ``buf[:n]`` with the source's bytes at ``pos``: its data read, its holes zeroed without a read.
 
-    Returns the bytes really read (what the bandwidth limit counts); the
-    pages read are dropped from the host's page cache.
+    Data is read in reads of at most ``piece`` bytes, each announced to
+    ``pace`` first (the bandwidth limit: it counts only bytes really read).
+    The pages read are dropped from the host's page cache.
     """
-    view, end, at, read = memoryview(buf), pos + n, pos, 0
+    view, end, at = memoryview(buf), pos + n, pos
     while at < end:
         data = _data_start(fd, at, end)
         if data > at:
@@ -175,13 +178,16 @@ def _read_data(fd: int, buf: bytearray, pos: int, n: int) -> int:
         if data >= end:
             break
         stop = _hole_start(fd, data, end)
-        got = os.preadv(fd, [view[data - pos:stop - pos]], data)
-        if got < stop - data:
-            raise OperationFailed(f"the source ended at {data + max(got, 0)} bytes, {end} were expected")
-        drop_cache(fd, data, got)
-        read += got
+        while data < stop:
+            k = min(piece, stop - data)
+            if pace is not None:
+                pace(k)
+            got = os.preadv(fd, [view[data - pos:data - pos + k]], data)
+            if got < k:
+                raise OperationFailed(f"the source ended at {data + max(got, 0)} bytes, {end} were expected")
+            drop_cache(fd, data, got)
+            data += k
         at = stop
-    return read
 
 
 def _open_partial(partial: str, offset: int) -> tuple[int, int]:
@@ -213,6 +219,10 @@ def _open_partial(partial: str, offset: int) -> tuple[int, int]:
     return os.open(partial, flags | os.O_CREAT | os.O_EXCL, 0o600), 0
 
 
+class _Stopped(Exception):
+    """The copy was aborted while the reader waited for the bandwidth limit."""
+
+
 class _Pipeline:
     """The reader and hasher threads around the calling thread's writes."""
 
@@ -220,6 +230,10 @@ class _Pipeline:
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
         self.fd_in, self.pos, self.total, self.h = fd_in, start, total, h
         self.bandwidth, self.sleep, self.clock = bandwidth, sleep, clock
+        # a read takes at most PACE_SLICE at the limit, so a small file is paced too
+        self.piece = max(MIN_PIECE, int(bandwidth * PACE_SLICE) // MIN_PIECE * MIN_PIECE)
+        self.started: float | None = None
+        self.read = 0
         self.free: queue.Queue[bytearray] = queue.Queue()
         for _ in range(BUFFERS):
             self.free.put(bytearray(CHUNK))
@@ -235,7 +249,6 @@ class _Pipeline:
     def _read(self) -> None:
         try:
             pos, end = self.pos, self.total
-            started, read = self.clock(), 0
             while pos < end and not self.stop.is_set():
                 n = min(CHUNK, end - pos)
                 if _data_start(self.fd_in, pos, end) >= pos + n:
@@ -245,24 +258,32 @@ class _Pipeline:
                 buf = self.free.get()
                 if self.stop.is_set():
                     break
-                if self.bandwidth > 0:  # paced before a read, on the bytes read so far: never after the last
-                    self._pace(started + read / self.bandwidth)
-                    if self.stop.is_set():
-                        break
-                read += _read_data(self.fd_in, buf, pos, n)
+                if self.bandwidth > 0:
+                    _read_data(self.fd_in, buf, pos, n, self.piece, self._pace)
+                else:
+                    _read_data(self.fd_in, buf, pos, n)
                 self.ready.put((pos, n, buf))
                 pos += n
             self.ready.put(None)
+        except _Stopped:
+            return
         except BaseException as exc:  # handed to the writer, which raises it
             self.ready.put(exc)
 
-    def _pace(self, until: float) -> None:
-        """Wait until the clock reads ``until``, in short sleeps, so an abort is not held up."""
+    def _pace(self, nbytes: int) -> None:
+        """Before a read of ``nbytes``: wait until the bytes read so far fit the limit (never after the last
+        read), in short sleeps so that an abort is not held up."""
+        if self.started is None:
+            self.started = self.clock()
+        until = self.started + self.read / self.bandwidth
         while not self.stop.is_set():
             ahead = until - self.clock()
             if ahead <= 0:
-                return
+                break
             self.sleep(min(ahead, PACE_SLICE))
+        if self.stop.is_set():
+            raise _Stopped()
+        self.read += nbytes
 
     def _hash(self) -> None:
         while True:
