@@ -220,6 +220,29 @@ def test_pull_full_and_incremental_chain_restores_the_disk_exactly(w):
     assert_clean(w)
 
 
+def test_pull_compressed_with_zstd_is_read_by_plain_qemu_img_and_restores_exactly(w):
+    guest_writes(w, 8)
+    virsh(w, "suspend", w.guest.name)  # the disk at the instant of the backup stays readable afterwards
+    try:
+        full = backup(w, "--mode", "pull", "--quiesce", "off", "--compress", "zstd")
+        backup_file = full["result"]["files"]["vdb"]["path"]
+        info = json.loads(run("qemu-img", "info", "--output=json", "-U", backup_file).stdout)
+        assert info["format-specific"]["data"]["compression-type"] == "zstd"
+        xml = virsh(w, "dumpxml", w.guest.name)
+        alias = xml.split("<target dev='vdb'", 1)[1].split("<alias name='", 1)[1].split("'", 1)[0]
+        virsh(w, "qemu-monitor-command", w.guest.name, "--hmp",
+              f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "flush"')
+        same = run("qemu-img", "compare", "-U", backup_file, str(w.guest.disks["vdb"]), check=False)
+        assert same.returncode == 0, same.stdout + same.stderr  # plain qemu-img reads the compressed clusters
+        rdoc = restore(w, full["id"])
+        same = run("qemu-img", "compare", "-U", rdoc["result"]["files"]["vdb"]["path"],
+                   str(w.guest.disks["vdb"]), check=False)
+        assert same.returncode == 0, same.stdout + same.stderr
+    finally:
+        virsh(w, "resume", w.guest.name)
+    assert_clean(w)
+
+
 def test_lost_checkpoints_are_redefined_and_the_next_incremental_works(w):
     before = libvirt_checkpoints(w)
     assert len(before) >= 3

@@ -138,17 +138,32 @@ class NbdExport:
         del self.h
 
 
-class QcowWriter:
-    """A local qcow2 file written through a private qemu-nbd."""
+def _opt(value: str) -> str:
+    """``value`` inside a QEMU option string (a comma is doubled)."""
+    return value.replace(",", ",,")
 
-    def __init__(self, path: str, create_size: int | None = None) -> None:
+
+class QcowWriter:
+    """A local qcow2 file written through a private qemu-nbd.
+
+    With ``compress`` the file is created with ``compression_type=zstd`` and
+    written through QEMU's ``compress`` filter, so every cluster written is
+    a zstd-compressed cluster: plain ``qemu-img`` (and ``restore``) read it
+    as any qcow2 file.
+    """
+
+    def __init__(self, path: str, create_size: int | None = None, *, compress: bool = False) -> None:
         nbd = _nbd()
         if create_size is not None:
-            run_qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=1.1", path, str(create_size))
-        self.path = path
+            options = "compat=1.1" + (",compression_type=zstd" if compress else "")
+            run_qemu_img("create", "-q", "-f", "qcow2", "-o", options, path, str(create_size))
+        self.path, self.compress = path, compress
+        image = (["--image-opts", f"driver=compress,file.driver=qcow2,file.file.driver=file,"
+                                  f"file.file.filename={_opt(path)}"] if compress else ["-f", "qcow2", path])
         self.h = nbd.NBD()
         try:
-            self.h.connect_systemd_socket_activation(["qemu-nbd", "-f", "qcow2", *WRITER_OPTIONS, path])
+            self.h.connect_systemd_socket_activation(["qemu-nbd", *WRITER_OPTIONS, *(["--discard=unmap"] if compress
+                                                      else []), *image])
         except nbd.Error as exc:
             raise OperationFailed(f"cannot open {path} for writing through qemu-nbd: {exc}",
                                   retryable=True) from exc
@@ -161,6 +176,17 @@ class QcowWriter:
 
     def flush(self) -> None:
         self.h.flush()
+
+    def forget_from(self, offset: int, size: int) -> None:
+        """Unallocate ``[offset, size)``: what a killed copy wrote past its cursor.
+
+        Needed before a resumed copy into a compressed image only: qcow2
+        refuses to write a compressed cluster over an allocated one.
+        """
+        while offset < size:
+            n = min(1 << 30, size - offset)
+            self.h.trim(n, offset)
+            offset += n
 
     def close(self) -> None:
         try:
@@ -183,6 +209,10 @@ def copy_extents(source: Any, extents: list[tuple[int, int]], writer: Any, *, st
     backup into a fresh image reads as zeroes there anyway).
     """
     stats = {"read": 0, "written": 0, "zeroed": 0, **stats}
+    if getattr(writer, "compress", False):  # a compressed cluster is written whole, once
+        extents = whole_clusters(extents, getattr(source, "size", None))
+        if start:
+            writer.forget_from(start, source.size)
     if isinstance(source, NbdExport) and isinstance(writer, QcowWriter):
         return _copy_parallel(source, extents, writer, start=start, stats=stats, check=check,
                               on_progress=on_progress, on_durable=on_durable, zero_writes=zero_writes)
@@ -213,6 +243,24 @@ def copy_extents(source: Any, extents: list[tuple[int, int]], writer: Any, *, st
                 since = 0
     writer.flush()
     return stats
+
+
+COMPRESS_CLUSTER = 64 * 1024  # qcow2's default cluster size, which the compressed images are created with
+
+
+def whole_clusters(extents: list[tuple[int, int]], size: int | None) -> list[tuple[int, int]]:
+    """``extents`` widened to whole ``COMPRESS_CLUSTER`` clusters (cut at ``size``), merged.
+
+    Widening reads a little more of the export (what it holds there is the
+    disk's content too), and every request stays cluster-aligned, so a
+    compressed cluster is never rewritten by a second, partial request.
+    """
+    c = COMPRESS_CLUSTER
+    out = []
+    for off, length in extents:
+        start, end = off // c * c, -(-(off + length) // c) * c
+        out.append((start, (min(end, size) if size is not None else end) - start))
+    return merge(out)
 
 
 def drop_file_cache(path: str) -> None:
