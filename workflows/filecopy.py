@@ -2,7 +2,8 @@
 
 The copy is a three-stage pipeline over a small pool of reused buffers:
 
-- a reader thread reads large chunks (``CHUNK``) with ``preadv``; a chunk
+- a reader thread reads large chunks (``CHUNK``; under a bandwidth limit,
+  what the limit lets through in ``PACE_SLICE``) with ``preadv``; a chunk
   lying wholly in a hole of the source (``SEEK_DATA``/``SEEK_HOLE``) is not
   read at all, nor is a hole inside a chunk.  The bandwidth limit paces
   this thread on the bytes it really read, before each read.  Pages it
@@ -47,7 +48,7 @@ SPARSE_BLOCK = 1024 * 1024  # an all-zero block of this size stays a hole in the
 WRITEBACK_WINDOW = 4  # chunks written but not yet waited for: the most the copy leaves dirty in the cache
 BUFFERS = 6  # chunks in the pipeline at once (reader, writer, hasher, and queued between them)
 PACE_SLICE = 0.1  # longest single sleep of the bandwidth limit (an abort waits no longer), and read at the limit
-MIN_PIECE = 64 * 1024  # smallest read under a bandwidth limit
+MIN_PIECE = 64 * 1024  # smallest chunk under a bandwidth limit
 ZERO = bytes(CHUNK)
 _ZERO_VIEW = memoryview(ZERO)
 
@@ -162,15 +163,13 @@ def _hole_start(fd: int, pos: int, end: int) -> int:
         return end
 
 
-def _read_data(fd: int, buf: bytearray, pos: int, n: int, piece: int = CHUNK,
-               pace: Callable[[int], None] | None = None) -> None:
+def _read_data(fd: int, buf: bytearray, pos: int, n: int) -> int:
     """Fill ``buf[:n]`` with the source's bytes at ``pos``: its data read, its holes zeroed without a read.
 
-    Data is read in reads of at most ``piece`` bytes, each announced to
-    ``pace`` first (the bandwidth limit: it counts only bytes really read).
-    The pages read are dropped from the host's page cache.
+    Returns the bytes really read (what the bandwidth limit counts); the
+    pages read are dropped from the host's page cache.
     """
-    view, end, at = memoryview(buf), pos + n, pos
+    view, end, at, read = memoryview(buf), pos + n, pos, 0
     while at < end:
         data = _data_start(fd, at, end)
         if data > at:
@@ -178,16 +177,13 @@ def _read_data(fd: int, buf: bytearray, pos: int, n: int, piece: int = CHUNK,
         if data >= end:
             break
         stop = _hole_start(fd, data, end)
-        while data < stop:
-            k = min(piece, stop - data)
-            if pace is not None:
-                pace(k)
-            got = os.preadv(fd, [view[data - pos:data - pos + k]], data)
-            if got < k:
-                raise OperationFailed(f"the source ended at {data + max(got, 0)} bytes, {end} were expected")
-            drop_cache(fd, data, got)
-            data += k
+        got = os.preadv(fd, [view[data - pos:stop - pos]], data)
+        if got < stop - data:
+            raise OperationFailed(f"the source ended at {data + max(got, 0)} bytes, {end} were expected")
+        drop_cache(fd, data, got)
+        read += got
         at = stop
+    return read
 
 
 def _open_partial(partial: str, offset: int) -> tuple[int, int]:
@@ -230,8 +226,10 @@ class _Pipeline:
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
         self.fd_in, self.pos, self.total, self.h = fd_in, start, total, h
         self.bandwidth, self.sleep, self.clock = bandwidth, sleep, clock
-        # a read takes at most PACE_SLICE at the limit, so a small file is paced too
-        self.piece = max(MIN_PIECE, int(bandwidth * PACE_SLICE) // MIN_PIECE * MIN_PIECE)
+        # under a limit a chunk takes at most PACE_SLICE to read: a small file is paced too, and the
+        # progress, the cursor and the lease checks move in these small steps
+        self.step = min(CHUNK, max(MIN_PIECE, int(bandwidth * PACE_SLICE) // MIN_PIECE * MIN_PIECE)) \
+            if bandwidth > 0 else CHUNK
         self.started: float | None = None
         self.read = 0
         self.free: queue.Queue[bytearray] = queue.Queue()
@@ -250,7 +248,7 @@ class _Pipeline:
         try:
             pos, end = self.pos, self.total
             while pos < end and not self.stop.is_set():
-                n = min(CHUNK, end - pos)
+                n = min(self.step, end - pos)
                 if _data_start(self.fd_in, pos, end) >= pos + n:
                     self.ready.put((pos, n, None))  # a hole: nothing to read
                     pos += n
@@ -259,9 +257,8 @@ class _Pipeline:
                 if self.stop.is_set():
                     break
                 if self.bandwidth > 0:
-                    _read_data(self.fd_in, buf, pos, n, self.piece, self._pace)
-                else:
-                    _read_data(self.fd_in, buf, pos, n)
+                    self._pace()
+                self.read += _read_data(self.fd_in, buf, pos, n)
                 self.ready.put((pos, n, buf))
                 pos += n
             self.ready.put(None)
@@ -270,9 +267,9 @@ class _Pipeline:
         except BaseException as exc:  # handed to the writer, which raises it
             self.ready.put(exc)
 
-    def _pace(self, nbytes: int) -> None:
-        """Before a read of ``nbytes``: wait until the bytes read so far fit the limit (never after the last
-        read), in short sleeps so that an abort is not held up."""
+    def _pace(self) -> None:
+        """Before a read: wait until the bytes read so far fit the limit (so never after the last read),
+        in short sleeps so that an abort is not held up."""
         if self.started is None:
             self.started = self.clock()
         until = self.started + self.read / self.bandwidth
@@ -283,7 +280,6 @@ class _Pipeline:
             self.sleep(min(ahead, PACE_SLICE))
         if self.stop.is_set():
             raise _Stopped()
-        self.read += nbytes
 
     def _hash(self) -> None:
         while True:
