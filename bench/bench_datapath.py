@@ -391,6 +391,20 @@ def main() -> int:
                                 lambda: ours.submit("direct-backup", dom.name, "--target", str(out / "pull"),
                                                     "--mode", "pull", "--incremental", "--quiesce", "off"),
                                 ours.pids, changed, ours.warm))
+
+        # the options' cost: a compressed, then an encrypted full pull against the plain one
+        key = work / "bench.key"
+        key.write_text("bench passphrase")
+        for label, folder, extra in (("--compress zstd", "pull-zstd", ["--compress", "zstd"]),
+                                     ("--encrypt-key-file (LUKS)", "pull-luks", ["--encrypt-key-file", str(key)])):
+            ours.fresh_worker()
+            (out / folder).mkdir()
+            row = measure(f"domcapture direct-backup --mode pull (full) {label}",
+                          lambda folder=folder, extra=extra: ours.submit(
+                              "direct-backup", dom.name, "--target", str(out / folder), "--mode", "pull",
+                              "--quiesce", "off", *extra), ours.pids, data, ours.warm)
+            row["stored"] = sum(p.stat().st_blocks * 512 for p in (out / folder).rglob("*.qcow2"))
+            rows.append(row)
     finally:
         ours.cleanup(args.redis_url)
         if dom is not None:
@@ -411,6 +425,9 @@ BASELINE = {
     "domcapture pull incremental, nothing changed": "domcapture direct-backup --mode pull (full)",
     "domcapture pull incremental, 1 % changed": "domcapture direct-backup --mode pull (full)",
     "domcapture pull incremental, 10 % changed": "domcapture direct-backup --mode pull (full)",
+    "domcapture direct-backup --mode pull (full) --compress zstd": "domcapture direct-backup --mode pull (full)",
+    "domcapture direct-backup --mode pull (full) --encrypt-key-file (LUKS)":
+        "domcapture direct-backup --mode pull (full)",
 }
 
 
@@ -465,6 +482,12 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, cache_mode: str
             other = "not measured"
         print(f"| {r['job']} | {r['seconds']:.2f} s | {engine} | {'; '.join(p for p in parts if p)} | "
               f"{r['cache_growth'] / MIB:+.0f} MiB{share} | {other} | {r['peak_rss'] / MIB:.0f} MiB |")
+    plain = next((r for r in rows if r["job"] == "domcapture direct-backup --mode pull (full)"), None)
+    for r in rows:
+        if "stored" in r and plain is not None and r["copied"]:
+            print(f"\n{r['job']}: stores {r['stored'] / MIB:.0f} MiB for {r['copied'] / MIB:.0f} MiB of data "
+                  f"(ratio {r['stored'] / r['copied']:.2f}), "
+                  f"{r['seconds'] / plain['seconds']:.2f}× the plain pull's time")
 
 
 def reprint(path: str) -> int:

@@ -104,7 +104,7 @@ import time
 from workflows import nbdio
 nbdio.REQUEST, nbdio.IN_FLIGHT, nbdio.DURABLE_INTERVAL = 256 * 1024, 2, 0.05
 export = nbdio.NbdExport({sock!r}, "vda")
-writer = nbdio.QcowWriter({partial!r}, export.size)
+writer = nbdio.QcowWriter({partial!r}, export.size, compress={compress!r})
 nbdio.copy_extents(export, export.extents(False), writer, start=0, stats={{}}, check=lambda: time.sleep(0.05),
                    on_progress=lambda d: None, on_durable=lambda pos, st: print(pos, flush=True),
                    zero_writes=False)
@@ -130,16 +130,19 @@ def served_image(tmp_path: Path):
     server.wait(timeout=10)
 
 
-def test_a_killed_pull_resumes_from_its_cursor_to_identical_data(tmp_path: Path, served_image) -> None:
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "zstd"])
+def test_a_killed_pull_resumes_from_its_cursor_to_identical_data(tmp_path: Path, served_image, compress) -> None:
+    """Compressed too: qcow2 refuses a compressed cluster over an allocated one, so what the killed
+    copy wrote past its cursor is unallocated before the copy goes on."""
     img, sock = served_image
     partial = tmp_path / "backup.qcow2.partial"
-    cursor = run_until_cursor(PULL_CHILD.format(sock=sock, partial=str(partial)), 4 * MIB)
+    cursor = run_until_cursor(PULL_CHILD.format(sock=sock, partial=str(partial), compress=compress), 4 * MIB)
     export = nbdio.NbdExport(sock, "vda")
     try:
         assert len(export.connections(nbdio.CONNECTIONS)) > 1  # the export advertises multi-conn: used
         extents = export.extents(False)
         assert 0 < cursor < extents[-1][0] + extents[-1][1]
-        writer = nbdio.QcowWriter(str(partial))  # the partial file as the killed copy left it
+        writer = nbdio.QcowWriter(str(partial), compress=compress)  # the partial file as the killed copy left it
         try:
             durable: list[int] = []
             stats = nbdio.copy_extents(export, extents, writer, start=cursor, stats={}, check=lambda: None,
@@ -153,3 +156,35 @@ def test_a_killed_pull_resumes_from_its_cursor_to_identical_data(tmp_path: Path,
     nbdio.check_image(str(partial))
     out = subprocess.run(["qemu-img", "compare", "-U", str(img), str(partial)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+    info = nbdio.image_info(str(partial))["format-specific"]["data"]
+    if compress:  # zstd clusters: the 2 MiB runs of one byte shrink to almost nothing, random data stays
+        assert info["compression-type"] == "zstd"
+        assert partial.stat().st_blocks * 512 < os.stat(img).st_blocks * 512 * 0.6
+    else:
+        assert partial.stat().st_blocks * 512 >= os.stat(img).st_blocks * 512 * 0.9
+
+
+def test_the_bandwidth_limit_counts_bytes_read_and_never_waits_after_the_last_read(tmp_path: Path) -> None:
+    """Paced on a clock that moves only when the copy sleeps: the time it waited is the bytes it read
+    before its last read divided by the limit; holes (whole chunks or inside one) are not read."""
+    src, partial, final = tmp_path / "src.img", tmp_path / "out.img.partial", tmp_path / "out.img"
+    with open(src, "wb") as f:
+        f.truncate(40 * MIB)
+        for at, mib in ((0, 1), (9, 1), (20, 2), (33, 1)):  # 8 MiB chunks: 1, 1, 2, a hole, 1 MiB of data
+            f.seek(at * MIB)
+            f.write(os.urandom(mib * MIB))
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    checksum, size = copy_resumable(str(src), str(partial), str(final), offset=0, on_progress=lambda p, t: None,
+                                    on_durable=lambda pos: None, check=lambda: None, bandwidth=MIB,
+                                    sleep=sleep, clock=lambda: now[0])
+    assert checksum == hashlib.sha256(src.read_bytes()).hexdigest() and size == 40 * MIB
+    assert final.read_bytes() == src.read_bytes()
+    # 5 MiB read at 1 MiB/s, in reads of at most 0.1 s each, the wait before each one: none after the last
+    assert 4.9 <= now[0] < 5.0
+    assert max(sleeps) <= 0.1 + 1e-9  # short sleeps: an abort is not held up

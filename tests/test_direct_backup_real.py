@@ -220,6 +220,73 @@ def test_pull_full_and_incremental_chain_restores_the_disk_exactly(w):
     assert_clean(w)
 
 
+def test_pull_compressed_with_zstd_is_read_by_plain_qemu_img_and_restores_exactly(w):
+    guest_writes(w, 8)
+    virsh(w, "suspend", w.guest.name)  # the disk at the instant of the backup stays readable afterwards
+    try:
+        full = backup(w, "--mode", "pull", "--quiesce", "off", "--compress", "zstd")
+        backup_file = full["result"]["files"]["vdb"]["path"]
+        info = json.loads(run("qemu-img", "info", "--output=json", "-U", backup_file).stdout)
+        assert info["format-specific"]["data"]["compression-type"] == "zstd"
+        xml = virsh(w, "dumpxml", w.guest.name)
+        alias = xml.split("<target dev='vdb'", 1)[1].split("<alias name='", 1)[1].split("'", 1)[0]
+        virsh(w, "qemu-monitor-command", w.guest.name, "--hmp",
+              f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "flush"')
+        same = run("qemu-img", "compare", "-U", backup_file, str(w.guest.disks["vdb"]), check=False)
+        assert same.returncode == 0, same.stdout + same.stderr  # plain qemu-img reads the compressed clusters
+        rdoc = restore(w, full["id"])
+        same = run("qemu-img", "compare", "-U", rdoc["result"]["files"]["vdb"]["path"],
+                   str(w.guest.disks["vdb"]), check=False)
+        assert same.returncode == 0, same.stdout + same.stderr
+    finally:
+        virsh(w, "resume", w.guest.name)
+    assert_clean(w)
+
+
+def test_pull_encrypted_with_luks_needs_its_key_to_be_read_and_restored(w, redis_client):
+    passphrase = f"pass-{uuid.uuid4().hex}"
+    key = w.base / "backup.key"
+    key.write_text(passphrase)
+    key.chmod(0o600)
+    wrong = w.base / "wrong.key"
+    wrong.write_text("not the passphrase")
+    guest_writes(w, 4)
+    virsh(w, "suspend", w.guest.name)  # the disk at the instant of the backup stays readable afterwards
+    try:
+        full = backup(w, "--mode", "pull", "--quiesce", "off", "--encrypt-key-file", str(key))
+        backup_file = full["result"]["files"]["vdb"]["path"]
+        info = json.loads(run("qemu-img", "info", "--output=json", "-U", backup_file).stdout)
+        assert info["encrypted"] and info["format-specific"]["data"]["encrypt"]["format"] == "luks"
+        assert run("qemu-img", "compare", "-U", backup_file, str(w.guest.disks["vdb"]), check=False).returncode != 0
+        xml = virsh(w, "dumpxml", w.guest.name)
+        alias = xml.split("<target dev='vdb'", 1)[1].split("<alias name='", 1)[1].split("'", 1)[0]
+        virsh(w, "qemu-monitor-command", w.guest.name, "--hmp",
+              f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "flush"')
+        unlocked = {"driver": "qcow2", "file": {"driver": "file", "filename": backup_file},
+                    "encrypt": {"key-secret": "k"}}
+        same = run("qemu-img", "compare", "-U", "--object", f"secret,id=k,file={key},format=raw",
+                   "json:" + json.dumps(unlocked), str(w.guest.disks["vdb"]), check=False)
+        assert same.returncode == 0, same.stdout + same.stderr  # plain qemu-img reads it with the key
+        for extra, fragment in (((), "is encrypted: give its key with --encrypt-key-file"),
+                                (("--encrypt-key-file", str(wrong)), "the key does not unlock it")):
+            refused = w.cluster.cli("submit", "restore", "--domain", w.guest.name, "--from", full["id"],
+                                    "--target", str(w.target), *extra, check=False)
+            assert refused.returncode == 2 and fragment in refused.stderr, refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1 and not refused.stdout
+        rdoc = restore(w, full["id"], "--encrypt-key-file", str(key))
+        same = run("qemu-img", "compare", "-U", rdoc["result"]["files"]["vdb"]["path"],
+                   str(w.guest.disks["vdb"]), check=False)
+        assert same.returncode == 0, same.stdout + same.stderr
+    finally:
+        virsh(w, "resume", w.guest.name)
+    # the passphrase is in no record, history or queue entry: only the key file's path is
+    for name in redis_client.scan_iter(f"{w.cluster.env['DOMCAPTURE_PREFIX']}*"):
+        kind = redis_client.type(name)
+        dump = redis_client.dump(name) or b""
+        assert passphrase.encode() not in dump, (name, kind)
+    assert_clean(w)
+
+
 def test_lost_checkpoints_are_redefined_and_the_next_incremental_works(w):
     before = libvirt_checkpoints(w)
     assert len(before) >= 3

@@ -43,7 +43,7 @@ def test_guest_qemu_killed_mid_copy_finishes_on_original_images(cluster, guest_d
     time.sleep(1)  # the writer has written (and mirrored) some lines
     cluster.start_worker()
     out = cluster.cli("submit", "snapshot-backup", "--domain", guest.name, "--target", str(target),
-                      "--quiesce", "off", "--bandwidth", "1M", "--json")
+                      "--quiesce", "off", "--bandwidth", "256K", "--json")
     wf = json.loads(out.stdout)["id"]
     cluster.wait(wf, lambda d: d["state"] == "copying" and d["progress"].get("percent", 0) > 2, timeout=120)
     assert set(guest.blklist().values()) != {str(p) for p in guest.disks.values()}, "not on overlays yet"

@@ -145,7 +145,7 @@ def test_sigkill_mid_copy_resumes_from_the_cursor(cluster, disk_domain, tmp_path
     target.mkdir()
     first = cluster.start_worker()
     cluster.start_recovery()
-    wf = submit(cluster, dom, target, "--bandwidth", "8M")
+    wf = submit(cluster, dom, target, "--bandwidth", "4M")
     doc = cluster.wait(wf, lambda d: d["state"] == "copying" and d["data"].get("copy", {}).get("vda", {})
                        .get("offset", 0) > 0, timeout=60)
     progress = doc["progress"]
@@ -190,7 +190,7 @@ def test_abort_of_a_running_workflow_rolls_back(cluster, disk_domain, tmp_path):
     target = tmp_path / "backups"
     target.mkdir()
     cluster.start_worker()
-    wf = submit(cluster, dom, target, "--bandwidth", "8M")
+    wf = submit(cluster, dom, target, "--bandwidth", "4M")
     cluster.wait(wf, lambda d: d["state"] == "copying" and d["progress"].get("bytes_done", 0) > 0, timeout=60)
     # a running workflow refuses a plain rollback, and says what to do instead
     refused = cluster.cli("rollback", wf, check=False)
@@ -210,7 +210,7 @@ def test_sigstopped_worker_cannot_change_anything_after_sigcont(cluster, disk_do
     target.mkdir()
     sleeper = cluster.start_worker()
     cluster.start_recovery()
-    wf = submit(cluster, dom, target, "--bandwidth", "8M")
+    wf = submit(cluster, dom, target, "--bandwidth", "4M")
     cluster.wait(wf, lambda d: d["state"] == "copying" and d["progress"].get("bytes_done", 0) > 0, timeout=60)
     os.killpg(sleeper.pid, signal.SIGSTOP)
     cluster.start_worker()

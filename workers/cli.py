@@ -87,6 +87,7 @@ def _emit(args: argparse.Namespace, rec: Record, text: str) -> None:
 _SHAPES: dict[str, Callable[[str, Any], Any]] = {
     "freeze_deadline": validate.seconds, "commit_timeout": validate.seconds,
     "backup_timeout": validate.seconds, "bandwidth": lambda name, value: validate.bandwidth(value, name),
+    "encrypt_key_file": validate.key_file,
 }
 
 

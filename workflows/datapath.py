@@ -67,23 +67,24 @@ def _replace(partial: str, path: str) -> None:
 
 
 def seal(partial: str, path: str, virtual_size: int,
-         rename: Callable[[str, str], None] = _replace) -> Sealed:
+         rename: Callable[[str, str], None] = _replace, key: str | None = None) -> Sealed:
     """Check, fsync, hash and measure ``partial`` at once; then rename it to ``path``.
 
     Raises (and leaves ``partial`` in place) when ``qemu-img check`` fails or
-    the virtual size is not ``virtual_size``.  Called again after a crash
+    the virtual size is not ``virtual_size``.  ``key``: the key file of an
+    encrypted backup (check and map must unlock it).  Called again after a crash
     that followed the rename, it only hashes and measures ``path``.
     """
     if os.path.exists(path):
         with ThreadPoolExecutor(2) as pool:
             digest = pool.submit(sha256_file, path)
-            allocated = pool.submit(nbdio.allocated_bytes, path)
+            allocated = pool.submit(nbdio.allocated_bytes, path, key)
             return Sealed(f"sha256:{digest.result()}", os.path.getsize(path), allocated.result())
     with ThreadPoolExecutor(5) as pool:
-        checked = pool.submit(nbdio.check_image, partial)
+        checked = pool.submit(nbdio.check_image, partial, key)
         info = pool.submit(nbdio.image_info, partial)
         digest = pool.submit(sha256_file, partial)
-        allocated = pool.submit(nbdio.allocated_bytes, partial)
+        allocated = pool.submit(nbdio.allocated_bytes, partial, key)
         synced = pool.submit(_fsync, partial)
         repaired = checked.result()  # a repair of leaks rewrites the file: hashed again below
         got = info.result()["virtual-size"]

@@ -2,13 +2,16 @@
 
 The copy is a three-stage pipeline over a small pool of reused buffers:
 
-- a reader thread reads large chunks (``CHUNK``) with ``preadv``; a chunk
+- a reader thread reads large chunks (``CHUNK``; under a bandwidth limit,
+  what the limit lets through in ``PACE_SLICE``) with ``preadv``; a chunk
   lying wholly in a hole of the source (``SEEK_DATA``/``SEEK_HOLE``) is not
-  read at all.  Pages it read are dropped from the host's page cache behind
-  it (``posix_fadvise(DONTNEED)``), so a backup does not evict the host's
+  read at all, nor is a hole inside a chunk.  The bandwidth limit paces
+  this thread on the bytes it really read, before each read.  Pages it
+  read are dropped from the host's page cache behind it
+  (``posix_fadvise(DONTNEED)``), so a backup does not evict the host's
   working set;
-- the calling thread checks the lease (``check``) per chunk, applies the
-  bandwidth limit, writes non-zero chunks (zero chunks stay holes: the copy
+- the calling thread checks the lease (``check``) per chunk and while it
+  waits for one, writes non-zero chunks (zero chunks stay holes: the copy
   is sparse) and pushes them to disk behind itself (``sync_file_range``,
   then ``DONTNEED``), so dirty pages never pile up in the page cache;
 - a hashing thread feeds every chunk, holes as zeroes, to sha256 (which
@@ -44,6 +47,8 @@ CHECK_INTERVAL = 0.05  # seconds of copying between two lease checks
 SPARSE_BLOCK = 1024 * 1024  # an all-zero block of this size stays a hole in the copy
 WRITEBACK_WINDOW = 4  # chunks written but not yet waited for: the most the copy leaves dirty in the cache
 BUFFERS = 6  # chunks in the pipeline at once (reader, writer, hasher, and queued between them)
+PACE_SLICE = 0.1  # longest single sleep of the bandwidth limit (an abort waits no longer), and read at the limit
+MIN_PIECE = 64 * 1024  # smallest chunk under a bandwidth limit
 ZERO = bytes(CHUNK)
 _ZERO_VIEW = memoryview(ZERO)
 
@@ -150,6 +155,37 @@ def _data_start(fd: int, pos: int, end: int) -> int:
         return pos  # SEEK_DATA not supported: treat everything as data
 
 
+def _hole_start(fd: int, pos: int, end: int) -> int:
+    """The first offset >= ``pos`` in a hole (``end`` when data runs to there)."""
+    try:
+        return min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+    except OSError:
+        return end
+
+
+def _read_data(fd: int, buf: bytearray, pos: int, n: int) -> int:
+    """Fill ``buf[:n]`` with the source's bytes at ``pos``: its data read, its holes zeroed without a read.
+
+    Returns the bytes really read (what the bandwidth limit counts); the
+    pages read are dropped from the host's page cache.
+    """
+    view, end, at, read = memoryview(buf), pos + n, pos, 0
+    while at < end:
+        data = _data_start(fd, at, end)
+        if data > at:
+            view[at - pos:data - pos] = _ZERO_VIEW[:data - at]
+        if data >= end:
+            break
+        stop = _hole_start(fd, data, end)
+        got = os.preadv(fd, [view[data - pos:stop - pos]], data)
+        if got < stop - data:
+            raise OperationFailed(f"the source ended at {data + max(got, 0)} bytes, {end} were expected")
+        drop_cache(fd, data, got)
+        read += got
+        at = stop
+    return read
+
+
 def _open_partial(partial: str, offset: int) -> tuple[int, int]:
     """Open the partial file without following a symlink; returns (fd, the offset to resume from).
 
@@ -179,11 +215,23 @@ def _open_partial(partial: str, offset: int) -> tuple[int, int]:
     return os.open(partial, flags | os.O_CREAT | os.O_EXCL, 0o600), 0
 
 
+class _Stopped(Exception):
+    """The copy was aborted while the reader waited for the bandwidth limit."""
+
+
 class _Pipeline:
     """The reader and hasher threads around the calling thread's writes."""
 
-    def __init__(self, fd_in: int, start: int, total: int, h: "hashlib._Hash") -> None:
+    def __init__(self, fd_in: int, start: int, total: int, h: "hashlib._Hash", *, bandwidth: float = 0,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
         self.fd_in, self.pos, self.total, self.h = fd_in, start, total, h
+        self.bandwidth, self.sleep, self.clock = bandwidth, sleep, clock
+        # under a limit a chunk takes at most PACE_SLICE to read: a small file is paced too, and the
+        # progress, the cursor and the lease checks move in these small steps
+        self.step = min(CHUNK, max(MIN_PIECE, int(bandwidth * PACE_SLICE) // MIN_PIECE * MIN_PIECE)) \
+            if bandwidth > 0 else CHUNK
+        self.started: float | None = None
+        self.read = 0
         self.free: queue.Queue[bytearray] = queue.Queue()
         for _ in range(BUFFERS):
             self.free.put(bytearray(CHUNK))
@@ -200,7 +248,7 @@ class _Pipeline:
         try:
             pos, end = self.pos, self.total
             while pos < end and not self.stop.is_set():
-                n = min(CHUNK, end - pos)
+                n = min(self.step, end - pos)
                 if _data_start(self.fd_in, pos, end) >= pos + n:
                     self.ready.put((pos, n, None))  # a hole: nothing to read
                     pos += n
@@ -208,15 +256,30 @@ class _Pipeline:
                 buf = self.free.get()
                 if self.stop.is_set():
                     break
-                got = os.preadv(self.fd_in, [memoryview(buf)[:n]], pos)
-                if got <= 0:
-                    raise OperationFailed(f"the source ended at {pos} bytes, {end} were expected")
-                drop_cache(self.fd_in, pos, got)
-                self.ready.put((pos, got, buf))
-                pos += got
+                if self.bandwidth > 0:
+                    self._pace()
+                self.read += _read_data(self.fd_in, buf, pos, n)
+                self.ready.put((pos, n, buf))
+                pos += n
             self.ready.put(None)
+        except _Stopped:
+            return
         except BaseException as exc:  # handed to the writer, which raises it
             self.ready.put(exc)
+
+    def _pace(self) -> None:
+        """Before a read: wait until the bytes read so far fit the limit (so never after the last read),
+        in short sleeps so that an abort is not held up."""
+        if self.started is None:
+            self.started = self.clock()
+        until = self.started + self.read / self.bandwidth
+        while not self.stop.is_set():
+            ahead = until - self.clock()
+            if ahead <= 0:
+                break
+            self.sleep(min(ahead, PACE_SLICE))
+        if self.stop.is_set():
+            raise _Stopped()
 
     def _hash(self) -> None:
         while True:
@@ -232,8 +295,12 @@ class _Pipeline:
             if buf is not None:
                 self.free.put(buf)
 
-    def next(self) -> tuple[int, int, bytearray | None] | None:
-        item = self.ready.get()
+    def next(self, timeout: float) -> tuple[int, int, bytearray | None] | None | bool:
+        """The next chunk, None at the end, or False when none came within ``timeout`` seconds."""
+        try:
+            item = self.ready.get(timeout=timeout)
+        except queue.Empty:
+            return False
         if isinstance(item, BaseException):
             raise item
         return item
@@ -259,6 +326,7 @@ def copy_resumable(src: str, partial: str, final: str, *, offset: int,
                    on_progress: Callable[[int, int], None], on_durable: Callable[[int], None],
                    check: Callable[[], None], bandwidth: float = 0,
                    sleep: Callable[[float], None] = time.sleep,
+                   clock: Callable[[], float] = time.monotonic,
                    durable_interval: float | None = None,
                    check_interval: float | None = None) -> tuple[str, int]:
     """Copy ``src`` to ``partial`` from ``offset``; fsync, rename to ``final``.
@@ -267,7 +335,10 @@ def copy_resumable(src: str, partial: str, final: str, *, offset: int,
     it last ran, so at most that long of copying goes unchecked (it raises
     when the caller lost its lease or was cancelled; a Redis round trip per
     8 MiB cost seconds per GiB on a busy server).  ``bandwidth`` (bytes/s, 0 = unlimited) limits
-    the read rate to spare the host's I/O.  ``final``'s directory must exist.
+    the read rate to spare the host's I/O: it counts the bytes really read
+    (holes of the source are not read) and waits, with ``sleep`` against
+    ``clock``, before a read, never after the last one.  ``final``'s
+    directory must exist.
     Returns (sha256, size).
     """
     check()  # before anything is created: a fenced-out caller leaves no file behind
@@ -290,7 +361,7 @@ def copy_resumable(src: str, partial: str, final: str, *, offset: int,
                     os.close(fd_old)
             os.ftruncate(fd_out, offset)
             pos = _copy_from(fd_in, fd_out, offset, total, h, on_progress=on_progress, on_durable=on_durable,
-                             check=check, bandwidth=bandwidth, sleep=sleep,
+                             check=check, bandwidth=bandwidth, sleep=sleep, clock=clock,
                              durable_interval=DURABLE_INTERVAL if durable_interval is None else durable_interval,
                              check_interval=CHECK_INTERVAL if check_interval is None else check_interval)
         finally:
@@ -323,11 +394,10 @@ def _write_sparse(fd: int, buf: bytearray, at: int, n: int) -> None:
 def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Hash", *,
                on_progress: Callable[[int, int], None], on_durable: Callable[[int], None],
                check: Callable[[], None], bandwidth: float, sleep: Callable[[float], None],
-               durable_interval: float, check_interval: float) -> int:
+               clock: Callable[[], float], durable_interval: float, check_interval: float) -> int:
     pos = start
-    pipe = _Pipeline(fd_in, start, total, h)
+    pipe = _Pipeline(fd_in, start, total, h, bandwidth=bandwidth, sleep=sleep, clock=clock)
     last_durable = time.monotonic()
-    started, start_pos = last_durable, start
     last_check = last_durable - check_interval
     behind: collections.deque[tuple[int, int]] = collections.deque()  # written ranges still being written back
     try:
@@ -335,7 +405,9 @@ def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Has
             if time.monotonic() - last_check >= check_interval:
                 check()
                 last_check = time.monotonic()
-            item = pipe.next()
+            item = pipe.next(check_interval)
+            if isinstance(item, bool):  # the reader is paced or slow: the lease is still checked meanwhile
+                continue
             if item is None:
                 break
             at, n, buf = item
@@ -354,10 +426,6 @@ def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Has
                 on_durable(pos)
                 last_durable = time.monotonic()
             on_progress(pos, total)
-            if bandwidth > 0:
-                ahead = (pos - start_pos) / bandwidth - (time.monotonic() - started)
-                if ahead > 0:
-                    sleep(ahead)
         pipe.finish()
     except BaseException:
         pipe.abort()

@@ -28,7 +28,7 @@ import time
 from types import ModuleType
 from typing import Any, Callable, cast
 
-from .errors import OperationFailed
+from .errors import InputError, OperationFailed
 from .filecopy import drop_cache, opened_nofollow
 from .hypervisor.backup_types import BLOCK_STATUS_DIRTY, BLOCK_STATUS_ZERO
 
@@ -138,17 +138,42 @@ class NbdExport:
         del self.h
 
 
-class QcowWriter:
-    """A local qcow2 file written through a private qemu-nbd."""
+def _opt(value: str) -> str:
+    """``value`` inside a QEMU option string (a comma is doubled)."""
+    return value.replace(",", ",,")
 
-    def __init__(self, path: str, create_size: int | None = None) -> None:
+
+class QcowWriter:
+    """A local qcow2 file written through a private qemu-nbd.
+
+    With ``compress`` the file is created with ``compression_type=zstd`` and
+    written through QEMU's ``compress`` filter, so every cluster written is
+    a zstd-compressed cluster: plain ``qemu-img`` (and ``restore``) read it
+    as any qcow2 file.
+    """
+
+    def __init__(self, path: str, create_size: int | None = None, *, compress: bool = False,
+                 key: str | None = None) -> None:
+        if compress and key:
+            raise ValueError("compressed and encrypted together is not offered")
         nbd = _nbd()
         if create_size is not None:
-            run_qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=1.1", path, str(create_size))
-        self.path = path
+            options = "compat=1.1" + (",compression_type=zstd" if compress else "")
+            if key:
+                options += f",encrypt.format=luks,encrypt.key-secret={SECRET_ID}"
+            run_qemu_img("create", *secret_args(key), "-q", "-f", "qcow2", "-o", options, path, str(create_size))
+        self.path, self.compress = path, compress
+        if compress:
+            qcow = f"driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename={_opt(path)}"
+        else:
+            qcow = f"driver=qcow2,file.driver=file,file.filename={_opt(path)}"
+            if key:
+                qcow += f",encrypt.key-secret={SECRET_ID}"
         self.h = nbd.NBD()
         try:
-            self.h.connect_systemd_socket_activation(["qemu-nbd", "-f", "qcow2", *WRITER_OPTIONS, path])
+            self.h.connect_systemd_socket_activation(["qemu-nbd", *WRITER_OPTIONS, *secret_args(key, "--object"),
+                                                      *(["--discard=unmap"] if compress else []),
+                                                      "--image-opts", qcow])
         except nbd.Error as exc:
             raise OperationFailed(f"cannot open {path} for writing through qemu-nbd: {exc}",
                                   retryable=True) from exc
@@ -161,6 +186,17 @@ class QcowWriter:
 
     def flush(self) -> None:
         self.h.flush()
+
+    def forget_from(self, offset: int, size: int) -> None:
+        """Unallocate ``[offset, size)``: what a killed copy wrote past its cursor.
+
+        Needed before a resumed copy into a compressed image only: qcow2
+        refuses to write a compressed cluster over an allocated one.
+        """
+        while offset < size:
+            n = min(1 << 30, size - offset)
+            self.h.trim(n, offset)
+            offset += n
 
     def close(self) -> None:
         try:
@@ -183,6 +219,10 @@ def copy_extents(source: Any, extents: list[tuple[int, int]], writer: Any, *, st
     backup into a fresh image reads as zeroes there anyway).
     """
     stats = {"read": 0, "written": 0, "zeroed": 0, **stats}
+    if getattr(writer, "compress", False):  # a compressed cluster is written whole, once
+        extents = whole_clusters(extents, getattr(source, "size", None))
+        if start:
+            writer.forget_from(start, source.size)
     if isinstance(source, NbdExport) and isinstance(writer, QcowWriter):
         return _copy_parallel(source, extents, writer, start=start, stats=stats, check=check,
                               on_progress=on_progress, on_durable=on_durable, zero_writes=zero_writes)
@@ -213,6 +253,24 @@ def copy_extents(source: Any, extents: list[tuple[int, int]], writer: Any, *, st
                 since = 0
     writer.flush()
     return stats
+
+
+COMPRESS_CLUSTER = 64 * 1024  # qcow2's default cluster size, which the compressed images are created with
+
+
+def whole_clusters(extents: list[tuple[int, int]], size: int | None) -> list[tuple[int, int]]:
+    """``extents`` widened to whole ``COMPRESS_CLUSTER`` clusters (cut at ``size``), merged.
+
+    Widening reads a little more of the export (what it holds there is the
+    disk's content too), and every request stays cluster-aligned, so a
+    compressed cluster is never rewritten by a second, partial request.
+    """
+    c = COMPRESS_CLUSTER
+    out = []
+    for off, length in extents:
+        start, end = off // c * c, -(-(off + length) // c) * c
+        out.append((start, (min(end, size) if size is not None else end) - start))
+    return merge(out)
 
 
 def drop_file_cache(path: str) -> None:
@@ -343,6 +401,34 @@ def _copy_parallel(source: NbdExport, extents: list[tuple[int, int]], writer: Qc
 
 
 # -- qemu-img ------------------------------------------------------------------------------
+SECRET_ID = "dcsec0"  # the secret object that holds an encrypted backup's key, by file: never in argv
+
+
+def secret_args(key: str | None, flag: str = "--object") -> list[str]:
+    """The QEMU object that reads the passphrase of encrypted images from the file ``key`` (none without)."""
+    return [flag, f"secret,id={SECRET_ID},file={_opt(key)},format=raw"] if key else []
+
+
+def is_encrypted(path: str) -> bool:
+    """Whether a qcow2 file's header says it is LUKS-encrypted (read without the key)."""
+    return bool(image_info(path).get("encrypted"))
+
+
+def check_key(path: str, key: str | None) -> None:
+    """Refuse (InputError) when ``path`` is encrypted and ``key`` is missing or does not unlock it."""
+    if not is_encrypted(path):
+        return
+    if not key:
+        raise InputError(f"{path} is encrypted: give its key with --encrypt-key-file")
+    # map opens the image for I/O, which unlocks a LUKS key slot (info does not)
+    out = subprocess.run(["qemu-img", "map", "-U", *secret_args(key), "--output=json", "--max-length", "65536",
+                          chain_spec([path], key)],
+                         capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT)
+    if out.returncode != 0:
+        why = "the key does not unlock it" if "password" in out.stderr.lower() else out.stderr.strip()
+        raise InputError(f"--encrypt-key-file: {path}: {why}")
+
+
 def run_qemu_img(*args: str, timeout: float = QEMU_IMG_TIMEOUT) -> str:
     try:
         out = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=timeout)
@@ -353,16 +439,19 @@ def run_qemu_img(*args: str, timeout: float = QEMU_IMG_TIMEOUT) -> str:
     return out.stdout
 
 
-def chain_spec(files: list[str]) -> str:
+def chain_spec(files: list[str], key: str | None = None) -> str:
     """A ``json:`` filename reading ``files`` (full first, then each incremental) as one image.
 
     The backing chain is spelled out, so the backing names written in the
-    files' headers are never used.
+    files' headers are never used.  With ``key`` (a file; its secret object
+    is ``secret_args(key)``) the encrypted files among them are unlocked.
     """
     node: dict[str, Any] | None = None
     for path in files:
         node = {"driver": "qcow2", "file": {"driver": "file", "filename": os.path.abspath(path)},
                 "backing": node}
+        if key and is_encrypted(path):
+            node["encrypt"] = {"key-secret": SECRET_ID}
     if node is None:
         raise ValueError("an empty chain")
     return "json:" + json.dumps(node, separators=(",", ":"))
@@ -374,40 +463,43 @@ def image_info(path: str) -> dict[str, Any]:
     return info
 
 
-def check_image(path: str) -> bool:
+def check_image(path: str, key: str | None = None) -> bool:
     """``qemu-img check``; leaked clusters (a writer killed mid-way) are repaired (returns True), anything
     else refused."""
-    out = subprocess.run(["qemu-img", "check", "-q", "-U", chain_spec([path])], capture_output=True, text=True,
-                         timeout=QEMU_IMG_TIMEOUT)
+    out = subprocess.run(["qemu-img", "check", *secret_args(key), "-q", "-U", chain_spec([path], key)],
+                         capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT)
     if out.returncode == 3:  # leaks only: the data is intact
-        run_qemu_img("check", "-q", "-r", "leaks", chain_spec([path]))
+        run_qemu_img("check", *secret_args(key), "-q", "-r", "leaks", chain_spec([path], key))
         return True
     if out.returncode != 0:
         raise OperationFailed(f"qemu-img check of {path} failed: {(out.stderr or out.stdout).strip()}")
     return False
 
 
-def allocated_bytes(path: str) -> int:
+def allocated_bytes(path: str, key: str | None = None) -> int:
     """Bytes of guest data the file itself holds (clusters with data; not holes, not zeroed clusters)."""
-    extents = json.loads(run_qemu_img("map", "--output=json", "-U", chain_spec([path])))
+    extents = json.loads(run_qemu_img("map", *secret_args(key), "--output=json", "-U", chain_spec([path], key)))
     return sum(e["length"] for e in extents if e.get("data") and e.get("depth", 0) == 0)
 
 
-def set_backing(path: str, backing: str | None) -> None:
+def set_backing(path: str, backing: str | None, key: str | None = None) -> None:
     """Rewrite the backing name in ``path``'s header (nothing is copied; ``backing`` relative to it)."""
+    image = ["--image-opts", f"driver=qcow2,file.filename={_opt(path)},encrypt.key-secret={SECRET_ID}"] \
+        if key and is_encrypted(path) else ["-f", "qcow2", path]
     if backing:
-        run_qemu_img("rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", backing, path)
+        run_qemu_img("rebase", *secret_args(key), "-u", "-F", "qcow2", "-b", backing, *image)
     else:
-        run_qemu_img("rebase", "-u", "-f", "qcow2", "-b", "", path)
+        run_qemu_img("rebase", *secret_args(key), "-u", "-b", "", *image)
 
 
-def convert_chain(files: list[str], out: str) -> None:
-    run_qemu_img("convert", "-O", "qcow2", "-o", "compat=1.1", chain_spec(files), out)
+def convert_chain(files: list[str], out: str, key: str | None = None) -> None:
+    """The chain's disk as one plain qcow2 image (decrypted, uncompressed)."""
+    run_qemu_img("convert", *secret_args(key), "-O", "qcow2", "-o", "compat=1.1", chain_spec(files, key), out)
 
 
-def same_content(files: list[str], image: str) -> bool:
-    out = subprocess.run(["qemu-img", "compare", "-U", chain_spec(files), image], capture_output=True, text=True,
-                         timeout=QEMU_IMG_TIMEOUT)
+def same_content(files: list[str], image: str, key: str | None = None) -> bool:
+    out = subprocess.run(["qemu-img", "compare", *secret_args(key), "-U", chain_spec(files, key), image],
+                         capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT)
     if out.returncode not in (0, 1):
         raise OperationFailed(f"qemu-img compare failed: {(out.stderr or out.stdout).strip()}")
     return out.returncode == 0

@@ -15,7 +15,9 @@ Redis call.
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -119,6 +121,29 @@ def seconds(name: str, value: Any, default: float | None = None, *, maximum: flo
     if value is None and default is not None:
         return default
     return number(name, value, maximum=maximum, unit=" of seconds")
+
+
+MAX_KEY_FILE = 64 * 1024
+
+
+def key_file(name: str, value: Any) -> str:
+    """A file holding an encryption passphrase: readable, regular, non-empty; returned absolute.
+
+    Only its path travels (into records and QEMU's ``secret,file=`` objects);
+    its bytes are never read here.
+    """
+    where = os.path.abspath(path(name, value))
+    try:
+        st = os.stat(where)
+    except OSError as exc:
+        raise InputError(f"{flag(name)} {value}: {exc.strerror.lower() if exc.strerror else exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{flag(name)} {value} is not a regular file")
+    if st.st_size == 0 or st.st_size > MAX_KEY_FILE:
+        raise InputError(f"{flag(name)} {value} must hold 1 to {MAX_KEY_FILE} bytes (it holds {st.st_size})")
+    if not os.access(where, os.R_OK):
+        raise InputError(f"{flag(name)} {value} is not readable")
+    return where
 
 
 def bandwidth(value: Any, name: str = "bandwidth") -> int:

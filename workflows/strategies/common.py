@@ -36,6 +36,11 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return validate.choice(name, value, choices)
 
 
+def check_key_file(name: str, value: Any) -> str:
+    """An encryption key file: absolute path of a readable, non-empty regular file."""
+    return validate.key_file(name, value)
+
+
 def check_text(name: str, value: Any) -> str:
     """A non-empty string without control characters."""
     return validate.text(name, value)

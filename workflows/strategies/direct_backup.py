@@ -21,7 +21,8 @@ from typing import Any, cast
 from .. import datapath, hooks, naming, nbdio
 from ..checkpoints import COMMITTED, KIND_BACKUP, PENDING, Checkpoint, backup_base, owned_pending, restore_chain
 from ..definition import RESUME, Definition, Option
-from ..errors import CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, OperationFailed, StepFailed
+from ..errors import (CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, InputError, OperationFailed,
+                      StepFailed)
 from ..effects import Inspect
 from ..hypervisor.backup_types import BackupJob
 from ..record import Artifact
@@ -57,6 +58,11 @@ OPT_MODE = Option("mode", "direct-backup: push (libvirt writes the files) | pull
                   choices=MODES)
 OPT_INCREMENTAL = Option("incremental", "direct-backup: only what changed since the last committed checkpoint "
                                         "(full when there is none, and the record says why)", flag=True)
+COMPRESSIONS = ("zstd",)
+OPT_COMPRESS = Option("compress", "direct-backup --mode pull: write qcow2 compressed clusters (zstd); "
+                                  "plain qemu-img and restore read them", choices=COMPRESSIONS)
+OPT_ENCRYPT_KEY_FILE = Option("encrypt_key_file", "direct-backup --mode pull: encrypt the backup at rest (qcow2 LUKS) "
+                                                  "with the passphrase in this file (read by QEMU, never copied)")
 OPT_BACKUP_TIMEOUT = Option("backup_timeout", "direct-backup: seconds a push backup job may take (default 3600)")
 
 
@@ -73,6 +79,16 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
         "backup_timeout": common.parse_seconds("backup_timeout", params.get("backup_timeout"),
                                                DEFAULT_BACKUP_TIMEOUT),
     }
+    if params.get("compress"):
+        out["compress"] = common.check_choice("compress", params["compress"], COMPRESSIONS)
+        if out["mode"] != "pull":  # libvirt's push job has no compression setting: QEMU writes plain clusters
+            raise InputError("--compress needs --mode pull (libvirt's push job writes uncompressed clusters)")
+    if params.get("encrypt_key_file"):
+        out["encrypt_key_file"] = common.check_key_file("encrypt_key_file", params["encrypt_key_file"])
+        if out["mode"] != "pull":
+            raise InputError("--encrypt-key-file needs --mode pull (a push target's key is a libvirt secret)")
+        if out.get("compress"):
+            raise InputError("--compress and --encrypt-key-file are not offered together")
     out.update(common.parse_hooks(params))
     bc.require_active(hv, domain)
     disks = bc.bitmap_disks(hv, domain)
@@ -305,6 +321,7 @@ class Transfer(Step):
         if cur["offset"] == 0 or not os.path.exists(partial):
             bc.remove_ours(ctx, [partial])
             cur.update(offset=0, done=0, stats={})
+        compress, key = bool(ctx.params.get("compress")), ctx.params.get("encrypt_key_file")
         export = ctx.hv.open_backup_export(ctx.domain, job, disk)
         try:
             extents = export.extents(dirty)
@@ -313,7 +330,8 @@ class Transfer(Step):
             if cur["offset"] == 0:
                 ctx.fx.files.prepare_for_writer(partial)  # 0600, exclusive: qemu-img formats it in place
             try:
-                writer = nbdio.QcowWriter(partial, export.size if cur["offset"] == 0 else None)
+                writer = nbdio.QcowWriter(partial, export.size if cur["offset"] == 0 else None,
+                                          compress=compress, key=key)
             except OperationFailed:
                 if cur["offset"] == 0:
                     raise
@@ -321,7 +339,7 @@ class Transfer(Step):
                 ctx.fx.files.prepare_for_writer(partial)
                 cur.update(offset=0, done=0, stats={})
                 ctx.save("transfer-restart", disk=disk)
-                writer = nbdio.QcowWriter(partial, export.size)
+                writer = nbdio.QcowWriter(partial, export.size, compress=compress, key=key)
             try:
                 def durable(pos: int, stats: dict[str, int]) -> None:
                     cur.update(offset=pos, stats=stats, done=stats["read"])
@@ -353,9 +371,11 @@ class Transfer(Step):
             ctx.guard()
             base = ctx.data.get("base")
             if base:  # the header names the parent backup's file, so qemu-img can read the chain
-                nbdio.set_backing(partial, os.path.relpath(base["files"][disk], os.path.dirname(path)))
+                nbdio.set_backing(partial, os.path.relpath(base["files"][disk], os.path.dirname(path)),
+                                  ctx.params.get("encrypt_key_file"))
         want = next(d["virtual_size"] for d in ctx.data["disks"] if d["target"] == disk)
-        sealed = datapath.seal(partial, path, want, rename=ctx.fx.files.rename)  # check, fsync, hash; rename
+        sealed = datapath.seal(partial, path, want, rename=ctx.fx.files.rename,  # check, fsync, hash; rename
+                               key=ctx.params.get("encrypt_key_file"))
         ctx.rec.set_artifact(f"backup:{disk}", status="present", checksum=sealed.checksum, size=sealed.size,
                              allocated=sealed.allocated)
         ctx.save("transferred", disk=disk)
@@ -486,5 +506,7 @@ STEPS: dict[str, Step] = {
 DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
                         validate=validate,
                         options=(common.OPT_TARGET, OPT_MODE, OPT_INCREMENTAL, common.OPT_QUIESCE,
-                                 common.OPT_ON_ERROR, common.OPT_FREEZE_DEADLINE, OPT_BACKUP_TIMEOUT, *hooks.OPTIONS),
+                                 common.OPT_ON_ERROR, common.OPT_FREEZE_DEADLINE, OPT_BACKUP_TIMEOUT, OPT_COMPRESS,
+                                 OPT_ENCRYPT_KEY_FILE,
+                                 *hooks.OPTIONS),
                         summary="backup begin with a checkpoint (full or incremental), push or pull over NBD")

@@ -48,6 +48,8 @@ TRANSITIONS = [
 MAX_CHAIN = 1000
 OPT_FROM = Option("from", "the id of the capture workflow to go back to")
 OPT_DEFINE = Option("define", "restore: define a new domain of this name on the restored images")
+OPT_ENCRYPT_KEY_FILE = Option("encrypt_key_file", "restore: the passphrase file of an encrypted backup "
+                                                  "(the restored images are not encrypted)")
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -96,6 +98,11 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
                 raise InputError(f"backup {link['id']}: its {disk} file {info['path']} is missing")
             if os.path.getsize(info["path"]) != info["size"]:
                 raise InputError(f"backup {link['id']}: its {disk} file {info['path']} changed size")
+    key = common.check_key_file("encrypt_key_file", params["encrypt_key_file"]) \
+        if params.get("encrypt_key_file") else None
+    for link in chain:  # an encrypted file needs the key, and the key must unlock it
+        for info in link["files"].values():
+            nbdio.check_key(info["path"], key)
     out: dict[str, Any] = {
         "from": chain[-1]["id"], "chain": chain, "target": common.check_target_dir(params.get("target")),
         "on_error": common.parse_on_error(params),
@@ -110,6 +117,8 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
             raise InputError(f"backup {chain[-1]['id']} has no domain.xml to define a domain from")
     need = sum(info["size"] for link in chain for info in link["files"].values())
     common.check_space(out["target"], need, "restore target")
+    if key:
+        out["encrypt_key_file"] = key
     return out
 
 
@@ -213,7 +222,7 @@ class Restore(Step):
                 ctx.save("restore-intent", disk=art["disk"], partial=partial,
                          chain=[link["id"] for link in ctx.params["chain"]])
                 ctx.fx.files.prepare_for_writer(partial)  # 0600, exclusive: qemu-img writes into it
-                nbdio.convert_chain(_chain_files(ctx, art["disk"]), partial)
+                nbdio.convert_chain(_chain_files(ctx, art["disk"]), partial, ctx.params.get("encrypt_key_file"))
                 ctx.fx.files.fsync(partial)
                 ctx.fx.files.rename(partial, art["path"])
             ctx.rec.set_artifact(f"restored:{art['disk']}", status="present")
@@ -237,7 +246,7 @@ class Verify(Step):
         for art in ctx.rec.artifacts_of("restored-image"):
             ctx.guard()
             nbdio.check_image(art["path"])
-            if not nbdio.same_content(_chain_files(ctx, art["disk"]), art["path"]):
+            if not nbdio.same_content(_chain_files(ctx, art["disk"]), art["path"], ctx.params.get("encrypt_key_file")):
                 raise StepFailed(f"the restored image of {art['disk']} differs from its backup chain")
             info = nbdio.image_info(art["path"])
             ctx.rec.set_artifact(f"restored:{art['disk']}", checksum=f"sha256:{sha256_file(art['path'])}",
@@ -327,5 +336,5 @@ STEPS: dict[str, Step] = {
 
 DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
                         validate=validate, resolve=resolve,
-                        options=(OPT_FROM, common.OPT_TARGET, OPT_DEFINE, common.OPT_ON_ERROR),
+                        options=(OPT_FROM, common.OPT_TARGET, OPT_DEFINE, common.OPT_ON_ERROR, OPT_ENCRYPT_KEY_FILE),
                         summary="restore a direct backup chain into new images; optionally define a new domain")
