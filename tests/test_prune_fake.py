@@ -34,6 +34,9 @@ from .crashkit import Crasher, drive_to_end, run_once
 from .test_direct_backup_fake import chain_bytes
 
 KIB = 1024
+# Each crash point rebuilds four backups: every point of the enumeration takes minutes, so by default a
+# crash is taken at the first and the last boundary of each kind; DOMCAPTURE_CRASH_EVERY_POINT=1 takes all.
+EVERY_POINT = os.environ.get("DOMCAPTURE_CRASH_EVERY_POINT") == "1"
 DAYS = ["2024-01-01T01:00", "2024-01-02T01:00", "2024-01-08T01:00", "2024-01-09T01:00"]  # Mon, Tue; Mon, Tue
 
 
@@ -198,6 +201,10 @@ def test_every_crash_point_leaves_the_invariants(tmp_path, store):
     for expected in ("saved:prune-plan:preflight", "saved:consolidate-sealed:consolidating",
                      "hv-after:checkpoint_delete", "saved:backup-deleted:deleting", "executed:finalizing"):
         assert expected in labels, sorted(labels)
+    if not EVERY_POINT:  # one crash per kind of boundary: each label's first and last occurrence
+        first = {label: i for i, (label, _) in reversed(list(enumerate(points)))}
+        last = {label: i for i, (label, _) in enumerate(points)}
+        points = [points[i] for i in sorted(set(first.values()) | set(last.values()))]
     for i, point in enumerate(points):
         s = Series(tmp_path / f"c{i}", store)
         wf = s.prune(keep_weekly=2)
