@@ -101,6 +101,7 @@ def parse_disks(xml: str) -> list[Disk]:
             type=d.get("type", "file"), device=d.get("device", "disk"), backing=chain,
             mirror_job=mirror.get("job") if mirror is not None else None,
             mirror_ready=(mirror is not None and mirror.get("ready") == "yes"),
+            readonly=d.find("readonly") is not None, shareable=d.find("shareable") is not None,
         ))
     return disks
 
@@ -245,7 +246,9 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
         self._call(f"disk-only snapshot of {name}", create)
 
     def block_commit_active(self, name: str, target: str) -> None:
-        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+        # shallow: the overlay goes into its immediate backing file (the disk's own image), never further
+        # down a chain the disk was created over (a template's shared base)
+        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
         self._call(f"active blockcommit of {name}/{target}",
                    lambda c: self._dom(c, name).blockCommit(target, None, None, 0, flags))
 
@@ -279,7 +282,10 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
                 source = disk.find("source")
                 if source is None:
                     source = ET.SubElement(disk, "source")
-                source.set("file", want["path"])
+                source.attrib.clear()
+                kind = want.get("type") or "file"
+                disk.set("type", kind)
+                source.set("dev" if kind == "block" else "file", want["path"])
                 for backing in disk.findall("backingStore"):
                     disk.remove(backing)
                 driver = disk.find("driver")

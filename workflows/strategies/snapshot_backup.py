@@ -58,9 +58,11 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
         "bandwidth": common.parse_bandwidth(params.get("bandwidth")),
     }
     out.update(common.parse_hooks(params))
+    out.update(common.parse_disk_selection(params))
+    out["overlay_dir"] = common.parse_overlay_dir(params)
     common.require_running(hv, domain)
-    disks = common.capture_disks(hv, domain)
-    common.check_space(out["target"], sum(os.path.getsize(common.source_of(d)) for d in disks), "backup target")
+    disks, _ = common.choose_disks(hv, domain, out, backing_ok=True, block_ok=True)
+    common.check_space(out["target"], sum(common.chain_size(d, hv, domain) for d in disks), "backup target")
     return out
 
 
@@ -69,17 +71,21 @@ class Preflight(Step):
 
     def execute(self, ctx: StepContext) -> None:
         common.require_running(ctx.hv, ctx.domain)
-        disks = common.capture_disks(ctx.hv, ctx.domain)
+        disks, ctx.data["skipped_disks"] = common.choose_disks(ctx.hv, ctx.domain, ctx.params, backing_ok=True,
+                                                               block_ok=True)
         target = ctx.params["target"]
-        common.check_space(target, sum(os.path.getsize(common.source_of(d)) for d in disks), "backup target")
-        ctx.data["disks"] = [{"target": d.target, "source": d.source, "format": d.format,
-                              "size": os.path.getsize(common.source_of(d))} for d in disks]
+        common.check_space(target, sum(common.chain_size(d, ctx.hv, ctx.domain) for d in disks), "backup target")
+        ctx.data["disks"] = [{"target": d.target, "source": d.source, "format": d.format, "type": d.type,
+                              "size": common.chain_size(d, ctx.hv, ctx.domain), "backing": d.backing,
+                              "flatten": common.flattens(d), "backup_format": common.backup_format(d)}
+                             for d in disks]
         for d in disks:
             ctx.rec.plan_artifact(Artifact(f"overlay:{d.target}", "overlay",
-                                           naming.overlay_path(common.source_of(d), ctx.rec.id, d.target), d.target))
+                                           common.overlay_for(d, ctx.rec.id, ctx.params.get("overlay_dir")),
+                                           d.target))
             ctx.rec.plan_artifact(Artifact(f"backup:{d.target}", "backup-file",
                                            naming.backup_file(target, ctx.domain, ctx.rec.id, d.target,
-                                                              d.format or "raw"), d.target))
+                                                              common.backup_format(d)), d.target))
         common.plan_capture_folder(ctx, naming.backup_dir(target, ctx.domain, ctx.rec.id))
         ctx.rec.plan_artifact(Artifact("manifest", "manifest",
                                        naming.manifest_path(target, ctx.domain, ctx.rec.id)))
@@ -105,6 +111,9 @@ class Snapshot(Step):
         planned = common.overlays(ctx)
         for path in planned.values():  # left by an attempt that never switched the domain
             ctx.fx.files.remove_owned(path)
+        for folder in {os.path.dirname(p) for p in planned.values()}:
+            if not os.path.isdir(folder):  # the overlay folder (--overlay-dir), made 0700 on first use
+                ctx.fx.files.make_shared_folder(folder)
         ctx.data["snapshot_started_at"] = time.time()
         ctx.save("snapshot-intent", overlays=planned)
         ctx.hv.snapshot_disk_only(ctx.domain, planned)
@@ -195,7 +204,8 @@ class Finalize(Step):
 
     def execute(self, ctx: StepContext) -> None:
         files = [{"disk": a["disk"], "path": a["path"], "size": a["size"], "checksum": a["checksum"],
-                  "format": next(d["format"] for d in ctx.data["disks"] if d["target"] == a["disk"])}
+                  "format": next(d.get("backup_format") or d["format"] for d in ctx.data["disks"]
+                                 if d["target"] == a["disk"])}
                  for a in ctx.rec.artifacts_of("backup-file")]
         manifest = {"format": "domcapture-backup", "version": 1, "workflow": ctx.rec.id, "strategy": NAME,
                     "domain": ctx.domain, "uri": ctx.rec.uri, "snapshot_at": ctx.data.get("snapshot_at"),
@@ -211,7 +221,8 @@ class Finalize(Step):
                                     for a in ctx.rec.artifacts_of("backup-file")},
                           "quiesced": bool(ctx.data.get("quiesced")) and not ctx.data.get("freeze_broken"),
                           "downtime_s": ctx.data.get("downtime_s"),
-                          "snapshot_seconds": ctx.data.get("snapshot_seconds")}
+                          "snapshot_seconds": ctx.data.get("snapshot_seconds"),
+                          "skipped_disks": ctx.data.get("skipped_disks", [])}
         return "advance"
 
     def revert(self, ctx: StepContext) -> None:
@@ -238,5 +249,6 @@ DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: 
                         validate=validate,
                         options=(common.OPT_TARGET, common.OPT_QUIESCE, common.OPT_ON_ERROR,
                                  common.OPT_FREEZE_DEADLINE, common.OPT_COMMIT_TIMEOUT, common.OPT_BANDWIDTH,
+                                 common.OPT_DISKS, common.OPT_EXCLUDE, common.OPT_OVERLAY_DIR,
                                  *hooks.OPTIONS),
                         summary="disk-only external snapshot, copy the backing images, active commit + pivot")
