@@ -17,6 +17,8 @@ import os
 import shutil
 import json
 import signal
+import socket
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -298,3 +300,63 @@ def chain_of_any(dom: DiskDomain, target: str) -> list[str]:
                 node = node.find("backingStore")
             return out
     raise KeyError(target)
+
+
+# -- a network disk (NBD served by nbdkit, standing in for RBD / iSCSI) --------------------------------------
+@pytest.fixture
+def nbd_export(tmp_path):
+    """nbdkit serving a 32 MiB raw file of known content on a local TCP port; stopped in teardown."""
+    image = tmp_path / "remote-volume.raw"
+    with open(image, "wb") as f:
+        f.truncate(32 * MIB)
+        f.write(bytes([0x77]) * 3 * MIB)
+        f.seek(12 * MIB)
+        f.write(os.urandom(2 * MIB))
+    ref = tmp_path / "remote-reference.raw"
+    shutil.copyfile(image, ref)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pidfile = tmp_path / "nbdkit.pid"
+    run("nbdkit", "-i", "127.0.0.1", "-p", str(port), "-P", str(pidfile),
+        "file", f"file={image}")
+    for _ in range(100):
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    yield port, image, ref
+    os.kill(pid, signal.SIGTERM)
+
+
+def test_snapshot_backup_of_an_nbd_disk_reads_through_qemu(cluster, made, libvirt_uri, tmp_path, nbd_export):
+    port, image, reference = nbd_export
+    work = tmp_path / "dom"
+    work.mkdir()
+    vda = work / "os-vda.qcow2"
+    filled_image(vda, 32, 0x31)
+    xml = (file_disk("vda", vda) + "<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
+           f"<source protocol='nbd'><host name='127.0.0.1' port='{port}'/></source>"
+           "<target dev='vdb' bus='virtio'/></disk>")
+    dom = define_and_start(libvirt_uri, work, xml, {"vda": vda})
+    made.append(dom)
+    overlay_dir = tmp_path / "overlays"
+    target = tmp_path / "bk"
+    target.mkdir()
+    doomed = cluster.start_worker(fault="kill-at:saved:flatten-intent:copying")  # mid-copy of the network disk
+    cluster.start_recovery()
+    wf = submit(cluster, "snapshot-backup", dom, target, "--quiesce", "off", "--overlay-dir", str(overlay_dir),
+                "--disks", "vdb")
+    doomed.wait(timeout=90)
+    assert doomed.returncode == -signal.SIGKILL
+    dom.guest_write("vdb", *WRITE_ON_OVERLAY)
+    cluster.start_worker()
+    doc = cluster.wait_final(wf)
+    assert doc["status"] == "succeeded", doc["error"]
+    intents = [e for e in doc["history"] if e["event"] == "flatten-intent"]
+    assert [e["disk"] for e in intents] == ["vdb", "vdb"]  # killed once, converted again
+    assert dom.block_jobs() == {} and os.listdir(overlay_dir) == []
+    assert image_has_pattern(image, *WRITE_ON_OVERLAY, fmt="raw"), "the write on the overlay was lost"
+    backup = doc["result"]["files"]["vdb"]["path"]
+    assert images_identical(backup, reference), "backup of the NBD disk is not its content at capture"
+    assert doc["result"]["skipped_disks"] == [{"target": "vda", "reason": "not named by --disks"}]

@@ -27,6 +27,7 @@ class Disk:
     mirror_ready: bool = False
     readonly: bool = False  # <readonly/>
     shareable: bool = False  # <shareable/>
+    url: str | None = None  # a network disk's address as qemu-img opens it (nbd://host:port/name...)
 
 
 @dataclass

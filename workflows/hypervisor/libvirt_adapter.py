@@ -77,6 +77,23 @@ def translate(exc: libvirt.libvirtError, what: str) -> DomcaptureError:
     return err
 
 
+def network_url(src: ET.Element) -> str | None:
+    """A network disk's ``<source protocol=...>`` as a URL qemu-img opens (None: a protocol not handled)."""
+    protocol, name = src.get("protocol"), src.get("name") or ""
+    host = src.find("host")
+    hostname = host.get("name") if host is not None else None
+    port = host.get("port") if host is not None else None
+    if protocol == "nbd":
+        if host is not None and host.get("transport") == "unix":
+            return f"nbd+unix:///{name}?socket={host.get('socket')}"
+        return f"nbd://{hostname or 'localhost'}:{port or 10809}/{name}"
+    if protocol == "iscsi" and hostname:
+        return f"iscsi://{hostname}:{port or 3260}/{name}"
+    if protocol == "rbd" and name:
+        return f"rbd:{name}"
+    return None
+
+
 def parse_disks(xml: str) -> list[Disk]:
     root = ET.fromstring(xml)
     disks = []
@@ -95,13 +112,14 @@ def parse_disks(xml: str) -> list[Disk]:
             chain.append(bsrc.get("file") or bsrc.get("dev") or bsrc.get("name") or "")
             bs = bs.find("backingStore")
         mirror = d.find("mirror")
+        url = network_url(src) if d.get("type") == "network" and src is not None else None
         disks.append(Disk(
             target=target.get("dev", ""), source=path,
             format=drv.get("type") if drv is not None else None,
             type=d.get("type", "file"), device=d.get("device", "disk"), backing=chain,
             mirror_job=mirror.get("job") if mirror is not None else None,
             mirror_ready=(mirror is not None and mirror.get("ready") == "yes"),
-            readonly=d.find("readonly") is not None, shareable=d.find("shareable") is not None,
+            readonly=d.find("readonly") is not None, shareable=d.find("shareable") is not None, url=url,
         ))
     return disks
 

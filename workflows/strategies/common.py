@@ -119,7 +119,8 @@ def skip_reason(d: Disk) -> str | None:
 
 
 def choose_disks(hv: Hypervisor, domain: str, params: dict[str, Any] | None = None, *,
-                 backing_ok: bool = False, block_ok: bool = False) -> tuple[list[Disk], list[dict[str, str]]]:
+                 backing_ok: bool = False, block_ok: bool = False,
+                 network_ok: bool = False) -> tuple[list[Disk], list[dict[str, str]]]:
     """The disks a capture covers, and the ones it leaves out (``{"target", "reason"}`` each).
 
     ``params`` may hold ``disks`` / ``exclude`` as ``parse_disk_selection`` returns them.  A target
@@ -155,7 +156,7 @@ def choose_disks(hv: Hypervisor, domain: str, params: dict[str, Any] | None = No
         left = "; ".join(f"{s['target']}: {s['reason']}" for s in skipped)
         raise UnsupportedDisk(f"domain {domain} has no disks to capture" + (f" ({left})" if left else ""))
     for d in disks:
-        check_capturable(d, domain, backing_ok=backing_ok, block_ok=block_ok)
+        check_capturable(d, domain, backing_ok=backing_ok, block_ok=block_ok, network_ok=network_ok)
     return disks, skipped
 
 
@@ -175,19 +176,30 @@ def parse_overlay_dir(params: dict[str, Any]) -> str | None:
 
 
 def overlay_for(d: Disk, wf_id: str, overlay_dir: str | None) -> str:
-    """Where the temporary overlay of a disk goes: never beside a block device (that is /dev)."""
-    if d.type == "block":
+    """Where the temporary overlay of a disk goes: never beside a block device (that is /dev) or a
+    network disk's name."""
+    if d.type in ("block", "network"):
         return naming.overlay_in(overlay_dir or DEFAULT_OVERLAY_DIR, wf_id, d.target)
     if overlay_dir:
         return naming.overlay_in(overlay_dir, wf_id, d.target)
     return naming.overlay_path(source_of(d), wf_id, d.target)
 
 
-def check_capturable(d: Disk, domain: str, *, backing_ok: bool = False, block_ok: bool = False) -> None:
-    kinds = ("file", "block") if block_ok else ("file",)
-    if d.type not in kinds or not d.source:
+def check_capturable(d: Disk, domain: str, *, backing_ok: bool = False, block_ok: bool = False,
+                     network_ok: bool = False) -> None:
+    kinds = ("file", "block", "network") if network_ok else ("file", "block") if block_ok else ("file",)
+    if d.type not in kinds or not (d.source or d.url):
         raise UnsupportedDisk(f"disk {d.target} of {domain} is a {d.type} disk; only "
-                              f"{' and '.join(kinds)} disks are supported by this strategy")
+                              f"{', '.join(kinds)} disks are supported by this strategy")
+    if d.type == "network":
+        if not d.url:
+            raise UnsupportedDisk(f"disk {d.target} of {domain} is a network disk of a protocol domcapture does "
+                                  "not read (nbd, iscsi and rbd are read through qemu-img)")
+        if d.format not in ("qcow2", "raw"):
+            raise UnsupportedDisk(f"disk {d.target} of {domain} has format {d.format}; qcow2 or raw expected")
+        if d.mirror_job:
+            raise UnsupportedDisk(f"disk {d.target} of {domain} has a {d.mirror_job} block job running")
+        return  # not a local path: never looked for on this host
     if d.format not in ("qcow2", "raw"):
         raise UnsupportedDisk(f"disk {d.target} of {domain} has format {d.format}; qcow2 or raw expected")
     if d.backing and not backing_ok:
@@ -207,14 +219,15 @@ def capture_disks(hv: Hypervisor, domain: str) -> list[Disk]:
 def chain_size(d: Disk, hv: Hypervisor | None = None, domain: str = "") -> int:
     """Bytes of the disk's image files (its own and every backing file on this host): what a copy needs
     at most.  A block device's size is asked of the hypervisor (``getsize`` says 0 for a device)."""
-    if d.type == "block" and hv is not None:
+    if d.type in ("block", "network") and hv is not None:
         return hv.get_disk_capacity(domain, d.target)
     return sum(os.path.getsize(p) for p in [source_of(d), *d.backing] if p and os.path.exists(p))
 
 
 def flattens(d: Disk) -> bool:
-    """Copied by ``qemu-img convert`` into one qcow2: a disk over a backing chain, or a block device."""
-    return bool(d.backing) or d.type == "block"
+    """Copied by ``qemu-img convert`` into one qcow2: a disk over a backing chain, a block device, or a
+    network disk (read through qemu-img from its URL, never as a local path)."""
+    return bool(d.backing) or d.type in ("block", "network")
 
 
 def backup_format(d: Disk) -> str:
@@ -337,6 +350,11 @@ def commit_offline(ctx: StepContext) -> None:
     formats = {d["target"]: d.get("format") or "raw" for d in ctx.data["disks"]}
     types = {d["target"]: d.get("type") or "file" for d in ctx.data["disks"]}
     on = on_overlay(ctx)
+    network = [t for t in on if types[t] == "network"]
+    if network:  # qemu-img commit needs the base by name; a network disk's base is no local path
+        raise StepFailed(f"{ctx.domain} went down on our overlays of network disks {network}; nothing is lost "
+                         f"(the guest's writes are in {[planned[t] for t in network]}): commit them by hand "
+                         "(qemu-img commit) or start the domain and resume")
     for target in on:
         ctx.save("offline-commit-intent", disk=target)
         ctx.hv.commit_offline(ctx.domain, planned[target], original[target])
@@ -472,8 +490,8 @@ def copy_disks(ctx: StepContext, artifact_prefix: str) -> None:
         if disk.get("flatten"):  # a backing chain or a block device: one standalone qcow2 image
             ctx.save("flatten-intent", disk=disk["target"], partial=partial, chain=disk.get("backing", []))
             ctx.check_cancel()
-            checksum, size = ctx.fx.files.convert_flat(disk["source"], disk["format"] or "raw", partial,
-                                                       art["path"])
+            checksum, size = ctx.fx.files.convert_flat(disk.get("url") or disk["source"], disk["format"] or "raw",
+                                                       partial, art["path"])
             ctx.rec.set_artifact(name, status="present", checksum=f"sha256:{checksum}", size=size)
             ctx.save("copied", disk=disk["target"], bytes=size, flattened=True)
             base_done += disk["size"]

@@ -61,7 +61,8 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
     out.update(common.parse_disk_selection(params))
     out["overlay_dir"] = common.parse_overlay_dir(params)
     common.require_running(hv, domain)
-    disks, _ = common.choose_disks(hv, domain, out, backing_ok=True, block_ok=True)
+    disks, _ = common.choose_disks(hv, domain, out, backing_ok=True, block_ok=True,
+                                     network_ok=True)
     common.check_space(out["target"], sum(common.chain_size(d, hv, domain) for d in disks), "backup target")
     return out
 
@@ -72,10 +73,10 @@ class Preflight(Step):
     def execute(self, ctx: StepContext) -> None:
         common.require_running(ctx.hv, ctx.domain)
         disks, ctx.data["skipped_disks"] = common.choose_disks(ctx.hv, ctx.domain, ctx.params, backing_ok=True,
-                                                               block_ok=True)
+                                                               block_ok=True, network_ok=True)
         target = ctx.params["target"]
         common.check_space(target, sum(common.chain_size(d, ctx.hv, ctx.domain) for d in disks), "backup target")
-        ctx.data["disks"] = [{"target": d.target, "source": d.source, "format": d.format, "type": d.type,
+        ctx.data["disks"] = [{"target": d.target, "source": d.source, "format": d.format, "type": d.type, "url": d.url,
                               "size": common.chain_size(d, ctx.hv, ctx.domain), "backing": d.backing,
                               "flatten": common.flattens(d), "backup_format": common.backup_format(d)}
                              for d in disks]
