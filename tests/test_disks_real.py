@@ -360,3 +360,55 @@ def test_snapshot_backup_of_an_nbd_disk_reads_through_qemu(cluster, made, libvir
     backup = doc["result"]["files"]["vdb"]["path"]
     assert images_identical(backup, reference), "backup of the NBD disk is not its content at capture"
     assert doc["result"]["skipped_disks"] == [{"target": "vda", "reason": "not named by --disks"}]
+
+
+# -- shut-off and paused domains ------------------------------------------------------------------------------
+def test_snapshot_backup_of_a_shut_off_domain_reads_its_images_offline(cluster, disk_domain, tmp_path):
+    dom = disk_domain()
+    dom.virsh("destroy", dom.name)
+    assert dom.state() == "shut off"
+    target = tmp_path / "bk"
+    target.mkdir()
+    doomed = cluster.start_worker(fault="kill-at:saved:flatten-intent:copying")
+    cluster.start_recovery()
+    wf = submit(cluster, "snapshot-backup", dom, target)
+    doomed.wait(timeout=90)
+    assert doomed.returncode == -signal.SIGKILL
+    cluster.start_worker()
+    doc = cluster.wait_final(wf)
+    assert doc["status"] == "succeeded", doc["error"]
+    assert doc["result"]["offline"] is True and doc["result"]["quiesced"] is False
+    assert dom.state() == "shut off" and dom.on_original_disks()
+    assert dom.leftover_overlays() == []
+    for t, ref in dom.references.items():
+        assert images_identical(doc["result"]["files"][t]["path"], ref), f"offline backup of {t} differs"
+
+
+def test_a_start_behind_our_back_rolls_the_offline_capture_back(cluster, disk_domain, tmp_path):
+    dom = disk_domain()
+    dom.virsh("destroy", dom.name)
+    target = tmp_path / "bk"
+    target.mkdir()
+    doomed = cluster.start_worker(fault="kill-at:saved:flatten-intent:copying")  # mid-copy
+    cluster.start_recovery()
+    wf = submit(cluster, "snapshot-backup", dom, target, "--quiesce", "off")
+    doomed.wait(timeout=90)
+    assert doomed.returncode == -signal.SIGKILL
+    dom.virsh("start", dom.name)  # while nobody runs the workflow
+    cluster.start_worker()
+    doc = cluster.wait_final(wf)
+    assert doc["status"] == "rolled_back", doc["status"]
+    assert "during the offline copy" in doc["error"]["message"] or "before its offline copy" in \
+        doc["error"]["message"], doc["error"]
+    assert [p for p in target.iterdir()] == []
+    assert dom.state() == "running" and dom.on_original_disks()
+
+
+def test_snapshot_backup_refuses_a_paused_domain_in_one_line(cluster, disk_domain, tmp_path):
+    dom = disk_domain()
+    dom.virsh("suspend", dom.name)
+    out = cluster.cli("submit", "snapshot-backup", "--domain", dom.name, "--target", str(tmp_path), check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"domcapture: error: domain {dom.name} is paused; snapshot-backup captures a "
+                                  "running or shut-off domain (direct-backup captures a paused one)")
+    assert dom.state() == "paused" and dom.on_original_disks()

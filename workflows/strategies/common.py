@@ -207,7 +207,7 @@ def check_capturable(d: Disk, domain: str, *, backing_ok: bool = False, block_ok
                               f"({' <- '.join(d.backing)}); commit it first")
     if d.mirror_job:
         raise UnsupportedDisk(f"disk {d.target} of {domain} has a {d.mirror_job} block job running")
-    if not os.path.exists(d.source):
+    if not d.source or not os.path.exists(d.source):
         raise UnsupportedDisk(f"disk {d.target} of {domain}: {d.source} is not visible on this host")
 
 
@@ -262,6 +262,10 @@ class Freeze(Step):
 
     def execute(self, ctx: StepContext) -> None:
         mode = ctx.params.get("quiesce", "off")
+        if ctx.data.get("offline"):  # a shut-off domain: nothing runs that could be frozen
+            ctx.data["quiesced"] = False
+            ctx.data["quiesce_error"] = "the domain is shut off: its disks are at rest"
+            return
         if mode == "off":
             ctx.data["quiesced"] = False
             return
