@@ -90,7 +90,7 @@ def test_disk_with_a_backing_chain_is_refused(cluster, libvirt_uri, tmp_path, di
     dom.virsh("start", dom.name)
     target = tmp_path / "target"
     target.mkdir()
-    out = cluster.cli("submit", "snapshot-backup", "--domain", dom.name, "--target", str(target), check=False)
+    out = cluster.cli("submit", "save", "--domain", dom.name, "--target", str(target), check=False)
     assert out.returncode == 2 and "already has a backing chain" in out.stderr
     assert json.loads(cluster.cli("list", "--json").stdout) == []
     assert list(target.iterdir()) == []

@@ -45,6 +45,28 @@ def test_disks_lists_file_disks(env):
     assert env.hv.domain_state(env.name) == "running"
 
 
+def test_disks_report_read_only_and_shareable(env):
+    """What disk selection reads: a read-only and a shareable disk of a running domain."""
+    extra = {"vdx": str(env.dir / "contract-ro.img"), "vdy": str(env.dir / "contract-shared.img")}
+    for path in extra.values():
+        with open(path, "wb") as f:
+            f.truncate(1024 * 1024)
+    if hasattr(env.hv, "add_disk"):
+        env.hv.add_disk(env.name, "vdx", extra["vdx"], readonly=True, fmt="raw")
+        env.hv.add_disk(env.name, "vdy", extra["vdy"], shareable=True, fmt="raw")
+    else:  # this machine type has no PCI hotplug: attach to the definition, then start again
+        env.dom.virsh("destroy", env.name)
+        for target, mode in (("vdx", "readonly"), ("vdy", "shareable")):
+            env.dom.virsh("attach-disk", env.name, extra[target], target, "--driver", "qemu", "--subdriver",
+                          "raw", "--mode", mode, "--config")
+        env.dom.virsh("start", env.name)
+    disks = {d.target: d for d in env.hv.disks(env.name)}
+    assert (disks["vdx"].readonly, disks["vdx"].shareable) == (True, False)
+    assert (disks["vdy"].readonly, disks["vdy"].shareable) == (False, True)
+    assert all(not d.readonly and not d.shareable for t, d in disks.items() if t in env.disks)
+    assert disks["vdx"].source == extra["vdx"] and disks["vdx"].device == "disk"
+
+
 def test_unknown_domain(env):
     with pytest.raises(DomainNotFound):
         env.hv.disks("dctest-no-such-domain")

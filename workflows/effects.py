@@ -28,7 +28,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import filecopy, naming
+from . import filecopy, naming, nbdio
 from .backups import BackupRecords
 from .checkpoints import CheckpointStore
 from .errors import StepFailed
@@ -217,6 +217,25 @@ class OwnedFiles:
             kwargs["sleep"] = sleep
         return filecopy.copy_resumable(src, partial, final, offset=offset, on_progress=on_progress,
                                        on_durable=on_durable, check=fenced_check, bandwidth=bandwidth, **kwargs)
+
+    def convert_flat(self, src: str, fmt: str, partial: str, final: str) -> tuple[str, int]:
+        """``qemu-img convert`` of ``src`` (read through its whole backing chain) into one standalone
+        qcow2 file of ours: written as ``partial``, fsynced, renamed to ``final``; returns (sha256, size).
+
+        Not resumable: a run cut short starts over from an empty partial file.
+        """
+        owned = self.owned()
+        self._check(partial, owned, "write")
+        self._check(final, owned, "write")
+        self.remove_owned(partial)
+        self.prepare_for_writer(partial)  # 0600, exclusive: qemu-img writes into it
+        self.guard()
+        nbdio.run_qemu_img("convert", "-f", fmt, "-O", "qcow2", "-o", "compat=1.1", src, partial)
+        self.fsync(partial)
+        checksum = filecopy.sha256_file(partial)
+        size = os.path.getsize(partial)
+        self.rename(partial, final)
+        return checksum, size
 
 
 class HostCommands:

@@ -15,6 +15,11 @@ def overlay_path(disk_source: str, wf_id: str, target: str) -> str:
     return os.path.join(os.path.dirname(disk_source), f"{PREFIX}-{wf_id}-{target}.overlay.qcow2")
 
 
+def overlay_in(folder: str, wf_id: str, target: str) -> str:
+    """An overlay in the overlay folder (block devices' overlays, or every overlay with ``--overlay-dir``)."""
+    return os.path.join(folder, f"{PREFIX}-{wf_id}-{target}.overlay.qcow2")
+
+
 def backup_dir(target_dir: str, domain: str, wf_id: str) -> str:
     return os.path.join(target_dir, f"{PREFIX}-{domain}-{wf_id}")
 

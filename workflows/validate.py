@@ -29,6 +29,8 @@ ID_RE = re.compile(r"^[0-9a-f]{16}$")
 DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+:-]{0,199}$")
 # Redis key prefixes and queue names: part of every key of a deployment.
 KEY_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# a disk's target as libvirt names it (vda, sdb, hdc, xvda, nvme0n1...)
+DISK_TARGET_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 MAX_SECONDS = 366 * 24 * 3600.0
@@ -90,6 +92,27 @@ def choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise InputError(f"{flag(name)} must be one of {', '.join(choices)} (got {value!r})")
     return value
+
+
+def disk_targets(name: str, value: Any) -> list[str] | None:
+    """``--disks vda,vdb`` / ``--exclude vdc``: disk targets, comma separated (or a list); None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = text(name, value).split(",")
+    out: list[str] = []
+    for item in items:
+        t = item.strip() if isinstance(item, str) else item
+        if not isinstance(t, str) or not DISK_TARGET_RE.match(t):
+            raise InputError(f"{flag(name)}: {t!r} is not a disk target (like vda or sdb)")
+        if t in out:
+            raise InputError(f"{flag(name)} names {t} twice")
+        out.append(t)
+    if not out:
+        raise InputError(f"{flag(name)} must name at least one disk")
+    return out
 
 
 def log_level(value: Any, name: str = "log_level") -> str:

@@ -25,6 +25,9 @@ class Disk:
     backing: list[str] = field(default_factory=list)  # backing chain, top first
     mirror_job: str | None = None  # e.g. active-commit
     mirror_ready: bool = False
+    readonly: bool = False  # <readonly/>
+    shareable: bool = False  # <shareable/>
+    url: str | None = None  # a network disk's address as qemu-img opens it (nbd://host:port/name...)
 
 
 @dataclass
@@ -95,7 +98,8 @@ class BlockOps(Protocol):
     def commit_offline(self, name: str, overlay: str, base: str) -> None:
         """``qemu-img commit`` of ``overlay`` into ``base`` while the domain is shut off."""
     def define_disk_sources(self, name: str, sources: dict[str, dict[str, str]]) -> None:
-        """Point the persistent definition's disks (target -> {"path", "format"}) at these images,
+        """Point the persistent definition's disks (target -> {"path", "format", "type": file | block})
+        at these images,
         with no backing chain; only for a shut-off domain."""
 
 

@@ -38,6 +38,9 @@ class _FakeDisk:
     job_polls: int | None = None  # None: no job; else polls seen since commit began
     fmt: str = "qcow2"
     type: str = "file"
+    device: str = "disk"
+    readonly: bool = False
+    shareable: bool = False
 
 
 @dataclass
@@ -61,6 +64,12 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
                    disk_type: str = "file") -> None:
         self.domains[name] = _FakeDomain(
             name, {t: _FakeDisk(t, p, type=disk_type) for t, p in disks.items()}, state=state, agent=agent)
+
+    def add_disk(self, name: str, target: str, path: str, *, device: str = "disk", readonly: bool = False,
+                 shareable: bool = False, fmt: str = "qcow2") -> None:
+        """Attach one more disk (a cdrom, a read-only or shareable disk...) to a fake domain."""
+        self._dom(name).disks[target] = _FakeDisk(target, path, fmt=fmt, device=device, readonly=readonly,
+                                                  shareable=shareable)
 
     def guest_write(self, name: str, target: str, offset: int, data: bytes) -> None:
         disk = self._dom(name).disks[target]
@@ -105,8 +114,9 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
 
     def domain_xml(self, name: str) -> str:
         dom = self._dom(name)
-        disks = "".join(f"<disk type='{d.type}' device='disk'><source file='{d.overlay or d.base}'/>"
-                        f"<target dev='{d.target}'/></disk>" for d in dom.disks.values())
+        disks = "".join(f"<disk type='{d.type}' device='{d.device}'><source file='{d.overlay or d.base}'/>"
+                        f"<target dev='{d.target}'/>{'<readonly/>' if d.readonly else ''}"
+                        f"{'<shareable/>' if d.shareable else ''}</disk>" for d in dom.disks.values())
         return f"<domain type='fake'><name>{name}</name><devices>{disks}</devices></domain>"
 
     def disks(self, name: str) -> list[Disk]:
@@ -116,7 +126,7 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
             out.append(Disk(target=d.target, source=d.overlay or d.base, format=d.fmt, type=d.type,
                             backing=[d.base] if d.overlay else [],
                             mirror_job="active-commit" if d.job_polls is not None else None,
-                            mirror_ready=ready))
+                            mirror_ready=ready, device=d.device, readonly=d.readonly, shareable=d.shareable))
         return out
 
     def block_job(self, name: str, target: str) -> BlockJob | None:

@@ -77,6 +77,23 @@ def translate(exc: libvirt.libvirtError, what: str) -> DomcaptureError:
     return err
 
 
+def network_url(src: ET.Element) -> str | None:
+    """A network disk's ``<source protocol=...>`` as a URL qemu-img opens (None: a protocol not handled)."""
+    protocol, name = src.get("protocol"), src.get("name") or ""
+    host = src.find("host")
+    hostname = host.get("name") if host is not None else None
+    port = host.get("port") if host is not None else None
+    if protocol == "nbd":
+        if host is not None and host.get("transport") == "unix":
+            return f"nbd+unix:///{name}?socket={host.get('socket')}"
+        return f"nbd://{hostname or 'localhost'}:{port or 10809}/{name}"
+    if protocol == "iscsi" and hostname:
+        return f"iscsi://{hostname}:{port or 3260}/{name}"
+    if protocol == "rbd" and name:
+        return f"rbd:{name}"
+    return None
+
+
 def parse_disks(xml: str) -> list[Disk]:
     root = ET.fromstring(xml)
     disks = []
@@ -95,12 +112,14 @@ def parse_disks(xml: str) -> list[Disk]:
             chain.append(bsrc.get("file") or bsrc.get("dev") or bsrc.get("name") or "")
             bs = bs.find("backingStore")
         mirror = d.find("mirror")
+        url = network_url(src) if d.get("type") == "network" and src is not None else None
         disks.append(Disk(
             target=target.get("dev", ""), source=path,
             format=drv.get("type") if drv is not None else None,
             type=d.get("type", "file"), device=d.get("device", "disk"), backing=chain,
             mirror_job=mirror.get("job") if mirror is not None else None,
             mirror_ready=(mirror is not None and mirror.get("ready") == "yes"),
+            readonly=d.find("readonly") is not None, shareable=d.find("shareable") is not None, url=url,
         ))
     return disks
 
@@ -245,7 +264,9 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
         self._call(f"disk-only snapshot of {name}", create)
 
     def block_commit_active(self, name: str, target: str) -> None:
-        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+        # shallow: the overlay goes into its immediate backing file (the disk's own image), never further
+        # down a chain the disk was created over (a template's shared base)
+        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
         self._call(f"active blockcommit of {name}/{target}",
                    lambda c: self._dom(c, name).blockCommit(target, None, None, 0, flags))
 
@@ -279,7 +300,10 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
                 source = disk.find("source")
                 if source is None:
                     source = ET.SubElement(disk, "source")
-                source.set("file", want["path"])
+                source.attrib.clear()
+                kind = want.get("type") or "file"
+                disk.set("type", kind)
+                source.set("dev" if kind == "block" else "file", want["path"])
                 for backing in disk.findall("backingStore"):
                     disk.remove(backing)
                 driver = disk.find("driver")

@@ -24,11 +24,17 @@ def require_active(hv: Hypervisor, domain: str) -> None:
 
 def bitmap_disks(hv: Hypervisor, domain: str) -> list[Disk]:
     """The disks a checkpoint or direct backup covers: every disk, each a qcow2 file (bitmaps live there)."""
-    disks = common.capture_disks(hv, domain)
+    return check_bitmap_disks(common.capture_disks(hv, domain), domain)
+
+
+def check_bitmap_disks(disks: list[Disk], domain: str) -> list[Disk]:
+    """Refuses a disk that cannot hold a bitmap (only qcow2 images can)."""
     for d in disks:
         if d.format != "qcow2":
-            raise UnsupportedDisk(f"disk {d.target} of {domain} is {d.format}; checkpoints and direct backups "
-                                  "need qcow2 images (bitmaps live in them)")
+            what = "a raw block device" if d.type == "block" else f"a {d.format} image"
+            raise UnsupportedDisk(f"disk {d.target} of {domain} is {what}, which cannot hold a persistent bitmap; "
+                                  "checkpoints and direct backups need qcow2 images (use snapshot-backup, or "
+                                  "leave the disk out with --exclude)")
     return disks
 
 

@@ -88,24 +88,156 @@ def check_target_dir(path: str | None) -> str:
     return path
 
 
-def capture_disks(hv: Hypervisor, domain: str) -> list[Disk]:
-    """The domain's disks a capture covers; refuses what cannot be captured."""
-    disks = [d for d in hv.disks(domain) if d.device == "disk"]
+OPT_DISKS = Option("disks", "capture only these disks, comma separated, e.g. vda,vdb (default: every writable "
+                   "disk; cdrom, floppy, read-only and shareable disks are skipped)")
+DEFAULT_OVERLAY_DIR = "/var/lib/domcapture/overlays"
+OPT_OVERLAY_DIR = Option("overlay_dir", "folder for the temporary overlays: a block device's always go here "
+                                        f"(default {DEFAULT_OVERLAY_DIR}); a file disk's go beside its image "
+                                        "unless this is given")
+OPT_EXCLUDE = Option("exclude", "leave these disks out, comma separated, e.g. vdc")
+
+#: devices a capture leaves out unless ``--disks`` names them (then it refuses them), with the reason shown
+SKIPPED_DEVICES = {"cdrom": "cdrom (removable media)", "floppy": "floppy (removable media)",
+                   "lun": "lun (SCSI passthrough: the guest owns the device)"}
+
+
+def parse_disk_selection(params: dict[str, Any]) -> dict[str, Any]:
+    """``--disks`` and ``--exclude`` as lists of targets (which exist is checked against the domain)."""
+    chosen = validate.disk_targets("disks", params.get("disks"))
+    exclude = validate.disk_targets("exclude", params.get("exclude"))
+    if chosen and exclude:
+        both = [t for t in exclude if t in chosen]
+        if both:
+            raise InputError(f"--exclude names {', '.join(both)}, which --disks asks for")
+    return {"disks": chosen, "exclude": exclude or []}
+
+
+def skip_reason(d: Disk) -> str | None:
+    """Why a capture leaves this disk out by default (None: it is captured)."""
+    if d.device != "disk":
+        return SKIPPED_DEVICES.get(d.device, f"{d.device} device")
+    if d.readonly:
+        return "read-only (nothing to capture that changes)"
+    if d.shareable:
+        return "shareable (another domain writes it too: no consistent point in time)"
+    return None
+
+
+def choose_disks(hv: Hypervisor, domain: str, params: dict[str, Any] | None = None, *,
+                 backing_ok: bool = False, block_ok: bool = False,
+                 network_ok: bool = False) -> tuple[list[Disk], list[dict[str, str]]]:
+    """The disks a capture covers, and the ones it leaves out (``{"target", "reason"}`` each).
+
+    ``params`` may hold ``disks`` / ``exclude`` as ``parse_disk_selection`` returns them.  A target
+    either names that the domain does not have is refused, as is a disk ``--disks`` asks for that
+    cannot be captured.  ``backing_ok``: the strategy handles disks with a backing chain.
+    """
+    params = params or {}
+    wanted: list[str] | None = params.get("disks")
+    exclude: list[str] = params.get("exclude") or []
+    every = hv.disks(domain)
+    known = [d.target for d in every]
+    for name, targets in (("disks", wanted or []), ("exclude", exclude)):
+        unknown = [t for t in targets if t not in known]
+        if unknown:
+            raise UnsupportedDisk(f"--{name}: domain {domain} has no disk {', '.join(unknown)} "
+                                  f"(its disks: {', '.join(known) or 'none'})")
+    disks: list[Disk] = []
+    skipped: list[dict[str, str]] = []
+    for d in every:
+        reason = skip_reason(d)
+        if wanted is not None and d.target not in wanted:
+            skipped.append({"target": d.target, "reason": "not named by --disks"})
+        elif d.target in exclude:
+            skipped.append({"target": d.target, "reason": "excluded by --exclude"})
+        elif reason and wanted is not None:
+            raise UnsupportedDisk(f"--disks names {d.target} of {domain}, a {reason.split(' (')[0]} disk; "
+                                  "it cannot be captured")
+        elif reason:
+            skipped.append({"target": d.target, "reason": reason})
+        else:
+            disks.append(d)
     if not disks:
-        raise UnsupportedDisk(f"domain {domain} has no disks to capture")
+        left = "; ".join(f"{s['target']}: {s['reason']}" for s in skipped)
+        raise UnsupportedDisk(f"domain {domain} has no disks to capture" + (f" ({left})" if left else ""))
     for d in disks:
-        if d.type != "file" or not d.source:
-            raise UnsupportedDisk(f"disk {d.target} of {domain} is a {d.type} disk; only file disks are supported")
+        check_capturable(d, domain, backing_ok=backing_ok, block_ok=block_ok, network_ok=network_ok)
+    return disks, skipped
+
+
+def parse_overlay_dir(params: dict[str, Any]) -> str | None:
+    """``--overlay-dir``: an absolute path outside /dev (created 0700 when the snapshot is taken)."""
+    value = params.get("overlay_dir")
+    if value is None:
+        return None
+    path = os.path.normpath(validate.path("overlay_dir", value))
+    if not os.path.isabs(path):
+        raise InputError(f"--overlay-dir must be an absolute path (got {value!r})")
+    if path == "/dev" or path.startswith("/dev/"):
+        raise InputError(f"--overlay-dir {path} is under /dev; overlays are files and go on a file system")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"--overlay-dir {path} exists and is not a folder")
+    return path
+
+
+def overlay_for(d: Disk, wf_id: str, overlay_dir: str | None) -> str:
+    """Where the temporary overlay of a disk goes: never beside a block device (that is /dev) or a
+    network disk's name."""
+    if d.type in ("block", "network"):
+        return naming.overlay_in(overlay_dir or DEFAULT_OVERLAY_DIR, wf_id, d.target)
+    if overlay_dir:
+        return naming.overlay_in(overlay_dir, wf_id, d.target)
+    return naming.overlay_path(source_of(d), wf_id, d.target)
+
+
+def check_capturable(d: Disk, domain: str, *, backing_ok: bool = False, block_ok: bool = False,
+                     network_ok: bool = False) -> None:
+    kinds = ("file", "block", "network") if network_ok else ("file", "block") if block_ok else ("file",)
+    if d.type not in kinds or not (d.source or d.url):
+        raise UnsupportedDisk(f"disk {d.target} of {domain} is a {d.type} disk; only "
+                              f"{', '.join(kinds)} disks are supported by this strategy")
+    if d.type == "network":
+        if not d.url:
+            raise UnsupportedDisk(f"disk {d.target} of {domain} is a network disk of a protocol domcapture does "
+                                  "not read (nbd, iscsi and rbd are read through qemu-img)")
         if d.format not in ("qcow2", "raw"):
             raise UnsupportedDisk(f"disk {d.target} of {domain} has format {d.format}; qcow2 or raw expected")
-        if d.backing:
-            raise UnsupportedDisk(f"disk {d.target} of {domain} already has a backing chain "
-                                  f"({' <- '.join(d.backing)}); commit it first")
         if d.mirror_job:
             raise UnsupportedDisk(f"disk {d.target} of {domain} has a {d.mirror_job} block job running")
-        if not os.path.exists(d.source):
-            raise UnsupportedDisk(f"disk {d.target} of {domain}: {d.source} is not visible on this host")
-    return disks
+        return  # not a local path: never looked for on this host
+    if d.format not in ("qcow2", "raw"):
+        raise UnsupportedDisk(f"disk {d.target} of {domain} has format {d.format}; qcow2 or raw expected")
+    if d.backing and not backing_ok:
+        raise UnsupportedDisk(f"disk {d.target} of {domain} already has a backing chain "
+                              f"({' <- '.join(d.backing)}); commit it first")
+    if d.mirror_job:
+        raise UnsupportedDisk(f"disk {d.target} of {domain} has a {d.mirror_job} block job running")
+    if not d.source or not os.path.exists(d.source):
+        raise UnsupportedDisk(f"disk {d.target} of {domain}: {d.source} is not visible on this host")
+
+
+def capture_disks(hv: Hypervisor, domain: str) -> list[Disk]:
+    """The domain's disks a capture covers (every writable disk); refuses what cannot be captured."""
+    return choose_disks(hv, domain)[0]
+
+
+def chain_size(d: Disk, hv: Hypervisor | None = None, domain: str = "") -> int:
+    """Bytes of the disk's image files (its own and every backing file on this host): what a copy needs
+    at most.  A block device's size is asked of the hypervisor (``getsize`` says 0 for a device)."""
+    if d.type in ("block", "network") and hv is not None:
+        return hv.get_disk_capacity(domain, d.target)
+    return sum(os.path.getsize(p) for p in [source_of(d), *d.backing] if p and os.path.exists(p))
+
+
+def flattens(d: Disk) -> bool:
+    """Copied by ``qemu-img convert`` into one qcow2: a disk over a backing chain, a block device, or a
+    network disk (read through qemu-img from its URL, never as a local path)."""
+    return bool(d.backing) or d.type in ("block", "network")
+
+
+def backup_format(d: Disk) -> str:
+    """The format of a disk's backup file: qcow2 when flattened, else the disk's own."""
+    return "qcow2" if flattens(d) else (d.format or "raw")
 
 
 def source_of(d: Disk) -> str:
@@ -135,6 +267,10 @@ class Freeze(Step):
 
     def execute(self, ctx: StepContext) -> None:
         mode = ctx.params.get("quiesce", "off")
+        if ctx.data.get("offline"):  # a shut-off domain: nothing runs that could be frozen
+            ctx.data["quiesced"] = False
+            ctx.data["quiesce_error"] = "the domain is shut off: its disks are at rest"
+            return
         if mode == "off":
             ctx.data["quiesced"] = False
             return
@@ -221,14 +357,21 @@ def commit_offline(ctx: StepContext) -> None:
     """
     planned, original = overlays(ctx), originals(ctx)
     formats = {d["target"]: d.get("format") or "raw" for d in ctx.data["disks"]}
+    types = {d["target"]: d.get("type") or "file" for d in ctx.data["disks"]}
     on = on_overlay(ctx)
+    network = [t for t in on if types[t] == "network"]
+    if network:  # qemu-img commit needs the base by name; a network disk's base is no local path
+        raise StepFailed(f"{ctx.domain} went down on our overlays of network disks {network}; nothing is lost "
+                         f"(the guest's writes are in {[planned[t] for t in network]}): commit them by hand "
+                         "(qemu-img commit) or start the domain and resume")
     for target in on:
         ctx.save("offline-commit-intent", disk=target)
         ctx.hv.commit_offline(ctx.domain, planned[target], original[target])
     if on:
         ctx.data["offline_commit"] = {"disks": on, "at": time.time()}
         ctx.save("redefine-intent", disks=on)
-        ctx.hv.define_disk_sources(ctx.domain, {t: {"path": original[t], "format": formats[t]} for t in on})
+        ctx.hv.define_disk_sources(ctx.domain, {t: {"path": original[t], "format": formats[t], "type": types[t]}
+                                             for t in on})
 
 
 def start_commits(ctx: StepContext) -> None:
@@ -351,9 +494,19 @@ def copy_disks(ctx: StepContext, artifact_prefix: str) -> None:
         if art["status"] == "present" and art.get("checksum") and os.path.exists(art["path"]):
             base_done += art["size"]
             continue
-        cur = cursors.setdefault(disk["target"], {"offset": 0})
         partial = naming.partial_of(art["path"])
         art["partial"] = partial
+        if disk.get("flatten"):  # a backing chain or a block device: one standalone qcow2 image
+            ctx.save("flatten-intent", disk=disk["target"], partial=partial, chain=disk.get("backing", []))
+            ctx.check_cancel()
+            checksum, size = ctx.fx.files.convert_flat(disk.get("url") or disk["source"], disk["format"] or "raw",
+                                                       partial, art["path"])
+            ctx.rec.set_artifact(name, status="present", checksum=f"sha256:{checksum}", size=size)
+            ctx.save("copied", disk=disk["target"], bytes=size, flattened=True)
+            base_done += disk["size"]
+            ctx.progress("copy", base_done, total, disk=disk["target"])
+            continue
+        cur = cursors.setdefault(disk["target"], {"offset": 0})
         ctx.save("copy-intent", disk=disk["target"], partial=partial, offset=cur["offset"])
 
         def durable(pos: int, cur: dict[str, Any] = cur) -> None:

@@ -90,10 +90,12 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
         if out.get("compress"):
             raise InputError("--compress and --encrypt-key-file are not offered together")
     out.update(common.parse_hooks(params))
+    out.update(common.parse_disk_selection(params))
     bc.require_active(hv, domain)
-    disks = bc.bitmap_disks(hv, domain)
+    disks = bc.check_bitmap_disks(common.choose_disks(hv, domain, out, backing_ok=True,
+                                                          block_ok=True)[0], domain)
     if not out["incremental"]:  # an incremental's size is not known before its bitmap is read
-        common.check_space(out["target"], sum(os.path.getsize(d.source or "") for d in disks), "backup target")
+        common.check_space(out["target"], sum(common.chain_size(d, hv, domain) for d in disks), "backup target")
     return out
 
 
@@ -127,7 +129,9 @@ class Preflight(Step):
 
     def execute(self, ctx: StepContext) -> None:
         bc.require_active(ctx.hv, ctx.domain)
-        disks = bc.bitmap_disks(ctx.hv, ctx.domain)
+        disks, ctx.data["skipped_disks"] = common.choose_disks(ctx.hv, ctx.domain, ctx.params,
+                                                                   backing_ok=True, block_ok=True)
+        bc.check_bitmap_disks(disks, ctx.domain)
         target, wf = ctx.params["target"], ctx.rec.id
         ctx.data["disks"] = [{"target": d.target, "source": d.source, "format": d.format,
                               "virtual_size": ctx.hv.get_disk_capacity(ctx.domain, d.target)} for d in disks]
@@ -480,6 +484,7 @@ class Finalize(Step):
             "downtime_s": ctx.data.get("downtime_s"), "transfer_seconds": ctx.data.get("transfer_seconds"),
             "bytes_read": transfer.get("bytes_read"), "bytes_written": transfer.get("bytes_written"),
             "redefined": ctx.data.get("chain", {}).get("redefined"),
+            "skipped_disks": ctx.data.get("skipped_disks", []),
         }
         return "advance"
 
@@ -507,6 +512,5 @@ DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: 
                         validate=validate,
                         options=(common.OPT_TARGET, OPT_MODE, OPT_INCREMENTAL, common.OPT_QUIESCE,
                                  common.OPT_ON_ERROR, common.OPT_FREEZE_DEADLINE, OPT_BACKUP_TIMEOUT, OPT_COMPRESS,
-                                 OPT_ENCRYPT_KEY_FILE,
-                                 *hooks.OPTIONS),
+                                 OPT_ENCRYPT_KEY_FILE, common.OPT_DISKS, common.OPT_EXCLUDE, *hooks.OPTIONS),
                         summary="backup begin with a checkpoint (full or incremental), push or pull over NBD")

@@ -141,9 +141,13 @@ def restored_domain_xml(source_xml: str, name: str, disks: dict[str, str], wf_id
     desc = ET.Element("description")
     desc.text = f"{_marker(wf_id)}: {note}"
     root.insert(1, desc)
+    devices = root.find("devices")
     for d in root.findall("./devices/disk"):
         target = d.find("target")
         if target is None or target.get("dev") not in disks:
+            if (devices is not None and d.get("device", "disk") == "disk" and d.find("readonly") is None
+                    and d.find("shareable") is None):
+                devices.remove(d)  # a writable disk left out of the backup: never share the source's image
             continue
         d.set("type", "file")
         for bs in d.findall("backingStore"):

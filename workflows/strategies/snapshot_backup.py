@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import hooks, naming
 from ..definition import RESUME, Definition
-from ..errors import StepFailed
+from ..errors import DomainNotRunning, InputError, StepFailed
 from ..effects import Inspect
 from ..record import Artifact
 from ..steps import Step, StepContext
@@ -58,9 +58,15 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
         "bandwidth": common.parse_bandwidth(params.get("bandwidth")),
     }
     out.update(common.parse_hooks(params))
-    common.require_running(hv, domain)
-    disks = common.capture_disks(hv, domain)
-    common.check_space(out["target"], sum(os.path.getsize(common.source_of(d)) for d in disks), "backup target")
+    out.update(common.parse_disk_selection(params))
+    out["overlay_dir"] = common.parse_overlay_dir(params)
+    state = require_capturable(hv, domain)
+    if state == "shutoff" and out["quiesce"] == "require":
+        raise InputError(f"--quiesce require: domain {domain} is shut off (no guest agent to freeze); its disks "
+                         "are at rest, use --quiesce off or try")
+    disks, _ = common.choose_disks(hv, domain, out, backing_ok=True, block_ok=True,
+                                     network_ok=True)
+    common.check_space(out["target"], sum(common.chain_size(d, hv, domain) for d in disks), "backup target")
     return out
 
 
@@ -68,18 +74,26 @@ class Preflight(Step):
     description = "inspect the disks; name every overlay and backup file before anything exists"
 
     def execute(self, ctx: StepContext) -> None:
-        common.require_running(ctx.hv, ctx.domain)
-        disks = common.capture_disks(ctx.hv, ctx.domain)
+        ctx.data["offline"] = require_capturable(ctx.hv, ctx.domain) == "shutoff"
+        disks, ctx.data["skipped_disks"] = common.choose_disks(ctx.hv, ctx.domain, ctx.params, backing_ok=True,
+                                                               block_ok=True, network_ok=True)
         target = ctx.params["target"]
-        common.check_space(target, sum(os.path.getsize(common.source_of(d)) for d in disks), "backup target")
-        ctx.data["disks"] = [{"target": d.target, "source": d.source, "format": d.format,
-                              "size": os.path.getsize(common.source_of(d))} for d in disks]
+        common.check_space(target, sum(common.chain_size(d, ctx.hv, ctx.domain) for d in disks), "backup target")
+        ctx.data["disks"] = [{"target": d.target, "source": d.source, "format": d.format, "type": d.type, "url": d.url,
+                              "size": common.chain_size(d, ctx.hv, ctx.domain), "backing": d.backing,
+                              "flatten": common.flattens(d) or ctx.data["offline"],
+                              "backup_format": "qcow2" if ctx.data["offline"] else common.backup_format(d)}
+                             for d in disks]
         for d in disks:
-            ctx.rec.plan_artifact(Artifact(f"overlay:{d.target}", "overlay",
-                                           naming.overlay_path(common.source_of(d), ctx.rec.id, d.target), d.target))
+            fmt = "qcow2" if ctx.data["offline"] else common.backup_format(d)
             ctx.rec.plan_artifact(Artifact(f"backup:{d.target}", "backup-file",
-                                           naming.backup_file(target, ctx.domain, ctx.rec.id, d.target,
-                                                              d.format or "raw"), d.target))
+                                           naming.backup_file(target, ctx.domain, ctx.rec.id, d.target, fmt),
+                                           d.target))
+            if ctx.data["offline"]:
+                continue  # a shut-off domain's images are read as they are: no overlay
+            ctx.rec.plan_artifact(Artifact(f"overlay:{d.target}", "overlay",
+                                           common.overlay_for(d, ctx.rec.id, ctx.params.get("overlay_dir")),
+                                           d.target))
         common.plan_capture_folder(ctx, naming.backup_dir(target, ctx.domain, ctx.rec.id))
         ctx.rec.plan_artifact(Artifact("manifest", "manifest",
                                        naming.manifest_path(target, ctx.domain, ctx.rec.id)))
@@ -96,6 +110,8 @@ class Snapshot(Step):
         return "refreeze" if not self.probe(ctx) and common.needs_refreeze(ctx) else None
 
     def probe(self, ctx: StepContext) -> bool:
+        if ctx.data.get("offline"):
+            return True  # a shut-off domain: its images are read directly
         on = common.on_overlay(ctx)
         if on and len(on) != len(common.overlays(ctx)):
             raise StepFailed(f"only disks {on} are on their overlays: the snapshot was not atomic")
@@ -105,6 +121,9 @@ class Snapshot(Step):
         planned = common.overlays(ctx)
         for path in planned.values():  # left by an attempt that never switched the domain
             ctx.fx.files.remove_owned(path)
+        for folder in {os.path.dirname(p) for p in planned.values()}:
+            if not os.path.isdir(folder):  # the overlay folder (--overlay-dir), made 0700 on first use
+                ctx.fx.files.make_shared_folder(folder)
         ctx.data["snapshot_started_at"] = time.time()
         ctx.save("snapshot-intent", overlays=planned)
         ctx.hv.snapshot_disk_only(ctx.domain, planned)
@@ -124,14 +143,53 @@ class CopyBackingFiles(Step):
         return common.copies_present(ctx, "backup-file")
 
     def execute(self, ctx: StepContext) -> None:
+        if ctx.data.get("offline"):
+            self._offline(ctx)
+            return
         on = common.on_overlay(ctx)
         if len(on) != len(ctx.data["disks"]):
             raise StepFailed("the domain left its overlays before the copy finished; the images are not frozen")
         common.make_capture_folder(ctx)
         common.copy_disks(ctx, "backup")
 
+    def _offline(self, ctx: StepContext) -> None:
+        """A shut-off domain: qemu-img reads each image under its read lock, so a start behind our back
+        fails on QEMU's image lock while a disk is being read; a start between two disks (or before the
+        first) is caught by the state and image signatures checked around the copies, and the capture
+        rolls back."""
+        if ctx.hv.domain_state(ctx.domain) != "shutoff":
+            raise StepFailed(f"{ctx.domain} was started before its offline copy; nothing was copied")
+        before = ctx.data.setdefault("offline_signature", image_signature(ctx))
+        common.make_capture_folder(ctx)
+        common.copy_disks(ctx, "backup")
+        state, after = ctx.hv.domain_state(ctx.domain), image_signature(ctx)
+        if state != "shutoff" or after != before:
+            why = f"is {state}" if state != "shutoff" else "had its images written"
+            raise StepFailed(f"{ctx.domain} {why} during the offline copy: the copies are not of one instant")
+
     def revert(self, ctx: StepContext) -> None:
         common.remove_copies(ctx, "backup-file")
+
+
+def require_capturable(hv: Any, domain: str) -> str:
+    """Running (overlay, copy, commit) or shut off (its images read offline).  Paused is refused: its commit
+    did not complete in tests here; resume it, or use direct-backup, which captures a paused domain."""
+    state: str = hv.domain_state(domain)
+    if state not in ("running", "shutoff"):
+        raise DomainNotRunning(f"domain {domain} is {state}; snapshot-backup captures a running or shut-off "
+                               "domain (direct-backup captures a paused one)")
+    return state
+
+
+def image_signature(ctx: StepContext) -> dict[str, list[int]]:
+    """(mtime_ns, size) of every local image file of the captured disks and their backing files."""
+    out: dict[str, list[int]] = {}
+    for d in ctx.data["disks"]:
+        for path in [d["source"], *d.get("backing", [])]:
+            if path and d.get("type", "file") == "file" and os.path.exists(path):
+                st = os.stat(path)
+                out[path] = [st.st_mtime_ns, st.st_size]
+    return out
 
 
 class Commit(Step):
@@ -195,7 +253,8 @@ class Finalize(Step):
 
     def execute(self, ctx: StepContext) -> None:
         files = [{"disk": a["disk"], "path": a["path"], "size": a["size"], "checksum": a["checksum"],
-                  "format": next(d["format"] for d in ctx.data["disks"] if d["target"] == a["disk"])}
+                  "format": next(d.get("backup_format") or d["format"] for d in ctx.data["disks"]
+                                 if d["target"] == a["disk"])}
                  for a in ctx.rec.artifacts_of("backup-file")]
         manifest = {"format": "domcapture-backup", "version": 1, "workflow": ctx.rec.id, "strategy": NAME,
                     "domain": ctx.domain, "uri": ctx.rec.uri, "snapshot_at": ctx.data.get("snapshot_at"),
@@ -211,7 +270,9 @@ class Finalize(Step):
                                     for a in ctx.rec.artifacts_of("backup-file")},
                           "quiesced": bool(ctx.data.get("quiesced")) and not ctx.data.get("freeze_broken"),
                           "downtime_s": ctx.data.get("downtime_s"),
-                          "snapshot_seconds": ctx.data.get("snapshot_seconds")}
+                          "snapshot_seconds": ctx.data.get("snapshot_seconds"),
+                          "skipped_disks": ctx.data.get("skipped_disks", []),
+                          "offline": bool(ctx.data.get("offline"))}
         return "advance"
 
     def revert(self, ctx: StepContext) -> None:
@@ -238,5 +299,6 @@ DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: 
                         validate=validate,
                         options=(common.OPT_TARGET, common.OPT_QUIESCE, common.OPT_ON_ERROR,
                                  common.OPT_FREEZE_DEADLINE, common.OPT_COMMIT_TIMEOUT, common.OPT_BANDWIDTH,
+                                 common.OPT_DISKS, common.OPT_EXCLUDE, common.OPT_OVERLAY_DIR,
                                  *hooks.OPTIONS),
                         summary="disk-only external snapshot, copy the backing images, active commit + pivot")
