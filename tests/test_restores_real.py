@@ -1,0 +1,176 @@
+"""The restore kinds on the real guest: one disk to a file, a mounted backup, with real worker and
+recovery processes and SIGKILLs mid-workflow.
+
+One guest serves the module: a full backup, then (the guest held still) an
+incremental one, and a copy of the data disk taken at that instant, the
+reference every restored byte is compared with (``qemu-img compare``).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from .conftest import REDIS_URL
+from .realenv import ENDED, COUNTER_LINE, GuestDomain, WorkerCluster, run
+from workflows.store import Store
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def w(libvirt_uri, guest_image, redis_client, tmp_path_factory):
+    base = tmp_path_factory.mktemp("restores")
+    guest = GuestDomain.create(libvirt_uri, base / "guest")
+    prefix = f"dcr-{uuid.uuid4().hex[:8]}"
+    cluster = WorkerCluster(REDIS_URL, libvirt_uri, prefix, base / "logs")
+    cluster.start_recovery()
+    target = base / "backups"
+    target.mkdir()
+    world = SimpleNamespace(guest=guest, cluster=cluster, target=target, base=base, uri=libvirt_uri,
+                            store=Store(redis_client, prefix), defined=[])
+    try:
+        guest.wait_agent()
+        time.sleep(1)  # the writer writes a few lines
+        world.full = backup(world)
+        guest.sh("dd if=/dev/urandom of=/mnt/vdb/blob bs=1M count=3 conv=fsync 2>/dev/null")
+        guest.virsh("suspend", guest.name)
+        try:
+            world.inc = backup(world, "--incremental", "--mode", "pull")
+            # the guest's data disk at the instant of the incremental backup
+            xml = guest.virsh("dumpxml", guest.name)
+            alias = xml.split("<target dev='vdb'", 1)[1].split("<alias name='", 1)[1].split("'", 1)[0]
+            guest.virsh("qemu-monitor-command", guest.name, "--hmp",
+                        f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "flush"')
+            world.reference = base / "vdb-at-backup.qcow2"
+            run("qemu-img", "convert", "-U", "-O", "qcow2", str(guest.disks["vdb"]), str(world.reference))
+        finally:
+            guest.virsh("resume", guest.name)
+        yield world
+    finally:
+        cluster.stop()
+        for name in world.defined:
+            run("virsh", "-c", libvirt_uri, "destroy", name, check=False)
+            run("virsh", "-c", libvirt_uri, "undefine", name, check=False)
+        guest.destroy()
+        for key in redis_client.scan_iter(f"{prefix}:*"):
+            redis_client.delete(key)
+
+
+def fresh_worker(w, fault: str | None = None):
+    for p in list(w.cluster.workers):
+        w.cluster.kill(p)
+        w.cluster.workers.remove(p)
+    return w.cluster.start_worker(fault=fault)
+
+
+def show(w, wf: str) -> dict:
+    doc = w.store.load(wf).to_dict()
+    doc["history"] = w.store.history(wf)
+    return doc
+
+
+def wait_final(w, wf: str, timeout: float = 180) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        doc = show(w, wf)
+        if doc["status"] in ENDED:
+            return doc
+        assert time.time() < deadline, f"timed out; workflow is {doc['status']}/{doc['state']}"
+        time.sleep(0.1)
+
+
+def submit(w, strategy: str, *args: str) -> str:
+    out = w.cluster.cli("submit", strategy, "--domain", w.guest.name, "--json", *args)
+    return json.loads(out.stdout)["id"]
+
+
+def backup(w, *args: str) -> dict:
+    fresh_worker(w)
+    doc = wait_final(w, submit(w, "direct-backup", "--target", str(w.target), "--quiesce", "off", *args))
+    assert doc["status"] == "succeeded", (doc["status"], doc["error"])
+    return doc
+
+
+def run_killed(w, point: str, strategy: str, *args: str) -> dict:
+    """Submit with a worker that SIGKILLs itself at ``point``; a second worker and recovery finish it."""
+    doomed = fresh_worker(w, fault=f"kill-at:{point}")
+    wf = submit(w, strategy, *args)
+    while w.store.load(wf).status == "queued":
+        time.sleep(0.05)
+    w.cluster.start_worker()
+    doomed.wait(timeout=120)
+    assert doomed.returncode == -signal.SIGKILL
+    doc = wait_final(w, wf)
+    assert [e["decision"] for e in doc["history"] if e["event"] == "recovered"] == ["resume"]
+    return doc
+
+
+def same_bytes(a, b) -> subprocess.CompletedProcess:
+    return run("qemu-img", "compare", "-U", str(a), str(b), check=False)
+
+
+# -- restore --disk --to --------------------------------------------------------------------------------
+def test_one_disk_of_an_incremental_flattened_to_a_file(w):
+    fresh_worker(w)
+    to = w.base / "one-disk" / "vdb-restored.qcow2"
+    to.parent.mkdir()
+    doc = wait_final(w, submit(w, "restore", "--from", w.inc["id"], "--disk", "vdb", "--to", str(to)))
+    assert doc["status"] == "succeeded", doc["error"]
+    assert doc["result"]["files"]["vdb"]["path"] == str(to)
+    assert sorted(doc["result"]["files"]) == ["vdb"]
+    assert doc["result"]["chain"] == [w.full["id"], w.inc["id"]]
+    same = same_bytes(to, w.reference)
+    assert same.returncode == 0, same.stdout + same.stderr
+    info = json.loads(run("qemu-img", "info", "--output=json", "--backing-chain", str(to)).stdout)
+    assert len(info) == 1 and "backing-filename" not in info[0]  # standalone: no reference to the backup
+    assert sorted(p.name for p in to.parent.iterdir()) == ["vdb-restored.qcow2"]
+    assert w.cluster.cli("verify", doc["id"]).returncode == 0
+
+
+def test_one_disk_restore_killed_mid_write_resumes(w):
+    to = w.base / "one-disk-killed.qcow2"
+    doc = run_killed(w, "saved:restore-intent:restoring", "restore", "--from", w.inc["id"], "--disk", "vdb",
+                     "--to", str(to))
+    assert doc["status"] == "succeeded", doc["error"]
+    same = same_bytes(to, w.reference)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert not (w.base / "one-disk-killed.qcow2.partial").exists()
+
+
+def test_one_disk_restore_refuses_bad_input_and_rolls_back_to_nothing(w):
+    taken = w.base / "taken.qcow2"
+    taken.write_bytes(b"someone's file")
+    for args, msg in ((["--disk", "vdx", "--to", str(w.base / "n.qcow2")], "--disk vdx"),
+                      (["--to", str(w.base / "n.qcow2")], "--to needs --disk"),
+                      (["--disk", "vdb", "--to", str(taken)], "already exists"),
+                      (["--disk", "vdb", "--to", str(w.base / "no" / "n.qcow2")], "does not exist")):
+        out = w.cluster.cli("submit", "restore", "--domain", w.guest.name, "--from", w.inc["id"], *args,
+                            check=False)
+        assert out.returncode == 2 and msg in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert taken.read_bytes() == b"someone's file"
+    # killed once the image is written, then rolled back by the operator: the file is gone
+    w.cluster.kill(w.cluster.recovery)
+    try:
+        to = w.base / "rolled-back.qcow2"
+        doomed = fresh_worker(w, fault="kill-at:executed:restoring")
+        wf = submit(w, "restore", "--from", w.inc["id"], "--disk", "vdb", "--to", str(to))
+        doomed.wait(timeout=120)
+        assert to.exists()
+        time.sleep(2.5)  # the dead worker's lease expires
+        w.cluster.cli("rollback", wf)
+        w.cluster.start_worker()
+        assert wait_final(w, wf)["status"] == "rolled_back"
+        assert not to.exists() and not (w.base / "rolled-back.qcow2.partial").exists()
+    finally:
+        w.cluster.start_recovery()
+
+
+def counter_lines(text: str) -> list[int]:
+    return [int(m.group(1)) for m in map(COUNTER_LINE.match, text.splitlines()) if m]
