@@ -9,6 +9,7 @@ reference every restored byte is compared with (``qemu-img compare``).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -40,6 +41,7 @@ def w(libvirt_uri, guest_image, redis_client, tmp_path_factory):
         time.sleep(1)  # the writer writes a few lines
         world.full = backup(world)
         guest.sh("dd if=/dev/urandom of=/mnt/vdb/blob bs=1M count=3 conv=fsync 2>/dev/null")
+        world.line_before = guest.last_counter()  # a line the guest wrote before the incremental backup
         guest.virsh("suspend", guest.name)
         try:
             world.inc = backup(world, "--incremental", "--mode", "pull")
@@ -54,6 +56,8 @@ def w(libvirt_uri, guest_image, redis_client, tmp_path_factory):
             guest.virsh("resume", guest.name)
         yield world
     finally:
+        for folder in base.glob("mnt-*"):
+            run("umount", str(folder), check=False)
         cluster.stop()
         for name in world.defined:
             run("virsh", "-c", libvirt_uri, "destroy", name, check=False)
@@ -174,3 +178,90 @@ def test_one_disk_restore_refuses_bad_input_and_rolls_back_to_nothing(w):
 
 def counter_lines(text: str) -> list[int]:
     return [int(m.group(1)) for m in map(COUNTER_LINE.match, text.splitlines()) if m]
+
+
+# -- mount / umount -------------------------------------------------------------------------------------
+def mount_pieces(wf: str) -> dict:
+    """What exists on the host of a mount workflow's pieces."""
+    from workflows import mounts, naming
+    export = naming.mount_export(wf, "vdb")
+    return {"loops": mounts.loops_of(export), "daemon": mounts.daemon_pid(naming.mount_pidfile(wf)),
+            "exported": mounts.exported(export), "folder": os.path.exists(naming.mount_dir(wf))}
+
+
+NOTHING = {"loops": [], "daemon": None, "exported": False, "folder": False}
+
+
+def assert_backup_intact(w) -> None:
+    for doc in (w.full, w.inc):
+        assert w.cluster.cli("verify", doc["id"]).returncode == 0  # the backup's files were only read
+
+
+def read_counter(folder) -> list[int]:
+    numbers = counter_lines((folder / "counter.log").read_text())
+    return numbers
+
+
+def test_mount_shows_a_line_the_guest_wrote_before_the_backup_and_umount_takes_it_all_down(w):
+    fresh_worker(w)
+    folder = w.base / "mnt-plain"
+    folder.mkdir()
+    out = w.cluster.cli("mount", w.inc["id"], "--disk", "vdb", str(folder), "--json")
+    doc = json.loads(out.stdout)
+    assert doc["status"] == "succeeded"
+    wf = doc["id"]
+    fs = json.loads(run("findmnt", "-J", "--mountpoint", str(folder)).stdout)["filesystems"][0]
+    assert fs["options"].split(",")[0] == "ro" and "nosuid" in fs["options"], fs
+    numbers = read_counter(folder)
+    assert w.line_before in numbers and numbers == list(range(1, len(numbers) + 1))
+    assert (folder / "blob").stat().st_size == 3 * 1024 * 1024
+    pieces = mount_pieces(wf)
+    assert pieces["loops"] == [doc["result"]["loop"]] and pieces["daemon"] == doc["result"]["daemon_pid"]
+    assert pieces["exported"] and pieces["folder"]
+    # read-only: the mounted file system refuses writes
+    assert run("touch", str(folder / "new-file"), check=False).returncode != 0
+    # a second mount on the same folder is refused before anything is made
+    again = w.cluster.cli("mount", w.inc["id"], "--disk", "vdb", str(folder), check=False)
+    assert again.returncode == 2 and "already has a file system mounted" in again.stderr, again.stderr
+    out = w.cluster.cli("umount", str(folder))
+    assert "unmounted" in out.stdout
+    assert not os.path.ismount(folder) and list(folder.iterdir()) == []
+    assert mount_pieces(wf) == NOTHING
+    assert_backup_intact(w)
+
+
+def test_mount_and_umount_killed_mid_way_resume(w):
+    folder = w.base / "mnt-killed"
+    folder.mkdir()
+    # killed with the storage daemon started but not recorded
+    doc = run_killed(w, "executed:exporting", "mount", "--from", w.inc["id"], "--disk", "vdb",
+                     "--mountpoint", str(folder))
+    assert doc["status"] == "succeeded", doc["error"]
+    assert w.line_before in read_counter(folder)
+    assert len(mount_pieces(doc["id"])["loops"]) == 1  # the resumed step found the daemon, made one loop
+    # killed with the mount point unmounted but the loop device still attached
+    down = run_killed(w, "saved:detach-intent:detaching", "unmount", "--from", doc["id"])
+    assert down["status"] == "succeeded", down["error"]
+    assert not os.path.ismount(folder)
+    assert mount_pieces(doc["id"]) == NOTHING
+    assert_backup_intact(w)
+
+
+def test_mount_killed_once_mounted_and_rolled_back_leaves_nothing(w):
+    folder = w.base / "mnt-rolled-back"
+    folder.mkdir()
+    w.cluster.kill(w.cluster.recovery)
+    try:
+        doomed = fresh_worker(w, fault="kill-at:executed:mounting")
+        wf = submit(w, "mount", "--from", w.inc["id"], "--disk", "vdb", "--mountpoint", str(folder))
+        doomed.wait(timeout=120)
+        assert os.path.ismount(folder)
+        time.sleep(2.5)  # the dead worker's lease expires
+        w.cluster.cli("rollback", wf)
+        w.cluster.start_worker()
+        assert wait_final(w, wf)["status"] == "rolled_back"
+    finally:
+        w.cluster.start_recovery()
+    assert not os.path.ismount(folder)
+    assert mount_pieces(wf) == NOTHING
+    assert w.cluster.cli("umount", str(folder), check=False).returncode == 2
