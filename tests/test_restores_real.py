@@ -20,6 +20,7 @@ import pytest
 
 from .conftest import REDIS_URL
 from .realenv import ENDED, COUNTER_LINE, GuestDomain, WorkerCluster, run
+from pathlib import Path
 from workflows.store import Store
 
 pytestmark = pytest.mark.real
@@ -265,3 +266,77 @@ def test_mount_killed_once_mounted_and_rolled_back_leaves_nothing(w):
     assert not os.path.ismount(folder)
     assert mount_pieces(wf) == NOTHING
     assert w.cluster.cli("umount", str(folder), check=False).returncode == 2
+
+
+# -- instant restore ----------------------------------------------------------------------------------
+def instant(w, tag: str) -> tuple[str, "Path"]:
+    name = f"dctest-i{uuid.uuid4().hex[:7]}"
+    w.defined.append(name)
+    out = w.base / f"instant-{tag}"
+    out.mkdir()
+    return name, out
+
+
+def assert_standalone(w, doc: dict) -> None:
+    name = doc["result"]["defined"]
+    files = doc["result"]["files"]
+    assert sorted(files) == ["vda", "vdb"]
+    for f in files.values():
+        chain = json.loads(run("qemu-img", "info", "-U", "--output=json", "--backing-chain", f["path"]).stdout)
+        assert len(chain) == 1 and "backing-filename" not in chain[0], chain
+    xml = run("virsh", "-c", w.uri, "dumpxml", name).stdout
+    assert str(w.target) not in xml  # no reference to the backup's files
+    blk = run("virsh", "-c", w.uri, "domblklist", name).stdout
+    assert all(f["path"] in blk for f in files.values())
+    assert run("virsh", "-c", w.uri, "domjobinfo", name).stdout.count("None") >= 1
+    new = GuestDomain(w.uri, name, w.base)
+    new.wait_agent()
+    assert w.line_before in counter_lines(new.sh("cat /mnt/vdb/counter.log"))
+    assert_backup_intact(w)
+
+
+def drop(w, name: str) -> None:
+    run("virsh", "-c", w.uri, "destroy", name, check=False)
+    run("virsh", "-c", w.uri, "undefine", name, check=False)
+
+
+def test_instant_restore_runs_at_once_and_ends_on_standalone_images(w):
+    fresh_worker(w)
+    name, out = instant(w, "plain")
+    wf = submit(w, "instant-restore", "--from", w.inc["id"], "--define", name, "--target", str(out))
+    doc = wait_final(w, wf)
+    assert doc["status"] == "succeeded", doc["error"]
+    started = next(e for e in doc["history"] if e["event"] == "start-intent")["ts"]
+    pulled = next(e for e in doc["history"] if e["event"] == "pull-started")["ts"]
+    assert started <= pulled  # the guest ran before its data was streamed in
+    assert_standalone(w, doc)
+    drop(w, name)
+
+
+def test_instant_restore_killed_mid_pull_resumes(w):
+    name, out = instant(w, "killed")
+    doc = run_killed(w, "saved:pull-started:pulling", "instant-restore", "--from", w.inc["id"], "--define", name,
+                     "--target", str(out))
+    assert doc["status"] == "succeeded", doc["error"]
+    assert_standalone(w, doc)
+    drop(w, name)
+
+
+def test_instant_restore_rolled_back_leaves_no_domain_and_no_file(w):
+    name, out = instant(w, "rolled-back")
+    w.cluster.kill(w.cluster.recovery)
+    try:
+        doomed = fresh_worker(w, fault="kill-at:saved:pull-started:pulling")
+        wf = submit(w, "instant-restore", "--from", w.inc["id"], "--define", name, "--target", str(out))
+        doomed.wait(timeout=120)
+        assert run("virsh", "-c", w.uri, "domstate", name).stdout.strip() == "running"
+        time.sleep(2.5)  # the dead worker's lease expires
+        w.cluster.cli("rollback", wf)
+        w.cluster.start_worker()
+        doc = wait_final(w, wf)
+        assert doc["status"] == "rolled_back", (doc["status"], doc["error"])
+    finally:
+        w.cluster.start_recovery()
+    assert run("virsh", "-c", w.uri, "dominfo", name, check=False).returncode != 0
+    assert list(out.iterdir()) == []
+    assert_backup_intact(w)

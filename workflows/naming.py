@@ -118,3 +118,8 @@ def mount_overlay(wf_id: str, target: str) -> str:
 
 def mount_pidfile(wf_id: str) -> str:
     return os.path.join(mount_dir(wf_id), "storage-daemon.pid")
+
+
+def instant_overlay(target_dir: str, domain: str, wf_id: str, target: str) -> str:
+    """An instant restore's disk: first an overlay over the backup chain, in the end the whole disk."""
+    return os.path.join(restore_dir(target_dir, domain, wf_id), f"{target}.qcow2")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..definition import Definition
 from ..errors import UnknownStrategy
 from . import snapshot_backup
-from . import checkpoint, direct_backup, mount, restore
+from . import checkpoint, direct_backup, instant_restore, mount, restore
 from . import snapshot, snapshot_delete, snapshot_revert
 from . import managed_save, managed_save_restore, save, save_restore
 
@@ -14,6 +14,7 @@ DEFINITIONS: dict[str, Definition] = {
     direct_backup.NAME: direct_backup.DEFINITION,
     checkpoint.NAME: checkpoint.DEFINITION,
     restore.NAME: restore.DEFINITION,
+    instant_restore.NAME: instant_restore.DEFINITION,
     mount.NAME: mount.DEFINITION,
     mount.UNMOUNT: mount.UNMOUNT_DEFINITION,
     snapshot.NAME: snapshot.DEFINITION,
