@@ -340,3 +340,24 @@ def test_instant_restore_rolled_back_leaves_no_domain_and_no_file(w):
     assert run("virsh", "-c", w.uri, "dominfo", name, check=False).returncode != 0
     assert list(out.iterdir()) == []
     assert_backup_intact(w)
+
+
+def test_mount_and_umount_refuse_bad_input_with_one_line_and_no_workflow(w):
+    empty = w.base / "mnt-bad-input"
+    empty.mkdir()
+    full = w.base / "mnt-not-empty"
+    full.mkdir()
+    (full / "x").write_text("x")
+    before = len(list(w.store.ids()))
+    for args, msg in ((["mount", "nothex", str(empty)], "is not a workflow id"),
+                      (["mount", w.inc["id"], str(empty)], "choose one with --disk"),
+                      (["mount", w.inc["id"], "--disk", "vdx", str(empty)], "--disk vdx"),
+                      (["mount", w.inc["id"], "--disk", "vdb", str(full)], "is not empty"),
+                      (["mount", w.inc["id"], "--disk", "vdb", str(w.base / "none")], "is not a folder"),
+                      (["umount", str(empty)], "no mounted backup of ours"),
+                      (["umount", w.inc["id"]], "not a mount")):
+        out = w.cluster.cli(*args, check=False)
+        assert out.returncode == 2 and msg in out.stderr, (args, out.returncode, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert len(list(w.store.ids())) == before
+    assert not os.path.ismount(empty) and (full / "x").read_text() == "x"
