@@ -322,6 +322,24 @@ def test_instant_restore_killed_mid_pull_resumes(w):
     drop(w, name)
 
 
+def test_instant_restore_whose_domain_died_mid_pull_starts_it_again_and_finishes(w):
+    name, out = instant(w, "died")
+    w.cluster.kill(w.cluster.recovery)
+    try:
+        doomed = fresh_worker(w, fault="kill-at:saved:pull-started:pulling")
+        wf = submit(w, "instant-restore", "--from", w.inc["id"], "--define", name, "--target", str(out))
+        doomed.wait(timeout=120)
+        run("virsh", "-c", w.uri, "destroy", name)  # its QEMU gone with the pull, as after a crash
+        w.cluster.start_worker()
+    finally:
+        w.cluster.start_recovery()
+    doc = wait_final(w, wf)
+    assert doc["status"] == "succeeded", doc["error"]
+    assert [e["event"] for e in doc["history"]].count("restart-intent") == 1
+    assert_standalone(w, doc)
+    drop(w, name)
+
+
 def test_instant_restore_rolled_back_leaves_no_domain_and_no_file(w):
     name, out = instant(w, "rolled-back")
     w.cluster.kill(w.cluster.recovery)

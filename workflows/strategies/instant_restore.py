@@ -13,7 +13,8 @@ Crash: every state resumes.  The probes ask libvirt: is the domain defined
 (our marker in its description), running, and does each disk still have a
 backing chain or a pull job (a pull runs on inside QEMU while no worker
 watches; a resumed worker waits for it, or starts it again if it ended
-without finishing).  Rollback: abort the pulls, destroy and undefine the
+without finishing; a domain found shut off mid-pull is started again, since
+its guest's writes are in the overlays).  Rollback: abort the pulls, destroy and undefine the
 domain, delete the overlays, the domain's log files and the folder.  The
 backups are only ever read.
 """
@@ -222,8 +223,11 @@ class Pull(Step):
 
     def execute(self, ctx: StepContext) -> None:
         name = ctx.params["define"]
-        if ctx.hv.domain_state(name) not in ("running", "paused"):
-            raise StepFailed(f"domain {name} stopped before its disks were pulled in; start it, then resume")
+        if ctx.hv.domain_state(name) == "shutoff":
+            # stopped (or its QEMU died) before its disks stood alone: a pull needs it running, and a
+            # rollback would delete what the guest wrote, so it is started again on its overlays
+            ctx.save("restart-intent", domain=name)
+            ctx.hv.start(name)
         sizes = {a["disk"]: int(nbdio.image_info(a["path"])["virtual-size"])
                  for a in ctx.rec.artifacts_of("restored-image")}
         total = sum(sizes.values())
