@@ -137,3 +137,18 @@ def test_abort_leaves_the_disk_on_its_overlay(env):
     disks = {d.target: d for d in env.hv.disks(env.name)}
     assert disks["vda"].source == ov["vda"] and disks["vda"].mirror_job is None
     assert disks["vdb"].source == env.disks["vdb"]  # not in the snapshot
+
+
+def test_block_pull_leaves_the_active_image_standalone(env):
+    ov = overlays_for(env)
+    env.hv.snapshot_disk_only(env.name, ov)
+    env.write("vda", 0x5A, 1, 1)  # lands on the overlay
+    env.hv.block_pull(env.name, "vda")
+    deadline = time.time() + 30
+    while (job := env.hv.block_job(env.name, "vda")) is not None:
+        assert job.type == "pull" and time.time() < deadline
+        time.sleep(0.05)
+    disks = {d.target: d for d in env.hv.disks(env.name)}
+    assert disks["vda"].source == ov["vda"] and disks["vda"].backing == [] and disks["vda"].mirror_job is None
+    assert disks["vdb"].backing == [env.disks["vdb"]]  # the other disk is still on its overlay
+    assert not env.original_has("vda", 0x5A, 1, 1)  # the backing image was only read

@@ -28,7 +28,7 @@ from workflows.errors import DomcaptureError, RecordUnreadable
 from workflows.record import FINAL_STATUSES, STATUSES, STOPPED_STATUSES, Record
 from workflows.service import summary
 
-from . import cli_backups, cli_checkpoints, completion, notify, web
+from . import cli_backups, cli_checkpoints, cli_mount, completion, notify, web
 from .runtime import Runtime, rq_module
 from .settings import ENV, Settings, process_id
 
@@ -354,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_checkpoints.register(sub)
     cli_backups.register(sub)
+    cli_mount.register(sub)
 
     s = sub.add_parser("completion", help="print a shell completion script: eval \"$(domcapture completion bash)\"")
     s.add_argument("shell", choices=("bash",))

@@ -103,3 +103,28 @@ def restore_dir(target_dir: str, domain: str, wf_id: str) -> str:
 
 def restore_file(target_dir: str, domain: str, wf_id: str, target: str) -> str:
     return os.path.join(restore_dir(target_dir, domain, wf_id), f"{target}.qcow2")
+
+
+# -- mounted backups ------------------------------------------------------------------------
+def mount_dir(wf_id: str) -> str:
+    """The folder of a mounted backup's pieces (the storage daemon's pidfile, its export, the overlay)."""
+    return os.path.join(RUN_DIR, f"{PREFIX}-mount-{wf_id}")
+
+
+def mount_export(wf_id: str, target: str) -> str:
+    """The file the storage daemon's FUSE export shows the disk as (raw), and the loop device's backing."""
+    return os.path.join(mount_dir(wf_id), f"{target}.raw")
+
+
+def mount_overlay(wf_id: str, target: str) -> str:
+    """The overlay that takes the file system's journal replay: the backup's files are only read."""
+    return os.path.join(mount_dir(wf_id), f"{target}.overlay.qcow2")
+
+
+def mount_pidfile(wf_id: str) -> str:
+    return os.path.join(mount_dir(wf_id), "storage-daemon.pid")
+
+
+def instant_overlay(target_dir: str, domain: str, wf_id: str, target: str) -> str:
+    """An instant restore's disk: first an overlay over the backup chain, in the end the whole disk."""
+    return os.path.join(restore_dir(target_dir, domain, wf_id), f"{target}.qcow2")

@@ -59,7 +59,7 @@ MUTATING = frozenset({
     "managed_save", "start", "save", "restore", "destroy", "resume",
     "checkpoint_create", "checkpoint_redefine", "checkpoint_delete", "backup_begin", "backup_abort",
     "define_restored_domain", "undefine_restored_domain",
-    "commit_offline", "define_disk_sources",
+    "commit_offline", "define_disk_sources", "block_pull",
 })
 #: safety calls that run even after an abort was requested (a cancelled capture must still thaw)
 CANCEL_EXEMPT = frozenset({"fs_thaw", "block_job_abort", "backup_abort"})
@@ -95,6 +95,9 @@ class BlockOps(Protocol):
     def block_commit_active(self, name: str, target: str) -> None: ...
     def block_pivot(self, name: str, target: str) -> None: ...
     def block_job_abort(self, name: str, target: str) -> None: ...
+    def block_pull(self, name: str, target: str) -> None:
+        """virDomainBlockPull: stream the whole backing chain into the disk's active image while the
+        domain runs; when the job ends the image stands alone (no backing) and no job remains."""
     def commit_offline(self, name: str, overlay: str, base: str) -> None:
         """``qemu-img commit`` of ``overlay`` into ``base`` while the domain is shut off."""
     def define_disk_sources(self, name: str, sources: dict[str, dict[str, str]]) -> None:

@@ -41,6 +41,7 @@ class _FakeDisk:
     device: str = "disk"
     readonly: bool = False
     shareable: bool = False
+    job_type: str = "active-commit"  # or pull
 
 
 @dataclass
@@ -125,7 +126,7 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
             ready = d.job_polls is not None and d.job_polls >= READY_AFTER_POLLS
             out.append(Disk(target=d.target, source=d.overlay or d.base, format=d.fmt, type=d.type,
                             backing=[d.base] if d.overlay else [],
-                            mirror_job="active-commit" if d.job_polls is not None else None,
+                            mirror_job=d.job_type if d.job_polls is not None and d.job_type != "pull" else None,
                             mirror_ready=ready, device=d.device, readonly=d.readonly, shareable=d.shareable))
         return out
 
@@ -134,6 +135,8 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
         if d.job_polls is None:
             return None
         d.job_polls += 1
+        if d.job_type == "pull":
+            return self._pull_poll(d)
         end = os.path.getsize(d.overlay) if d.overlay else 0
         cur = end if d.job_polls >= READY_AFTER_POLLS else end // 2
         return BlockJob(target=target, type="active-commit", cur=cur, end=end)
@@ -207,8 +210,35 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
                                   "active block job")
 
         def start() -> None:
-            d.job_polls = 0
+            d.job_polls, d.job_type = 0, "active-commit"
         self._effect("block_commit_active", start)
+
+    def block_pull(self, name: str, target: str) -> None:
+        d = self._running(name).disks[target]
+        if d.job_polls is not None:
+            raise OperationFailed(f"block pull of {name}/{target}: disk '{target}' already in active block job")
+
+        def start() -> None:
+            if d.overlay is not None:  # a disk without backing: nothing to pull, no job (as QEMU)
+                d.job_polls, d.job_type = 0, "pull"
+        self._effect("block_pull", start)
+
+    def _pull_poll(self, d: _FakeDisk) -> BlockJob | None:
+        """A pull ends by itself: the overlay then holds the whole disk (base, then its writes), alone."""
+        assert d.overlay is not None
+        end = os.path.getsize(d.base)
+        if d.job_polls is not None and d.job_polls < READY_AFTER_POLLS:
+            return BlockJob(target=d.target, type="pull", cur=end // 2, end=end)
+        with open(d.overlay) as f:
+            writes = json.load(f)["writes"]
+        with open(d.base, "rb") as f:
+            data = f.read()
+        with open(d.overlay, "wb") as f:
+            f.write(data)
+        for offset, hexdata in writes:
+            _pwrite(d.overlay, offset, bytes.fromhex(hexdata))
+        d.base, d.overlay, d.job_polls, d.job_type = d.overlay, None, None, "active-commit"
+        return None
 
     def block_pivot(self, name: str, target: str) -> None:
         d = self._running(name).disks[target]
@@ -256,7 +286,7 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
                                   "active block job")
 
         def abort() -> None:
-            d.job_polls = None
+            d.job_polls, d.job_type = None, "active-commit"
         self._effect("block_job_abort", abort)
 
 

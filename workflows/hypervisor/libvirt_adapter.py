@@ -274,6 +274,9 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
         flags = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
         self._call(f"pivot of {name}/{target}", lambda c: self._dom(c, name).blockJobAbort(target, flags))
 
+    def block_pull(self, name: str, target: str) -> None:
+        self._call(f"block pull of {name}/{target}", lambda c: self._dom(c, name).blockPull(target, 0, 0))
+
     def commit_offline(self, name: str, overlay: str, base: str) -> None:
         state = self.domain_state(name)
         if state in ("running", "paused"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..definition import Definition
 from ..errors import UnknownStrategy
 from . import snapshot_backup
-from . import checkpoint, direct_backup, prune, restore
+from . import checkpoint, direct_backup, instant_restore, mount, prune, restore
 from . import snapshot, snapshot_delete, snapshot_revert
 from . import managed_save, managed_save_restore, save, save_restore
 
@@ -15,6 +15,9 @@ DEFINITIONS: dict[str, Definition] = {
     checkpoint.NAME: checkpoint.DEFINITION,
     restore.NAME: restore.DEFINITION,
     prune.NAME: prune.DEFINITION,
+    instant_restore.NAME: instant_restore.DEFINITION,
+    mount.NAME: mount.DEFINITION,
+    mount.UNMOUNT: mount.UNMOUNT_DEFINITION,
     snapshot.NAME: snapshot.DEFINITION,
     snapshot_revert.NAME: snapshot_revert.DEFINITION,
     snapshot_delete.NAME: snapshot_delete.DEFINITION,

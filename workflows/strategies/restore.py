@@ -4,7 +4,9 @@
 then each incremental in order) is followed through the records.  Each disk
 is written as a new qcow2 image (the full's data, then each incremental's
 changed clusters over it), checked against the chain (``qemu-img compare``)
-and checksummed.  With ``--define NAME`` a new domain is defined from the
+and checksummed.  ``--disk vdb`` restores that disk alone; with ``--to PATH``
+its flattened image is written to PATH (a new file; no restore folder, the
+record holds the result).  With ``--define NAME`` a new domain is defined from the
 source domain's XML saved with the backup: new name, no UUID (libvirt makes
 one), the restored images as its disks.  Nothing existing is modified: the
 backups are only read, the source domain is not touched.
@@ -21,14 +23,15 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Any, Callable
 
-from .. import naming, nbdio
+from .. import naming, nbdio, validate
 from ..definition import RESUME, Definition, Option
-from ..errors import InputError, StepFailed
+from ..errors import InputError, InvalidTarget, StepFailed
 from ..filecopy import sha256_file
 from ..effects import Inspect
 from ..record import Artifact, Record
 from ..steps import Step, StepContext
 from . import backup_common as bc
+from . import chain as chain_mod
 from . import common
 
 NAME = "restore"
@@ -45,78 +48,71 @@ TRANSITIONS = [
     ["advance", "finalizing", "succeeded"],
 ]
 
-MAX_CHAIN = 1000
 OPT_FROM = Option("from", "the id of the capture workflow to go back to")
 OPT_DEFINE = Option("define", "restore: define a new domain of this name on the restored images")
 OPT_ENCRYPT_KEY_FILE = Option("encrypt_key_file", "restore: the passphrase file of an encrypted backup "
                                                   "(the restored images are not encrypted)")
+OPT_DISK = Option("disk", "restore only this disk (e.g. vdb)")
+OPT_TO = Option("to", "with --disk: write that disk's image (the chain flattened, qcow2) to this new file")
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 # -- input -------------------------------------------------------------------------------------------
 def resolve(load: Callable[[str], Record], params: dict[str, Any]) -> dict[str, Any]:
     """``--from ID``: the backup to restore, and its chain back to the full backup, from the records."""
-    ref = params.get("from")
-    if not ref:
-        raise InputError("--from is required: the id of a succeeded direct-backup")
-    chain: list[dict[str, Any]] = []
-    wf_id: str | None = str(ref)
-    while wf_id:
-        src = load(wf_id)
-        if src.strategy != "direct-backup":
-            raise InputError(f"workflow {wf_id} is a {src.strategy} workflow; --from needs a direct-backup")
-        if src.status != "succeeded":
-            raise InputError(f"backup {wf_id} is {src.status}; only a succeeded direct-backup can be restored")
-        state = (src.data.get("retention") or {}).get("state") or "good"
-        if state != "good":
-            raise InputError(f"backup {wf_id} is {state} (by prune {(src.data.get('retention') or {}).get('by')}); "
-                             "only a good backup can be restored")
-        if len(chain) > MAX_CHAIN or any(link["id"] == src.id for link in chain):
-            raise InputError(f"the chain of backup {ref} loops at {src.id}")
-        chain.insert(0, {"id": src.id, "domain": src.domain, "kind": src.result["kind"],
-                         "manifest": src.result["manifest"], "files": src.result["files"]})
-        wf_id = src.result.get("parent_backup")
-    params["chain"] = chain
+    params["chain"] = chain_mod.backup_chain(load, params.get("from"))
     return params
 
 
-def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+def check_new_file(name: str, value: Any) -> str:
+    """A file to create: its folder exists and is writable (symlinks resolved now), nothing is there yet."""
+    path = os.path.realpath(validate.path(name, value))
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise InvalidTarget(f"--{name} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidTarget(f"--{name} {path}: folder {folder} is not writable")
+    for p in (path, naming.partial_of(path)):
+        if os.path.lexists(p):
+            raise InvalidTarget(f"--{name} {path}: {p} already exists; choose a new file")
+    return path
+
+
+def validate_params(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
     hv = look.hv
-    chain = params.get("chain")
-    if not chain:
-        raise InputError("--from is required: the id of a succeeded direct-backup")
-    if chain[0]["kind"] != "full":
-        raise InputError(f"the chain of backup {params.get('from')} does not start with a full backup")
-    disks = set(chain[-1]["files"])
-    for link in chain:
-        if link["domain"] != domain:
-            raise InputError(f"backup {link['id']} is of domain {link['domain']}, not {domain}")
-        if set(link["files"]) != disks:
-            raise InputError(f"backup {link['id']} holds disks {sorted(link['files'])}, the chain {sorted(disks)}")
-        for disk, info in link["files"].items():
-            if not os.path.exists(info["path"]):
-                raise InputError(f"backup {link['id']}: its {disk} file {info['path']} is missing")
-            if os.path.getsize(info["path"]) != info["size"]:
-                raise InputError(f"backup {link['id']}: its {disk} file {info['path']} changed size")
+    chain = params.get("chain") or []
+    disks = chain_mod.check_chain(chain, params.get("from"), domain)
+    disk = chain_mod.pick_disk(disks, params.get("disk"), chain[-1]["id"], required=False)
     key = common.check_key_file("encrypt_key_file", params["encrypt_key_file"]) \
         if params.get("encrypt_key_file") else None
     for link in chain:  # an encrypted file needs the key, and the key must unlock it
         for info in link["files"].values():
             nbdio.check_key(info["path"], key)
     out: dict[str, Any] = {
-        "from": chain[-1]["id"], "chain": chain, "target": common.check_target_dir(params.get("target")),
-        "on_error": common.parse_on_error(params),
+        "from": chain[-1]["id"], "chain": chain, "on_error": common.parse_on_error(params),
         "define": None if params.get("define") is None else common.check_text("define", params["define"]),
+        "disk": disk, "to": None,
     }
+    if params.get("to") is not None:
+        if disk is None:
+            raise InputError("--to needs --disk: the one disk to write there")
+        if params.get("target") is not None:
+            raise InputError("--to and --target exclude each other: --to names the restored file itself")
+        out["to"] = check_new_file("to", params["to"])
+        out["target"] = None
+    else:
+        out["target"] = common.check_target_dir(params.get("target"))
     if out["define"]:
+        if disk is not None:
+            raise InputError("--define needs every disk of the backup; leave out --disk")
         if not _NAME_OK.match(out["define"]):
             raise InputError(f"--define {out['define']!r} is not a valid domain name")
         if hv.lookup_domain_description(out["define"]) is not None:
             raise InputError(f"--define: domain {out['define']} already exists")
         if not os.path.exists(_domain_xml(chain[-1])):
             raise InputError(f"backup {chain[-1]['id']} has no domain.xml to define a domain from")
-    need = sum(info["size"] for link in chain for info in link["files"].values())
-    common.check_space(out["target"], need, "restore target")
+    need = sum(info["size"] for link in chain for d, info in link["files"].items() if disk in (None, d))
+    common.check_space(out["target"] or os.path.dirname(out["to"]), need, "restore target")
     if key:
         out["encrypt_key_file"] = key
     return out
@@ -177,21 +173,30 @@ def restored_domain_xml(source_xml: str, name: str, disks: dict[str, str], wf_id
 
 # -- steps ---------------------------------------------------------------------------------------------
 def _chain_files(ctx: StepContext, disk: str) -> list[str]:
-    return [link["files"][disk]["path"] for link in ctx.params["chain"]]
+    return chain_mod.files_of(ctx.params["chain"], disk)
+
+
+def _disks(ctx: StepContext) -> set[str]:
+    disk = ctx.params.get("disk")
+    return {disk} if disk else set(ctx.params["chain"][-1]["files"])
 
 
 class Preflight(Step):
     description = "check every file of the chain against its recorded checksum; name the restored images"
 
     def execute(self, ctx: StepContext) -> None:
-        for link in ctx.params["chain"]:
-            for info in link["files"].values():
-                ctx.guard()
-                actual = f"sha256:{sha256_file(info['path'])}"
-                if actual != info["checksum"]:
-                    raise StepFailed(f"backup {link['id']}: {info['path']} does not match its checksum")
-        target, wf = ctx.params["target"], ctx.rec.id
-        for disk in sorted(ctx.params["chain"][-1]["files"]):
+        bad = chain_mod.check_checksums(ctx.params["chain"], _disks(ctx), ctx.guard)
+        if bad:
+            raise StepFailed(bad)
+        wf, to = ctx.rec.id, ctx.params.get("to")
+        if to:  # one disk, to the file the operator named: no folder, no restore.json
+            if "restored:" + ctx.params["disk"] not in ctx.rec.artifacts and os.path.lexists(to):
+                raise StepFailed(f"--to {to}: a file appeared there after submit; nothing was written")
+            ctx.rec.plan_artifact(Artifact(f"restored:{ctx.params['disk']}", "restored-image", to,
+                                           ctx.params["disk"]))
+            return
+        target = ctx.params["target"]
+        for disk in sorted(_disks(ctx)):
             ctx.rec.plan_artifact(Artifact(f"restored:{disk}", "restored-image",
                                            naming.restore_file(target, ctx.domain, wf, disk), disk))
         folder = naming.restore_dir(target, ctx.domain, wf)
@@ -222,7 +227,8 @@ class Restore(Step):
                 continue
             partial = naming.partial_of(art["path"])
             if not os.path.exists(art["path"]):  # else: renamed complete just before a crash
-                common.make_capture_folder(ctx)
+                if "folder" in ctx.rec.artifacts:
+                    common.make_capture_folder(ctx)
                 ctx.save("restore-intent", disk=art["disk"], partial=partial,
                          chain=[link["id"] for link in ctx.params["chain"]])
                 ctx.fx.files.prepare_for_writer(partial)  # 0600, exclusive: qemu-img writes into it
@@ -299,11 +305,13 @@ class Define(Step):
 class Finalize(Step):
     description = "write restore.json (images, checksums, the chain, the domain); complete only now"
 
-    def _path(self, ctx: StepContext) -> str:
-        path: str = ctx.rec.artifacts["manifest"]["path"]
-        return path
+    def _path(self, ctx: StepContext) -> str | None:
+        art = ctx.rec.artifacts.get("manifest")
+        return str(art["path"]) if art else None
 
     def probe(self, ctx: StepContext) -> bool:
+        if self._path(ctx) is None:
+            return True  # --to: the record alone holds the result
         doc = bc.read_manifest(self._path(ctx))
         return doc is not None and doc.get("workflow") == ctx.rec.id
 
@@ -316,18 +324,23 @@ class Finalize(Step):
                "domain": ctx.domain, "from": ctx.params["from"],
                "chain": [link["id"] for link in ctx.params["chain"]],
                "defined": ctx.params.get("define"), "files": self._files(ctx)}
-        ctx.fx.files.write_atomic(self._path(ctx), doc)
+        path = self._path(ctx)
+        if path is not None:
+            ctx.fx.files.write_atomic(path, doc)
 
     def next_trigger(self, ctx: StepContext) -> str:
-        ctx.rec.set_artifact("manifest", status="present")
-        ctx.rec.result = {"restore_dir": os.path.dirname(self._path(ctx)), "manifest": self._path(ctx),
+        path = self._path(ctx)
+        if path is not None:
+            ctx.rec.set_artifact("manifest", status="present")
+        ctx.rec.result = {"restore_dir": os.path.dirname(path) if path else None, "manifest": path,
                           "files": self._files(ctx), "chain": [link["id"] for link in ctx.params["chain"]],
                           "from": ctx.params["from"], "defined": ctx.params.get("define")}
         return "advance"
 
     def revert(self, ctx: StepContext) -> None:
         path = self._path(ctx)
-        bc.remove_ours(ctx, [path, path + ".partial"])
+        if path is not None:
+            bc.remove_ours(ctx, [path, path + ".partial"])
 
 
 STEPS: dict[str, Step] = {
@@ -339,6 +352,7 @@ STEPS: dict[str, Step] = {
 }
 
 DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
-                        validate=validate, resolve=resolve,
-                        options=(OPT_FROM, common.OPT_TARGET, OPT_DEFINE, common.OPT_ON_ERROR, OPT_ENCRYPT_KEY_FILE),
+                        validate=validate_params, resolve=resolve,
+                        options=(OPT_FROM, common.OPT_TARGET, OPT_DEFINE, OPT_DISK, OPT_TO, common.OPT_ON_ERROR,
+                                 OPT_ENCRYPT_KEY_FILE),
                         summary="restore a direct backup chain into new images; optionally define a new domain")

@@ -1,0 +1,109 @@
+"""A direct backup's chain, as every restore kind reads it (restore, mount, instant-restore).
+
+This is the one place that reads what a backup recorded: the workflow record's
+result (kind, parent, manifest path, and each disk's file with its size and
+checksum).  A change of the manifest's format is absorbed here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from ..errors import InputError
+from ..filecopy import sha256_file
+from ..nbdio import is_encrypted
+from ..record import Record
+
+MAX_CHAIN = 1000
+
+
+def link_of(src: Record) -> dict[str, Any]:
+    """What a restore needs of one backup: its id, domain, kind, manifest, and disk -> {path, size, checksum}."""
+    files = {disk: {"path": info["path"], "size": info["size"], "checksum": info["checksum"]}
+             for disk, info in src.result["files"].items()}
+    return {"id": src.id, "domain": src.domain, "kind": src.result["kind"], "manifest": src.result["manifest"],
+            "files": files}
+
+
+def backup_chain(load: Callable[[str], Record], ref: Any) -> list[dict[str, Any]]:
+    """The chain of backup ``ref`` from the records: the full backup first, ``ref`` last."""
+    if not ref:
+        raise InputError("--from is required: the id of a succeeded direct-backup")
+    chain: list[dict[str, Any]] = []
+    wf_id: str | None = str(ref)
+    while wf_id:
+        src = load(wf_id)
+        if src.strategy != "direct-backup":
+            raise InputError(f"workflow {wf_id} is a {src.strategy} workflow; --from needs a direct-backup")
+        if src.status != "succeeded":
+            raise InputError(f"backup {wf_id} is {src.status}; only a succeeded direct-backup can be restored")
+        state = (src.data.get("retention") or {}).get("state") or "good"
+        if state != "good":
+            raise InputError(f"backup {wf_id} is {state} (by prune {(src.data.get('retention') or {}).get('by')}); "
+                             "only a good backup can be restored")
+        if len(chain) > MAX_CHAIN or any(link["id"] == src.id for link in chain):
+            raise InputError(f"the chain of backup {ref} loops at {src.id}")
+        chain.insert(0, link_of(src))
+        wf_id = src.result.get("parent_backup")
+    return chain
+
+
+def check_chain(chain: list[dict[str, Any]], ref: Any, domain: str | None = None) -> set[str]:
+    """The chain starts with a full backup, every link holds the same disks and its files are there with
+    their recorded sizes; returns the disks."""
+    if not chain:
+        raise InputError("--from is required: the id of a succeeded direct-backup")
+    if chain[0]["kind"] != "full":
+        raise InputError(f"the chain of backup {ref} does not start with a full backup")
+    disks = set(chain[-1]["files"])
+    for link in chain:
+        if domain is not None and link["domain"] != domain:
+            raise InputError(f"backup {link['id']} is of domain {link['domain']}, not {domain}")
+        if set(link["files"]) != disks:
+            raise InputError(f"backup {link['id']} holds disks {sorted(link['files'])}, the chain {sorted(disks)}")
+        for disk, info in link["files"].items():
+            if not os.path.exists(info["path"]):
+                raise InputError(f"backup {link['id']}: its {disk} file {info['path']} is missing")
+            if os.path.getsize(info["path"]) != info["size"]:
+                raise InputError(f"backup {link['id']}: its {disk} file {info['path']} changed size")
+    return disks
+
+
+def refuse_encrypted(chain: list[dict[str, Any]], what: str) -> None:
+    """``mount`` and ``instant-restore`` read a backup in place, without a key: an encrypted one is refused."""
+    for link in chain:
+        for info in link["files"].values():
+            if is_encrypted(info["path"]):
+                raise InputError(f"backup {link['id']} is encrypted; {what} reads only unencrypted backups "
+                                 "(restore it with --encrypt-key-file instead)")
+
+
+def pick_disk(disks: set[str], wanted: Any, ref: Any, *, required: bool) -> str | None:
+    """``--disk``: one of the backup's disks; without it, the only one (when ``required``) or None."""
+    if wanted is None:
+        if not required:
+            return None
+        if len(disks) == 1:
+            return next(iter(disks))
+        raise InputError(f"backup {ref} holds disks {', '.join(sorted(disks))}; choose one with --disk")
+    if wanted not in disks:
+        raise InputError(f"--disk {wanted}: backup {ref} holds disks {', '.join(sorted(disks))}")
+    return str(wanted)
+
+
+def files_of(chain: list[dict[str, Any]], disk: str) -> list[str]:
+    """The files holding ``disk``, full backup first."""
+    return [link["files"][disk]["path"] for link in chain]
+
+
+def check_checksums(chain: list[dict[str, Any]], disks: set[str] | None, guard: Callable[[], None]) -> str | None:
+    """The first file of the chain (of ``disks``, or all) that does not match its checksum, with its backup."""
+    for link in chain:
+        for disk, info in link["files"].items():
+            if disks is not None and disk not in disks:
+                continue
+            guard()
+            if f"sha256:{sha256_file(info['path'])}" != info["checksum"]:
+                return f"backup {link['id']}: {info['path']} does not match its checksum"
+    return None
