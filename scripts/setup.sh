@@ -26,7 +26,7 @@ PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
       qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc
       redis-server redis-tools python3-venv python3-dev python3-libnbd
       libnbd-bin nbdkit e2fsprogs cpio gzip busybox-static procps util-linux-extra
-      chromium systemd prometheus openssl)
+      chromium systemd prometheus openssl ovmf swtpm swtpm-tools)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

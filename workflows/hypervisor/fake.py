@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from ..errors import AgentUnavailable, DomainNotFound, NotReady, OperationFailed
-from .base import BlockJob, Disk
+from .base import BlockJob, Disk, Firmware, parse_firmware
 from .fake_backup import FakeBackupOps
 from .fake_save import FakeSaveOps
 from .fake_snapshot import FakeSnapshotOps
@@ -48,6 +48,7 @@ class _FakeDomain:
     agent: bool = False
     frozen: bool = False
     log: list[str] = field(default_factory=list)
+    nvram: str | None = None
 
 
 class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
@@ -58,9 +59,10 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
 
     # -- test set-up (not part of the Hypervisor protocol) ----------------------
     def add_domain(self, name: str, disks: dict[str, str], *, agent: bool = False, state: str = "running",
-                   disk_type: str = "file") -> None:
+                   disk_type: str = "file", nvram: str | None = None) -> None:
         self.domains[name] = _FakeDomain(
-            name, {t: _FakeDisk(t, p, type=disk_type) for t, p in disks.items()}, state=state, agent=agent)
+            name, {t: _FakeDisk(t, p, type=disk_type) for t, p in disks.items()}, state=state, agent=agent,
+            nvram=nvram)
 
     def guest_write(self, name: str, target: str, offset: int, data: bytes) -> None:
         disk = self._dom(name).disks[target]
@@ -107,7 +109,11 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
         dom = self._dom(name)
         disks = "".join(f"<disk type='{d.type}' device='disk'><source file='{d.overlay or d.base}'/>"
                         f"<target dev='{d.target}'/></disk>" for d in dom.disks.values())
-        return f"<domain type='fake'><name>{name}</name><devices>{disks}</devices></domain>"
+        nvram = f"<os><nvram>{dom.nvram}</nvram></os>" if dom.nvram else ""
+        return f"<domain type='fake'><name>{name}</name>{nvram}<devices>{disks}</devices></domain>"
+
+    def firmware(self, name: str) -> Firmware:
+        return parse_firmware(self.domain_xml(name))
 
     def disks(self, name: str) -> list[Disk]:
         out = []

@@ -20,7 +20,7 @@ from ..errors import StepFailed
 from ..effects import Inspect
 from ..record import Artifact
 from ..steps import Step, StepContext
-from . import common
+from . import common, evidence
 
 NAME = "snapshot-backup"
 VERSION = 1
@@ -80,9 +80,10 @@ class Preflight(Step):
             ctx.rec.plan_artifact(Artifact(f"backup:{d.target}", "backup-file",
                                            naming.backup_file(target, ctx.domain, ctx.rec.id, d.target,
                                                               d.format or "raw"), d.target))
-        common.plan_capture_folder(ctx, naming.backup_dir(target, ctx.domain, ctx.rec.id))
-        ctx.rec.plan_artifact(Artifact("manifest", "manifest",
-                                       naming.manifest_path(target, ctx.domain, ctx.rec.id)))
+        folder = naming.backup_dir(target, ctx.domain, ctx.rec.id)
+        common.plan_capture_folder(ctx, folder)
+        evidence.plan_firmware(ctx, folder)
+        evidence.plan_manifest(ctx, naming.manifest_path(target, ctx.domain, ctx.rec.id))
 
     def revert(self, ctx: StepContext) -> None:
         """The last revert to run: removes the backup folder once it is empty."""
@@ -178,7 +179,7 @@ class Cleanup(Step):
 
 
 class Finalize(Step):
-    description = "write the manifest (files, sizes, checksums); the backup is complete only now"
+    description = "copy the NVRAM/TPM state; write the manifest (every file, size, sha256; signed); complete"
 
     def _manifest(self, ctx: StepContext) -> str:
         path: str = ctx.rec.artifacts["manifest"]["path"]
@@ -194,14 +195,15 @@ class Finalize(Step):
             return False
 
     def execute(self, ctx: StepContext) -> None:
+        evidence.copy_firmware(ctx)
         files = [{"disk": a["disk"], "path": a["path"], "size": a["size"], "checksum": a["checksum"],
                   "format": next(d["format"] for d in ctx.data["disks"] if d["target"] == a["disk"])}
                  for a in ctx.rec.artifacts_of("backup-file")]
         manifest = {"format": "domcapture-backup", "version": 1, "workflow": ctx.rec.id, "strategy": NAME,
                     "domain": ctx.domain, "uri": ctx.rec.uri, "snapshot_at": ctx.data.get("snapshot_at"),
                     "quiesced": bool(ctx.data.get("quiesced")) and not ctx.data.get("freeze_broken"),
-                    "files": files}
-        ctx.fx.files.write_atomic(self._manifest(ctx), manifest)
+                    "files": files, "firmware": ctx.data.get("firmware")}
+        evidence.write_manifest(ctx, manifest)
 
     def next_trigger(self, ctx: StepContext) -> str:
         ctx.rec.set_artifact("manifest", status="present")
@@ -211,13 +213,13 @@ class Finalize(Step):
                                     for a in ctx.rec.artifacts_of("backup-file")},
                           "quiesced": bool(ctx.data.get("quiesced")) and not ctx.data.get("freeze_broken"),
                           "downtime_s": ctx.data.get("downtime_s"),
-                          "snapshot_seconds": ctx.data.get("snapshot_seconds")}
+                          "snapshot_seconds": ctx.data.get("snapshot_seconds"),
+                          **evidence.result_fields(ctx)}
         return "advance"
 
     def revert(self, ctx: StepContext) -> None:
-        path = self._manifest(ctx)
-        for p in (path, naming.partial_of(path)):
-            ctx.fx.files.remove_owned(p)
+        evidence.remove_manifest(ctx)
+        evidence.remove_firmware(ctx)
         common.remove_capture_folder(ctx)
 
 
