@@ -27,7 +27,7 @@ PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
       redis-server redis-tools python3-venv python3-dev python3-libnbd
       libnbd-bin nbdkit e2fsprogs cpio gzip busybox-static procps util-linux-extra
       qemu-system-common mount
-      chromium systemd prometheus openssl)
+      chromium systemd prometheus openssl ovmf swtpm swtpm-tools)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

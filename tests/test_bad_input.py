@@ -96,6 +96,10 @@ CASES: list[tuple[str, list[str], dict[str, str], int, str]] = [
     ("snapshot-backup", [*SB[:5], "{target}/absent"], {}, 2, "does not exist"),
     ("snapshot-backup", [*SB[:5], "{file}"], {}, 2, "does not exist"),
     ("snapshot-backup", [*SB[:5], "{target}\nx"], {}, 2, "--target must not contain control characters"),
+    ("snapshot-backup", [*SB[:5], "{shared}"], {}, 2, "is writable by others (mode 0777) without the sticky"),
+    ("snapshot-backup", [*SB[:5], "{groupw}"], {}, 2, "is writable by its group (mode 0770) without the sticky"),
+    ("snapshot-backup", [*SB[:5], "{lent}"], {}, 2, "is owned by uid 65534, not by root or this user"),
+    ("snapshot-backup", [*SB[:5], "{shared}/inner"], {}, 2, "shared is writable by others (mode 0777)"),
     ("snapshot-backup", [*SB[:5], ""], {}, 2, "--target must not be empty"),
     ("snapshot-backup", [*SB, "--quiesce", "maybe"], {}, 2, "--quiesce must be one of off, try, require"),
     ("snapshot-backup", [*SB, "--on-error", "ignore"], {}, 2, "--on-error must be one of rollback, stop"),
@@ -113,6 +117,7 @@ CASES: list[tuple[str, list[str], dict[str, str], int, str]] = [
     ("snapshot-backup", [*SB, "--bandwidth", "nan"], {}, 2, "--bandwidth must look like"),
     ("snapshot-backup", [*SB, "--bandwidth", "99999999T"], {}, 2, "--bandwidth must be at most"),
     ("snapshot-backup", [*SB, "--action", "create"], {}, 2, "unrecognized arguments: --action"),
+    ("direct-backup", [*DB[:5], "{lentsticky}"], {}, 2, "is owned by uid 65534, not by root or this user"),
     ("direct-backup", DB[:4], {}, 2, "--target is required"),
     ("direct-backup", [*DB, "--mode", "sideways"], {}, 2, "--mode must be one of push, pull"),
     ("direct-backup", [*DB, "--backup-timeout", "0"], {}, 2, "--backup-timeout must be positive"),
@@ -267,6 +272,14 @@ def world(redis_client, libvirt_uri, tmp_path_factory):
     dom = DiskDomain.create(libvirt_uri, base / "dom", sizes_mib={"vda": 16})
     target = base / "target"
     target.mkdir()
+    # targets a user other than root or the worker's could rename a capture folder in
+    unsafe = {"shared": 0o777, "groupw": 0o770, "lent": 0o755, "lentsticky": 0o1777}
+    for name, mode in unsafe.items():
+        (base / name).mkdir()
+        os.chmod(base / name, mode)
+        if name.startswith("lent"):
+            os.chown(base / name, 65534, 65534)
+    (base / "shared" / "inner").mkdir(mode=0o700)
     regular = base / "regular-file"
     regular.write_text("not a folder\n")
     store = Store(redis_client, prefix)
@@ -284,7 +297,8 @@ def world(redis_client, libvirt_uri, tmp_path_factory):
                 "DOMCAPTURE_LEASE_TTL", "DOMCAPTURE_RECOVERY_INTERVAL", "RQ_KEY_PREFIX", "DOMCAPTURE_FAULT"):
         env.pop(var, None)
     values = {"dom": dom.name, "target": str(target), "file": str(regular), "strkey": strkey,
-              "foreign": foreign.id, "queued": queued.id}
+              "foreign": foreign.id, "queued": queued.id,
+              **{name: str(base / name) for name in unsafe}}
     yield {"prefix": prefix, "dom": dom, "target": target, "base": base, "env": env, "values": values,
            "redis": redis_client}
     dom.destroy()

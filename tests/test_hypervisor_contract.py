@@ -152,3 +152,26 @@ def test_block_pull_leaves_the_active_image_standalone(env):
     assert disks["vda"].source == ov["vda"] and disks["vda"].backing == [] and disks["vda"].mirror_job is None
     assert disks["vdb"].backing == [env.disks["vdb"]]  # the other disk is still on its overlay
     assert not env.original_has("vda", 0x5A, 1, 1)  # the backing image was only read
+@pytest.mark.parametrize("remove_nvram", [True, False])
+def test_a_restored_uefi_domain_names_its_nvram_and_undefine_removes_it_only_when_asked(env, remove_nvram):
+    name = f"{env.name}-uefi"
+    nvram = os.path.join(str(env.dir), f"{name}_VARS.fd")
+    with open("/usr/share/OVMF/OVMF_VARS_4M.fd", "rb") as src, open(nvram, "wb") as dst:
+        dst.write(src.read())
+    disk = next(iter(env.disks.values()))
+    xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
+           "<os><type arch='x86_64' machine='q35'>hvm</type>"
+           "<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>"
+           f"<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{nvram}</nvram></os><features><acpi/></features>"
+           f"<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>"
+           "<target dev='vda' bus='virtio'/></disk></devices></domain>")
+    env.hv.define_restored_domain(xml)
+    try:
+        assert env.hv.firmware(name).nvram == nvram
+        assert env.hv.firmware(env.name).nvram is None
+        env.hv.undefine_restored_domain(name, nvram=remove_nvram)
+        assert env.hv.lookup_domain_description(name) is None
+        assert os.path.exists(nvram) is not remove_nvram
+    finally:
+        if env.hv.lookup_domain_description(name) is not None:
+            env.hv.undefine_restored_domain(name, nvram=True)

@@ -2,7 +2,9 @@
 
 Every capture that writes files records them in ``result["files"]`` as
 ``{disk: {"path", "size", "checksum": "sha256:<hex>"}}``; ``verify_files``
-re-reads each one.  A strategy whose capture lives inside libvirt (an
+re-reads each one.  A capture with a version 2 manifest (its sha256 in
+``result["manifest_sha256"]``) is checked as a whole folder instead
+(``workflows.manifest.check_folder``).  A strategy whose capture lives inside libvirt (an
 internal snapshot, a checkpoint) supplies its own check in its definition.
 """
 
@@ -11,12 +13,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from . import manifest
 from .filecopy import sha256_file
 from .record import Record
 
 
 def verify_files(rec: Record) -> list[dict[str, Any]]:
+    key = manifest.load_key()
+    if rec.result.get("manifest_sha256"):
+        return manifest.check_folder(rec.result["manifest"], rec.result["manifest_sha256"], key=key)
     checks = []
+    if key is not None and rec.result.get("manifest"):
+        checks.append({"item": "manifest", "path": rec.result["manifest"], "ok": False,
+                       "error": f"a version 1 manifest carries no signature, and {manifest.KEY_ENV} is set"})
     for disk, info in sorted((rec.result.get("files") or {}).items()):
         check: dict[str, Any] = {"item": disk, "path": info["path"], "expected": info.get("checksum")}
         if not os.path.exists(info["path"]):

@@ -8,6 +8,7 @@ cases against both so the fake cannot drift from libvirt.
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, cast
 
@@ -31,6 +32,36 @@ class Disk:
 
 
 @dataclass
+class Firmware:
+    """What a domain keeps beside its disks: the UEFI variable store, the TPM emulator's state."""
+
+    nvram: str | None = None  # <os><nvram>PATH</nvram>: the domain's own copy of the variables
+    nvram_template: str | None = None  # the file libvirt copies a missing NVRAM from
+    loader: str | None = None  # <os><loader>: the firmware code (read-only, shared)
+    tpm_state: str | None = None  # swtpm's state folder, when a <tpm> has an emulator backend
+
+
+TPM_STATE_ROOT = "/var/lib/libvirt/swtpm"
+
+
+def parse_firmware(xml: str) -> Firmware:
+    """The firmware files a domain's XML names (both adapters parse it here, so they cannot disagree)."""
+    root = ET.fromstring(xml)
+    nvram = root.find("./os/nvram")
+    loader = root.find("./os/loader")
+    tpm_state = None
+    for tpm in root.findall("./devices/tpm"):
+        backend = tpm.find("backend")
+        if backend is not None and backend.get("type") == "emulator":
+            uuid = root.findtext("uuid")
+            tpm_state = f"{TPM_STATE_ROOT}/{uuid}" if uuid else None
+    return Firmware(nvram=(nvram.text or "").strip() or None if nvram is not None else None,
+                    nvram_template=nvram.get("template") if nvram is not None else None,
+                    loader=(loader.text or "").strip() or None if loader is not None else None,
+                    tpm_state=tpm_state)
+
+
+@dataclass
 class BlockJob:
     target: str
     type: str  # commit | active-commit | copy | pull | unknown
@@ -43,7 +74,7 @@ class BlockJob:
 # wrapper checks the lease (and, going forward, the cancel flag) right before
 # each MUTATING call; READ_ONLY calls pass; anything else cannot be called.
 READ_ONLY = frozenset({
-    "canonical_uri", "domain_state", "disks", "domain_xml", "block_job", "fs_frozen", "close",
+    "canonical_uri", "domain_state", "disks", "domain_xml", "firmware", "block_job", "fs_frozen", "close",
     # snapshots
     "is_domain_busy", "lookup_snapshot", "list_snapshot_names", "get_current_snapshot", "get_library_version",
     # save
@@ -74,6 +105,7 @@ class DomainReads(Protocol):
     def domain_state(self, name: str) -> str: ...  # running | paused | shutoff | other
     def disks(self, name: str) -> list[Disk]: ...
     def domain_xml(self, name: str) -> str: ...
+    def firmware(self, name: str) -> Firmware: ...
     def block_job(self, name: str, target: str) -> BlockJob | None: ...
     def fs_frozen(self, name: str) -> bool: ...
     def close(self) -> None: ...
@@ -150,7 +182,10 @@ class BackupOps(Protocol):
                      incremental: str | None = None, socket: str | None = None) -> None: ...
     def backup_abort(self, name: str) -> None: ...
     def define_restored_domain(self, xml: str) -> None: ...
-    def undefine_restored_domain(self, name: str) -> None: ...
+    def undefine_restored_domain(self, name: str, *, nvram: bool = False) -> None:
+        """Undefine a stopped domain this project defined, with its snapshot/checkpoint metadata and its
+        TPM state (a restored domain's is its own: a new UUID).  ``nvram``: delete its NVRAM file too
+        (only when that file is a copy the caller planned); otherwise the NVRAM file is kept."""
 
 
 class Hypervisor(DomainReads, QuiesceOps, BlockOps, SnapshotOps, SaveOps, BackupOps, Protocol):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from ..errors import AgentUnavailable, DomainNotFound, NotReady, OperationFailed
-from .base import BlockJob, Disk
+from .base import BlockJob, Disk, Firmware, parse_firmware
 from .fake_backup import FakeBackupOps
 from .fake_save import FakeSaveOps
 from .fake_snapshot import FakeSnapshotOps
@@ -52,6 +52,7 @@ class _FakeDomain:
     agent: bool = False
     frozen: bool = False
     log: list[str] = field(default_factory=list)
+    nvram: str | None = None
 
 
 class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
@@ -62,9 +63,10 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
 
     # -- test set-up (not part of the Hypervisor protocol) ----------------------
     def add_domain(self, name: str, disks: dict[str, str], *, agent: bool = False, state: str = "running",
-                   disk_type: str = "file") -> None:
+                   disk_type: str = "file", nvram: str | None = None) -> None:
         self.domains[name] = _FakeDomain(
-            name, {t: _FakeDisk(t, p, type=disk_type) for t, p in disks.items()}, state=state, agent=agent)
+            name, {t: _FakeDisk(t, p, type=disk_type) for t, p in disks.items()}, state=state, agent=agent,
+            nvram=nvram)
 
     def add_disk(self, name: str, target: str, path: str, *, device: str = "disk", readonly: bool = False,
                  shareable: bool = False, fmt: str = "qcow2") -> None:
@@ -118,7 +120,11 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
         disks = "".join(f"<disk type='{d.type}' device='{d.device}'><source file='{d.overlay or d.base}'/>"
                         f"<target dev='{d.target}'/>{'<readonly/>' if d.readonly else ''}"
                         f"{'<shareable/>' if d.shareable else ''}</disk>" for d in dom.disks.values())
-        return f"<domain type='fake'><name>{name}</name><devices>{disks}</devices></domain>"
+        nvram = f"<os><nvram>{dom.nvram}</nvram></os>" if dom.nvram else ""
+        return f"<domain type='fake'><name>{name}</name>{nvram}<devices>{disks}</devices></domain>"
+
+    def firmware(self, name: str) -> Firmware:
+        return parse_firmware(self.domain_xml(name))
 
     def disks(self, name: str) -> list[Disk]:
         out = []

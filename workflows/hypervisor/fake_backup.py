@@ -311,17 +311,24 @@ class FakeBackupOps:
         disks = {d.find("target").get("dev"): d.find("source").get("file")  # type: ignore[union-attr]
                  for d in root.findall("./devices/disk")}
 
+        nvram = (root.findtext("./os/nvram") or "").strip() or None
+
         def define() -> None:
-            self.add_domain(name, disks, state="shutoff")  # type: ignore[attr-defined]
+            self.add_domain(name, disks, state="shutoff", nvram=nvram)  # type: ignore[attr-defined]
             self._bk(name).description = root.findtext("description") or ""
         self._effect("define_restored_domain", define)  # type: ignore[attr-defined]
 
-    def undefine_restored_domain(self, name: str) -> None:
+    def undefine_restored_domain(self, name: str, *, nvram: bool = False) -> None:
         dom = self._dom(name)  # type: ignore[attr-defined]
         if dom.state != "shutoff":
             raise OperationFailed(f"undefine of {name}: Requested operation is not valid: domain is running")
 
         def undefine() -> None:
+            if nvram and dom.nvram:  # as libvirt's VIR_DOMAIN_UNDEFINE_NVRAM: the file goes with it
+                try:
+                    os.unlink(dom.nvram)
+                except FileNotFoundError:
+                    pass
             del self.domains[name]  # type: ignore[attr-defined]
             self.__dict__.get("_backup_states", {}).pop(name, None)
         self._effect("undefine_restored_domain", undefine)  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ import libvirt
 
 from ..errors import (AgentUnavailable, CheckpointInconsistent, CheckpointNotFound, DomainNotFound, DomcaptureError,
                       HypervisorError, HypervisorUnavailable, NotReady, OperationFailed)
-from .base import BlockJob, Disk
+from .base import BlockJob, Disk, Firmware, parse_firmware
 from .libvirt_backup import LibvirtBackupOps
 from .libvirt_save import LibvirtSaveOps
 from .libvirt_snapshot import LibvirtSnapshotOps
@@ -186,6 +186,9 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
 
     def disks(self, name: str) -> list[Disk]:
         return parse_disks(self.domain_xml(name))
+
+    def firmware(self, name: str) -> Firmware:
+        return parse_firmware(self.domain_xml(name))
 
     def block_job(self, name: str, target: str) -> BlockJob | None:
         info = self._call(f"block job on {name}/{target}",

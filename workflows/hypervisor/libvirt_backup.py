@@ -185,12 +185,16 @@ class LibvirtBackupOps(LibvirtCalls):
     def define_restored_domain(self, xml: str) -> None:
         self._call("define of a restored domain", lambda c: c.defineXML(xml))
 
-    def undefine_restored_domain(self, name: str) -> None:
+    def undefine_restored_domain(self, name: str, *, nvram: bool = False) -> None:
         """Undefine a stopped domain (libvirt would turn a running one transient: refused here)."""
         def undefine(c: libvirt.virConnect) -> None:
             dom = self._dom(c, name)
             if dom.isActive():
                 raise OperationFailed(f"undefine of {name}: Requested operation is not valid: domain is running")
+            # libvirt refuses to undefine a domain with NVRAM unless told what to do with the file;
+            # the TPM state folder is named by the domain's UUID, a restored domain's own
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                              | (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM if nvram else libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)
+                              | libvirt.VIR_DOMAIN_UNDEFINE_TPM)
         self._call(f"undefine of {name}", undefine)

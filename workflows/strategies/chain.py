@@ -23,7 +23,8 @@ def link_of(src: Record) -> dict[str, Any]:
     files = {disk: {"path": info["path"], "size": info["size"], "checksum": info["checksum"]}
              for disk, info in src.result["files"].items()}
     return {"id": src.id, "domain": src.domain, "kind": src.result["kind"], "manifest": src.result["manifest"],
-            "files": files}
+            "files": files, "manifest_sha256": src.result.get("manifest_sha256"),
+            "firmware": (src.result.get("firmware") or {}).get("copies") or {}}
 
 
 def backup_chain(load: Callable[[str], Record], ref: Any) -> list[dict[str, Any]]:

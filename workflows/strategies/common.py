@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 from typing import Any
 
@@ -85,7 +86,34 @@ def check_target_dir(path: str | None) -> str:
         raise InvalidTarget(f"target directory {path} does not exist")
     if not os.access(path, os.W_OK | os.X_OK):
         raise InvalidTarget(f"target directory {path} is not writable")
+    check_target_safe(path)
     return path
+
+
+def check_target_safe(path: str) -> None:
+    """Refuse a target (or a folder above it) that a user other than root or us can write.
+
+    Such a user could swap the capture folder's name for a symlink between two
+    of our calls.  A folder shared the way ``/tmp`` is (sticky bit: nobody
+    renames or deletes another user's entries) is accepted when root or we own
+    it.  ``path`` is already resolved (``realpath``): no component is a symlink.
+    """
+    trusted = {0, os.geteuid()}
+    folder = path
+    while True:
+        st = os.stat(folder)
+        if st.st_uid not in trusted:
+            raise InvalidTarget(f"target directory {path}: {folder} is owned by uid {st.st_uid}, not by root "
+                                "or this user; refusing to write backups under it")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise InvalidTarget(f"target directory {path}: {folder} is writable by "
+                                f"{'others' if st.st_mode & 0o002 else 'its group'} (mode "
+                                f"{stat.S_IMODE(st.st_mode):04o}) without the sticky bit; refusing to write "
+                                "backups under it")
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
 
 
 OPT_DISKS = Option("disks", "capture only these disks, comma separated, e.g. vda,vdb (default: every writable "
@@ -547,7 +575,10 @@ def make_capture_folder(ctx: StepContext) -> str:
     if "folder" not in ctx.rec.artifacts:  # a record planned before folders were artifacts
         plan_capture_folder(ctx, os.path.dirname(ctx.rec.artifacts["manifest"]["path"]))
     folder: str = ctx.rec.artifacts["folder"]["path"]
-    check_target_dir(os.path.dirname(folder))
+    parent = os.path.dirname(folder)
+    if check_target_dir(parent) != parent:  # a folder on the way became a symlink since submit
+        raise InvalidTarget(f"target directory {parent} now resolves to {os.path.realpath(parent)}; "
+                            "refusing to follow it")
     ctx.fx.files.make_folder(folder)
     ctx.rec.set_artifact("folder", status="present")
     return folder

@@ -28,7 +28,7 @@ from ..hypervisor.backup_types import BackupJob
 from ..record import Artifact
 from ..steps import Step, StepContext
 from . import backup_common as bc
-from . import common
+from . import common, evidence
 
 NAME = "direct-backup"
 VERSION = 1
@@ -147,7 +147,8 @@ class Preflight(Step):
             ctx.rec.plan_artifact(Artifact("socket", "nbd-socket", naming.nbd_socket(wf)))
         ctx.rec.plan_artifact(Artifact("checkpoint", "checkpoint", naming.checkpoint_name(wf)))
         ctx.rec.plan_artifact(Artifact("domain-xml", "domain-xml", naming.domain_xml_path(target, ctx.domain, wf)))
-        ctx.rec.plan_artifact(Artifact("manifest", "manifest", naming.manifest_path(target, ctx.domain, wf)))
+        evidence.plan_firmware(ctx, naming.backup_dir(target, ctx.domain, wf))
+        evidence.plan_manifest(ctx, naming.manifest_path(target, ctx.domain, wf))
 
     def revert(self, ctx: StepContext) -> None:
         """The last revert to run: removes the backup folder once it is empty."""
@@ -430,7 +431,8 @@ class Commit(Step):
 
 
 class Finalize(Step):
-    description = "write domain.xml and the manifest (files, checksums, parent backup); complete only now"
+    description = ("write domain.xml, copy the NVRAM/TPM state, write the manifest (every file, size, sha256, "
+                   "parent backup; signed); complete only now")
 
     def probe(self, ctx: StepContext) -> bool:
         doc = bc.read_manifest(_manifest(ctx))
@@ -449,7 +451,10 @@ class Finalize(Step):
 
     def execute(self, ctx: StepContext) -> None:
         xml_path = ctx.rec.artifacts["domain-xml"]["path"]
+        # libvirt drops a pull job's scratch files at its end; none may stay unlisted in the folder
+        bc.remove_ours(ctx, [a["path"] for a in ctx.rec.artifacts_of("scratch-file")])
         ctx.fx.files.write_atomic(xml_path, ctx.data["domain_xml"])
+        evidence.copy_firmware(ctx)
         base = ctx.data.get("base")
         files = [{"disk": a["disk"], "path": a["path"], "size": a["size"], "checksum": a["checksum"],
                   "format": "qcow2", "allocated": a.get("allocated"),
@@ -462,8 +467,9 @@ class Finalize(Step):
                                 "checkpoint": base["checkpoint"]} if base else None),
                     "chain": (list(base["chain"]) if base else []) + [ctx.rec.id],
                     "quiesced": self._quiesced(ctx), "fallback": ctx.data.get("fallback"),
-                    "domain_xml": os.path.basename(xml_path), "files": files, "transfer": self._transfer(ctx)}
-        ctx.fx.files.write_atomic(_manifest(ctx), manifest)
+                    "domain_xml": os.path.basename(xml_path), "files": files, "transfer": self._transfer(ctx),
+                    "firmware": ctx.data.get("firmware")}
+        evidence.write_manifest(ctx, manifest)
 
     @staticmethod
     def _quiesced(ctx: StepContext) -> bool:
@@ -485,15 +491,17 @@ class Finalize(Step):
             "bytes_read": transfer.get("bytes_read"), "bytes_written": transfer.get("bytes_written"),
             "redefined": ctx.data.get("chain", {}).get("redefined"),
             "skipped_disks": ctx.data.get("skipped_disks", []),
+            **evidence.result_fields(ctx),
         }
         return "advance"
 
     def revert(self, ctx: StepContext) -> None:
-        for name in ("manifest", "domain-xml"):
-            art = ctx.rec.artifacts.get(name)
-            if art:
-                bc.remove_ours(ctx, [art["path"], art["path"] + ".partial"])
-                art["status"] = "deleted"
+        evidence.remove_manifest(ctx)
+        evidence.remove_firmware(ctx)
+        art = ctx.rec.artifacts.get("domain-xml")
+        if art:
+            bc.remove_ours(ctx, [art["path"], art["path"] + ".partial"])
+            art["status"] = "deleted"
 
 
 STEPS: dict[str, Step] = {

@@ -188,7 +188,10 @@ class Define(Step):
             if ctx.hv.domain_state(name) != "shutoff":
                 ctx.save("destroy-intent", domain=name)
                 ctx.hv.destroy(name)
-            ctx.hv.undefine_restored_domain(name)
+            # its NVRAM (if any) is a file libvirt named after this new domain: ours to remove with it
+            ours = ctx.hv.firmware(name).nvram is not None
+            ctx.save("undefine-intent", domain=name, nvram=ours)
+            ctx.hv.undefine_restored_domain(name, nvram=ours)
         ctx.rec.set_artifact("domain", status="deleted")
 
 

@@ -23,7 +23,7 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Any, Callable
 
-from .. import naming, nbdio, validate
+from .. import manifest, naming, nbdio, validate
 from ..definition import RESUME, Definition, Option
 from ..errors import InputError, InvalidTarget, StepFailed
 from ..filecopy import sha256_file
@@ -32,7 +32,7 @@ from ..record import Artifact, Record
 from ..steps import Step, StepContext
 from . import backup_common as bc
 from . import chain as chain_mod
-from . import common
+from . import common, evidence
 
 NAME = "restore"
 VERSION = 1
@@ -82,6 +82,7 @@ def validate_params(look: Inspect, domain: str, params: dict[str, Any]) -> dict[
     hv = look.hv
     chain = params.get("chain") or []
     disks = chain_mod.check_chain(chain, params.get("from"), domain)
+    check_chain_folders(chain, deep=False, define=params.get("define") is not None)
     disk = chain_mod.pick_disk(disks, params.get("disk"), chain[-1]["id"], required=False)
     key = common.check_key_file("encrypt_key_file", params["encrypt_key_file"]) \
         if params.get("encrypt_key_file") else None
@@ -118,6 +119,28 @@ def validate_params(look: Inspect, domain: str, params: dict[str, Any]) -> dict[
     return out
 
 
+def check_chain_folders(chain: list[dict[str, Any]], *, deep: bool, define: bool) -> None:
+    """Refuse a chain whose folders do not match their manifests and records (one line naming the file).
+
+    ``deep=False`` (at submit) reads every small file and checks the disk images' sizes;
+    ``deep=True`` (the worker's preflight) re-reads the images too.
+    """
+    key = manifest.load_key()
+    for link in chain:
+        if not link.get("manifest_sha256"):  # a version 1 manifest: its domain.xml is not covered
+            if key is not None:
+                raise InputError(f"backup {link['id']} has a version 1 manifest (no signature) and "
+                                 f"{manifest.KEY_ENV} is set; refusing to restore it")
+            if define and link is chain[-1]:
+                raise InputError(f"backup {link['id']} has a version 1 manifest that does not cover its "
+                                 "domain.xml; refusing to --define from it (restore the disks without --define)")
+            continue
+        failed = manifest.first_failure(manifest.check_folder(link["manifest"], link["manifest_sha256"],
+                                                              deep=deep, key=key))
+        if failed:
+            raise InputError(f"backup {link['id']} does not match its manifest: {failed}")
+
+
 def _domain_xml(link: dict[str, Any]) -> str:
     return os.path.join(os.path.dirname(link["manifest"]), "domain.xml")
 
@@ -127,8 +150,9 @@ def _marker(wf_id: str) -> str:
 
 
 def restored_domain_xml(source_xml: str, name: str, disks: dict[str, str], wf_id: str, note: str,
-                        folder: str) -> str:
-    """The source domain's XML with a new name, no UUID, the restored disks, its own log/channel files."""
+                        folder: str, nvram: str | None = None) -> str:
+    """The source domain's XML with a new name, no UUID, the restored disks, its own log/channel files,
+    its own NVRAM (``nvram``; without one, libvirt names a new one)."""
     root = ET.fromstring(source_xml)
     root.find("name").text = name  # type: ignore[union-attr]
     for tag in ("uuid", "description"):
@@ -157,6 +181,15 @@ def restored_domain_xml(source_xml: str, name: str, disks: dict[str, str], wf_id
         if drv is None:
             drv = ET.SubElement(d, "driver", {"name": "qemu"})
         drv.set("type", "qcow2")
+    nvram_el = root.find("./os/nvram")
+    if nvram_el is not None:
+        # never the source's variable store: our copy, or (none captured) a path libvirt names for this
+        # domain and fills from the template at its first start
+        nvram_el.text = nvram
+        for attr in ("type",):
+            nvram_el.attrib.pop(attr, None)
+        for child in list(nvram_el):
+            nvram_el.remove(child)
     for iface in root.findall("./devices/interface"):
         for mac in iface.findall("mac"):
             iface.remove(mac)  # libvirt makes a new one
@@ -185,6 +218,10 @@ class Preflight(Step):
     description = "check every file of the chain against its recorded checksum; name the restored images"
 
     def execute(self, ctx: StepContext) -> None:
+        try:  # the folders may have changed since submit: every byte is read again
+            check_chain_folders(ctx.params["chain"], deep=True, define=bool(ctx.params.get("define")))
+        except InputError as exc:
+            raise StepFailed(str(exc)) from None
         bad = chain_mod.check_checksums(ctx.params["chain"], _disks(ctx), ctx.guard)
         if bad:
             raise StepFailed(bad)
@@ -202,6 +239,11 @@ class Preflight(Step):
         folder = naming.restore_dir(target, ctx.domain, wf)
         common.plan_capture_folder(ctx, folder)
         ctx.rec.plan_artifact(Artifact("manifest", "manifest", os.path.join(folder, "restore.json")))
+        captured = ctx.params["chain"][-1].get("firmware", {}).get("nvram")
+        if captured:  # the restored domain's own NVRAM: a copy of the captured one, named by this workflow
+            art = ctx.rec.plan_artifact(Artifact("firmware:nvram", "firmware-copy",
+                                                 os.path.join(folder, evidence.NVRAM_NAME)))
+            art["source"] = captured
         if ctx.params.get("define"):
             ctx.rec.plan_artifact(Artifact("domain", "domain", ctx.params["define"]))
 
@@ -214,7 +256,7 @@ class Restore(Step):
 
     def probe(self, ctx: StepContext) -> bool:
         return all(a["status"] == "present" and os.path.exists(a["path"])
-                   for a in ctx.rec.artifacts_of("restored-image"))
+                   for a in ctx.rec.artifacts_of("restored-image") + ctx.rec.artifacts_of("firmware-copy"))
 
     def execute(self, ctx: StepContext) -> None:
         arts = ctx.rec.artifacts_of("restored-image")
@@ -239,11 +281,15 @@ class Restore(Step):
             done += sizes[art["disk"]]
             ctx.progress("restore", done, total, force=True, disk=art["disk"])
             ctx.save("restored", disk=art["disk"])
+        if ctx.rec.artifacts_of("firmware-copy"):
+            common.make_capture_folder(ctx)
+            evidence.copy_firmware(ctx)
 
     def revert(self, ctx: StepContext) -> None:
         for art in ctx.rec.artifacts_of("restored-image"):
             bc.remove_ours(ctx, [art["path"], naming.partial_of(art["path"])])
             art["status"] = "deleted"
+        evidence.remove_firmware(ctx)
 
 
 class Verify(Step):
@@ -282,8 +328,10 @@ class Define(Step):
         with open(_domain_xml(last)) as f:
             source = f.read()
         disks = {a["disk"]: a["path"] for a in ctx.rec.artifacts_of("restored-image")}
+        nvram = ctx.rec.artifacts.get("firmware:nvram")
         xml = restored_domain_xml(source, name, disks, ctx.rec.id, f"backup {last['id']} of {ctx.domain}",
-                                  naming.restore_dir(ctx.params["target"], ctx.domain, ctx.rec.id))
+                                  naming.restore_dir(ctx.params["target"], ctx.domain, ctx.rec.id),
+                                  nvram=nvram["path"] if nvram else None)
         ctx.save("define-intent", domain=name)
         ctx.hv.define_restored_domain(xml)
         ctx.rec.set_artifact("domain", status="present")
@@ -297,7 +345,11 @@ class Define(Step):
             if ctx.hv.domain_state(name) != "shutoff":
                 raise StepFailed(f"domain {name} (defined by this restore) is running; shut it down, then roll "
                                  "back again")
-            ctx.hv.undefine_restored_domain(name)
+            # the NVRAM file goes with the domain only when it is the copy this restore planned
+            planned = ctx.rec.artifacts.get("firmware:nvram")
+            ours = planned is not None and ctx.hv.firmware(name).nvram == planned["path"]
+            ctx.save("undefine-intent", domain=name, nvram=ours)
+            ctx.hv.undefine_restored_domain(name, nvram=ours)
         if "domain" in ctx.rec.artifacts:
             ctx.rec.set_artifact("domain", status="deleted")
 
@@ -334,7 +386,8 @@ class Finalize(Step):
             ctx.rec.set_artifact("manifest", status="present")
         ctx.rec.result = {"restore_dir": os.path.dirname(path) if path else None, "manifest": path,
                           "files": self._files(ctx), "chain": [link["id"] for link in ctx.params["chain"]],
-                          "from": ctx.params["from"], "defined": ctx.params.get("define")}
+                          "from": ctx.params["from"], "defined": ctx.params.get("define"),
+                          "nvram": (ctx.rec.artifacts.get("firmware:nvram") or {}).get("path")}
         return "advance"
 
     def revert(self, ctx: StepContext) -> None:

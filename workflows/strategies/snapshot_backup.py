@@ -20,7 +20,7 @@ from ..errors import DomainNotRunning, InputError, StepFailed
 from ..effects import Inspect
 from ..record import Artifact
 from ..steps import Step, StepContext
-from . import common
+from . import common, evidence
 
 NAME = "snapshot-backup"
 VERSION = 1
@@ -94,9 +94,10 @@ class Preflight(Step):
             ctx.rec.plan_artifact(Artifact(f"overlay:{d.target}", "overlay",
                                            common.overlay_for(d, ctx.rec.id, ctx.params.get("overlay_dir")),
                                            d.target))
-        common.plan_capture_folder(ctx, naming.backup_dir(target, ctx.domain, ctx.rec.id))
-        ctx.rec.plan_artifact(Artifact("manifest", "manifest",
-                                       naming.manifest_path(target, ctx.domain, ctx.rec.id)))
+        folder = naming.backup_dir(target, ctx.domain, ctx.rec.id)
+        common.plan_capture_folder(ctx, folder)
+        evidence.plan_firmware(ctx, folder)
+        evidence.plan_manifest(ctx, naming.manifest_path(target, ctx.domain, ctx.rec.id))
 
     def revert(self, ctx: StepContext) -> None:
         """The last revert to run: removes the backup folder once it is empty."""
@@ -236,7 +237,7 @@ class Cleanup(Step):
 
 
 class Finalize(Step):
-    description = "write the manifest (files, sizes, checksums); the backup is complete only now"
+    description = "copy the NVRAM/TPM state; write the manifest (every file, size, sha256; signed); complete"
 
     def _manifest(self, ctx: StepContext) -> str:
         path: str = ctx.rec.artifacts["manifest"]["path"]
@@ -252,6 +253,7 @@ class Finalize(Step):
             return False
 
     def execute(self, ctx: StepContext) -> None:
+        evidence.copy_firmware(ctx)
         files = [{"disk": a["disk"], "path": a["path"], "size": a["size"], "checksum": a["checksum"],
                   "format": next(d.get("backup_format") or d["format"] for d in ctx.data["disks"]
                                  if d["target"] == a["disk"])}
@@ -259,8 +261,8 @@ class Finalize(Step):
         manifest = {"format": "domcapture-backup", "version": 1, "workflow": ctx.rec.id, "strategy": NAME,
                     "domain": ctx.domain, "uri": ctx.rec.uri, "snapshot_at": ctx.data.get("snapshot_at"),
                     "quiesced": bool(ctx.data.get("quiesced")) and not ctx.data.get("freeze_broken"),
-                    "files": files}
-        ctx.fx.files.write_atomic(self._manifest(ctx), manifest)
+                    "files": files, "firmware": ctx.data.get("firmware")}
+        evidence.write_manifest(ctx, manifest)
 
     def next_trigger(self, ctx: StepContext) -> str:
         ctx.rec.set_artifact("manifest", status="present")
@@ -272,13 +274,13 @@ class Finalize(Step):
                           "downtime_s": ctx.data.get("downtime_s"),
                           "snapshot_seconds": ctx.data.get("snapshot_seconds"),
                           "skipped_disks": ctx.data.get("skipped_disks", []),
-                          "offline": bool(ctx.data.get("offline"))}
+                          "offline": bool(ctx.data.get("offline")),
+                          **evidence.result_fields(ctx)}
         return "advance"
 
     def revert(self, ctx: StepContext) -> None:
-        path = self._manifest(ctx)
-        for p in (path, naming.partial_of(path)):
-            ctx.fx.files.remove_owned(p)
+        evidence.remove_manifest(ctx)
+        evidence.remove_firmware(ctx)
         common.remove_capture_folder(ctx)
 
 
