@@ -72,6 +72,7 @@ class BackupInfo:
     verified: dict[str, Any] | None = None  # the last verification: {"at", "ok"}
     chain: list[str] = field(default_factory=list)  # full first, this one last (from the parents)
     consolidated_by: str | None = None
+    extra: list[str] = field(default_factory=list)  # the folder's other files: firmware copies, the signature
 
     @property
     def folder(self) -> str | None:
@@ -86,6 +87,7 @@ class BackupInfo:
         out = [f["path"] for _, f in sorted(self.files.items())]
         if self.folder:
             out.append(os.path.join(self.folder, "domain.xml"))
+        out.extend(self.extra)
         if self.manifest:
             out.append(self.manifest)
         return out
@@ -116,7 +118,10 @@ def from_record(rec: Record) -> BackupInfo | None:
                       time=backup_time(rec), files=dict(rec.result["files"]), manifest=rec.result.get("manifest"),
                       state=state_of(rec), checkpoint=rec.result.get("checkpoint"),
                       verified=verifications[-1] if verifications else None,
-                      consolidated_by=(rec.data.get("retention") or {}).get("consolidated_by"))
+                      consolidated_by=(rec.data.get("retention") or {}).get("consolidated_by"),
+                      extra=sorted(a["path"] for a in rec.artifacts.values()
+                                   if a.get("kind") in ("firmware-copy", "manifest-sig")
+                                   and a.get("status") == "present"))
 
 
 def with_chains(backups: list[BackupInfo]) -> list[BackupInfo]:

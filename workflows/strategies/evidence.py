@@ -117,3 +117,31 @@ def result_fields(ctx: StepContext) -> dict[str, Any]:
                          "tpm_state": fw.get("tpm_state"),
                          "copies": {a["name"].removeprefix("firmware:"): a["path"]
                                     for a in ctx.rec.artifacts_of("firmware-copy")}}}
+
+
+def rewrite_manifest(ctx: StepContext, path: str, doc: dict[str, Any], changed: dict[str, str]) -> str | None:
+    """Write a kept backup's manifest again (a prune changed its chain or rewrote its files).
+
+    ``changed``: path -> "sha256:<hex>" of each file that was rewritten; its
+    ``contents`` line takes the new size and checksum, the others stay.  A
+    version 2 manifest is signed again when a key is set; returns its new
+    sha256 for the record (None for a version 1 manifest, which has none).
+    """
+    if doc.get("version") != manifest.VERSION:
+        ctx.fx.files.write_atomic(path, doc)
+        return None
+    folder = os.path.dirname(path)
+    contents = [manifest.entry(folder, os.path.join(folder, e["name"]), changed[os.path.join(folder, e["name"])])
+                if os.path.join(folder, e["name"]) in changed else e for e in doc.get("contents", [])]
+    data = manifest.encode({**doc, "contents": sorted(contents, key=lambda e: str(e["name"]))})
+    key = manifest.load_key()
+    if key is not None:
+        ctx.fx.files.write_atomic(manifest.sig_path(path), manifest.sign(data, key) + "\n")
+    ctx.fx.files.write_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def signed_without_key(path: str) -> bool:
+    """A signed manifest that cannot be signed again here (no key configured): a prune must not rewrite it."""
+    return os.path.exists(manifest.sig_path(path)) and manifest.load_key() is None
+

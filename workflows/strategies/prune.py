@@ -35,7 +35,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .. import naming, nbdio, retention
+from .. import manifest, naming, nbdio, retention
 from ..backups import (CHAIN_INCOMPLETE, CONSOLIDATING, DELETED, DELETING, GOOD, BackupInfo, BackupRecords, catalog,
                        read_manifest)
 from ..checkpoints import restore_chain
@@ -45,7 +45,7 @@ from ..effects import Inspect
 from ..filecopy import sha256_file
 from ..record import Artifact, Record
 from ..steps import Step, StepContext
-from . import common
+from . import common, evidence
 
 NAME = "prune"
 VERSION = 1
@@ -171,9 +171,14 @@ class Preflight(Step):
             for disk, f in sorted(b.files.items()):
                 ctx.rec.plan_artifact(Artifact(f"rewrite:{b.id}:{disk}", "backup-file", f["path"], disk,
                                                status="present"))
-        for wf in ctx.data["plan"]["keep"]:  # a kept manifest may be rewritten (its new chain)
-            if every[wf].manifest:
-                ctx.rec.plan_artifact(Artifact(f"manifest:{wf}", "manifest", str(every[wf].manifest),
+        for wf in ctx.data["plan"]["keep"]:  # a kept manifest may be rewritten (its new chain), and signed again
+            path = every[wf].manifest
+            if path:
+                if evidence.signed_without_key(path):
+                    raise StepFailed(f"backup {wf} has a signed manifest and no signing key is set here "
+                                     f"({manifest.KEY_ENV}); a prune would have to rewrite it")
+                ctx.rec.plan_artifact(Artifact(f"manifest:{wf}", "manifest", path, status="present"))
+                ctx.rec.plan_artifact(Artifact(f"manifest-sig:{wf}", "manifest-sig", manifest.sig_path(path),
                                                status="present"))
         for wf in ctx.data["plan"]["remove"]:
             b = every[wf]
@@ -245,6 +250,7 @@ class Consolidate(Step):
         kind = "incremental" if onto else "full"
         b = every[wf]
         doc = read_manifest(b.manifest)
+        digest = None
         if doc is not None and b.manifest:
             for entry in doc.get("files", []):
                 new = news.get(entry.get("disk"))
@@ -253,9 +259,12 @@ class Consolidate(Step):
             doc.update(kind=kind, chain=chain, consolidated_by=ctx.rec.id,
                        parent=({"workflow": onto, "manifest": every[onto].manifest,
                                 "checkpoint": every[onto].checkpoint} if onto else None))
-            ctx.fx.files.write_atomic(b.manifest, doc)
+            digest = evidence.rewrite_manifest(ctx, b.manifest, doc, {b.files[d]["path"]: new["checksum"]
+                                                                      for d, new in news.items()})
 
         def change(rec: Record) -> None:
+            if digest:
+                rec.result["manifest_sha256"] = digest
             for disk, new in news.items():
                 rec.result["files"][disk].update(checksum=new["checksum"], size=new["size"])
             rec.result.update(kind=kind, parent_backup=onto, chain=chain)
@@ -359,14 +368,18 @@ class Finalize(Step):
             if b is None or not b.manifest:
                 continue
             doc = read_manifest(b.manifest)
+            digest = None
             if doc is not None and "chain" in doc and doc["chain"] != b.chain:
                 doc["chain"] = b.chain
-                ctx.fx.files.write_atomic(b.manifest, doc)
+                digest = evidence.rewrite_manifest(ctx, b.manifest, doc, {})
 
-            def change(rec: Record, chain: list[str] = b.chain) -> None:
+            def change(rec: Record, chain: list[str] = b.chain, digest: str | None = digest) -> None:
                 rec.result["chain"] = chain
+                if digest:
+                    rec.result["manifest_sha256"] = digest
             record = _records(ctx).load(wf)
-            if "chain" in record.result and record.result["chain"] != b.chain:
+            if ("chain" in record.result and record.result["chain"] != b.chain) or \
+                    (digest and record.result.get("manifest_sha256") != digest):
                 _records(ctx).update(wf, "rechained", change)
 
     def next_trigger(self, ctx: StepContext) -> str:
