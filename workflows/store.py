@@ -11,6 +11,9 @@ Keys (``P`` is the configurable prefix, ``dc`` by default):
 - ``P:domain:<uri>|<name>``  id of the workflow that holds the domain
 - ``P:index``            sorted set of every id by creation time
 - ``P:active``           ids whose status is not final
+- ``P:slot:<policy>:<member>``  a scheduled slot: the workflow id it submitted, or
+                         why it submitted none (``skipped:busy:<id>``, ``coalesced:<t>``, ...)
+- ``P:slots:<policy>``   sorted set of the policy's slot members by slot time
 - ``P:quarantine``       ids of records this build cannot read (moved out of
                          ``P:active``; the record's bytes stay in ``P:wf:<id>``
                          with the reason in its ``quarantined`` field)
@@ -30,19 +33,35 @@ from typing import Any, Callable, Iterator, ParamSpec, TypeVar
 
 import redis
 
-from .errors import (ConflictError, DomainBusy, LeaseLost, RecordNotFound, RecordUnreadable, StoreError,
+from .errors import (ConflictError, DomainBusy, LeaseLost, RecordNotFound, RecordUnreadable, SlotTaken, StoreError,
                      StoreUnavailable)
-from .record import FINAL_STATUSES, Record
+from .record import FINAL_STATUSES, Record, Slot
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 _CREATE = """
--- KEYS: record, history, index, active, domainlock
--- ARGV: id, data, event, created_at
+-- KEYS: record, history, index, active, domainlock [, slot, slot index]
+-- ARGV: id, data, event, created_at [, slot member, slot score, skipped-note]
+-- With a slot (a scheduled run): the slot's key is claimed in this same step, so a
+-- slot is either submitted once (its value is the workflow id) or recorded skipped.
+if KEYS[6] then
+  local taken = redis.call('GET', KEYS[6])
+  if taken then return {'slot', taken} end
+end
 local holder = redis.call('GET', KEYS[5])
-if holder and holder ~= ARGV[1] then return {'busy', holder} end
+if holder and holder ~= ARGV[1] then
+  if KEYS[6] then
+    redis.call('SET', KEYS[6], ARGV[7] .. holder)
+    redis.call('ZADD', KEYS[7], ARGV[6], ARGV[5])
+  end
+  return {'busy', holder}
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', ARGV[1]} end
+if KEYS[6] then
+  redis.call('SET', KEYS[6], ARGV[1])
+  redis.call('ZADD', KEYS[7], ARGV[6], ARGV[5])
+end
 redis.call('SET', KEYS[5], ARGV[1])
 redis.call('HSET', KEYS[1], 'rev', 1, 'data', ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[3])
@@ -214,14 +233,25 @@ class Store:
         return {"ts": time.time(), "event": event, "state": rec.state, "status": rec.status,
                 "mode": rec.mode, "worker": rec.worker, "epoch": rec.epoch, **detail}
 
-    def create(self, rec: Record, event: str = "submitted") -> None:
+    def create(self, rec: Record, event: str = "submitted", slot: Slot | None = None) -> None:
+        """Write a new record and take its domain; with ``slot``, claim the slot in the same step.
+
+        A slot already claimed raises SlotTaken; a busy domain records the slot as skipped
+        (``skipped:busy:<holder>``) and raises DomainBusy.
+        """
         rec.rev = 1
         data = _dumps(rec.to_dict())
-        res = self._call(self._create,
-                         keys=[self._k(rec.id), self._k(rec.id, ":history"), f"{self.prefix}:index",
-                               f"{self.prefix}:active", self.domain_key(rec.uri, rec.domain)],
-                         args=[rec.id, data, _dumps(self.event(rec, event)), rec.created_at])
+        keys = [self._k(rec.id), self._k(rec.id, ":history"), f"{self.prefix}:index",
+                f"{self.prefix}:active", self.domain_key(rec.uri, rec.domain)]
+        args: list[Any] = [rec.id, data, _dumps(self.event(rec, event)), rec.created_at]
+        if slot is not None:
+            keys += [self.slot_key(slot), self.slot_index(slot.policy)]
+            args += [slot.member, slot.at, "skipped:busy:"]
+        res = self._call(self._create, keys=keys, args=args)
         tag, val = res[0].decode(), res[1].decode()
+        if tag == "slot":
+            raise SlotTaken(f"slot {slot.member if slot else ''} of policy {slot.policy if slot else ''} "
+                            f"is already {val}")
         if tag == "busy":
             raise DomainBusy(f"domain {rec.domain!r} is busy with workflow {val}; "
                              f"wait for it, or see 'domcapture show {val}'")
@@ -345,6 +375,32 @@ class Store:
                 continue
             if status is None or rec.status == status:
                 yield rec
+
+    # -- scheduled slots ------------------------------------------------------------
+    def slot_key(self, slot: Slot) -> str:
+        return f"{self.prefix}:slot:{slot.policy}:{slot.member}"
+
+    def slot_index(self, policy: str) -> str:
+        return f"{self.prefix}:slots:{policy}"
+
+    def mark_slot(self, slot: Slot, outcome: str) -> bool:
+        """Record a slot that submits nothing (skipped, coalesced, refused); False if it was taken already."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self.slot_key(slot), outcome, nx=True)
+        pipe.zadd(self.slot_index(slot.policy), {slot.member: slot.at}, nx=True)
+        res = self._call(pipe.execute)
+        return bool(res[0])
+
+    def slot_value(self, slot: Slot) -> str | None:
+        val = self._call(self.r.get, self.slot_key(slot))
+        return val.decode() if val else None
+
+    def slots(self, policy: str, since: float = 0.0) -> list[tuple[str, float, str]]:
+        """(member, slot time, outcome) of every recorded slot of ``policy`` from ``since`` on."""
+        members = self._call(self.r.zrangebyscore, self.slot_index(policy), since, "+inf", withscores=True)
+        keys = [f"{self.prefix}:slot:{policy}:{m.decode()}" for m, _ in members]
+        values = self._call(self.r.mget, keys) if keys else []
+        return [(m.decode(), float(at), v.decode() if v else "?") for (m, at), v in zip(members, values, strict=True)]
 
     def domain_holder(self, uri: str, domain: str) -> str | None:
         val = self._call(self.r.get, self.domain_key(uri, domain))

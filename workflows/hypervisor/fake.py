@@ -47,6 +47,7 @@ class _FakeDomain:
     state: str = "running"
     agent: bool = False
     frozen: bool = False
+    metadata: str = ""  # the domain XML's <metadata> element, as written
     log: list[str] = field(default_factory=list)
 
 
@@ -58,9 +59,10 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
 
     # -- test set-up (not part of the Hypervisor protocol) ----------------------
     def add_domain(self, name: str, disks: dict[str, str], *, agent: bool = False, state: str = "running",
-                   disk_type: str = "file") -> None:
+                   disk_type: str = "file", metadata: str = "") -> None:
         self.domains[name] = _FakeDomain(
-            name, {t: _FakeDisk(t, p, type=disk_type) for t, p in disks.items()}, state=state, agent=agent)
+            name, {t: _FakeDisk(t, p, type=disk_type) for t, p in disks.items()}, state=state, agent=agent,
+            metadata=metadata)
 
     def guest_write(self, name: str, target: str, offset: int, data: bytes) -> None:
         disk = self._dom(name).disks[target]
@@ -100,6 +102,9 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
     def close(self) -> None:
         pass
 
+    def list_domains(self) -> list[str]:
+        return sorted(self.domains)
+
     def domain_state(self, name: str) -> str:
         return self._dom(name).state
 
@@ -107,7 +112,7 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
         dom = self._dom(name)
         disks = "".join(f"<disk type='{d.type}' device='disk'><source file='{d.overlay or d.base}'/>"
                         f"<target dev='{d.target}'/></disk>" for d in dom.disks.values())
-        return f"<domain type='fake'><name>{name}</name><devices>{disks}</devices></domain>"
+        return f"<domain type='fake'><name>{name}</name>{dom.metadata}<devices>{disks}</devices></domain>"
 
     def disks(self, name: str) -> list[Disk]:
         out = []

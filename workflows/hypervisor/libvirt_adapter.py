@@ -157,6 +157,10 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
                 self._conn = None
 
     # -- inspection -----------------------------------------------------------
+    def list_domains(self) -> list[str]:
+        names: list[str] = self._call("list of domains", lambda c: sorted(d.name() for d in c.listAllDomains()))
+        return names
+
     def domain_state(self, name: str) -> str:
         state = self._call(f"state of domain {name}", lambda c: self._dom(c, name).state()[0])
         return _STATES.get(state, "other")
