@@ -30,6 +30,7 @@ ENV = {
     "DOMCAPTURE_LEASE_TTL": "lease time to live, seconds (0.5 to 300)",
     "DOMCAPTURE_RECOVERY_INTERVAL": "seconds between recovery sweeps (0.05 to 3600)",
     "DOMCAPTURE_RUN_DIR": "folder of pull-mode NBD sockets (default /run/domcapture)",
+    "DOMCAPTURE_HOST": "worker: the host whose queue it serves (or 'libvirt': the name libvirt reports)",
     "DOMCAPTURE_FAULT": "fault injection for tests: kill-at:<pattern>",
 }
 
