@@ -18,6 +18,12 @@ Keys (``P`` is the configurable prefix, ``dc`` by default):
                          ``P:active``; the record's bytes stay in ``P:wf:<id>``
                          with the reason in its ``quarantined`` field)
 
+A record that ends rolled back (or partially) expires ``finished_ttl`` seconds
+(30 days by default) after its last write, with its history and epoch, in
+that same write; ``trim_index`` then drops its id from ``P:index`` (the
+recovery process runs it hourly).  A succeeded record stays: it is the
+catalogue entry of a backup, and goes when the prune strategy deletes it.
+
 Every record write runs one Lua script that checks the revision the writer
 read and the writer's fencing epoch, writes the record, appends the history
 event, and maintains the index, the active set and the domain lock.  A writer
@@ -35,7 +41,7 @@ import redis
 
 from .errors import (ConflictError, DomainBusy, LeaseLost, RecordNotFound, RecordUnreadable, SlotTaken, StoreError,
                      StoreUnavailable)
-from .record import FINAL_STATUSES, Record, Slot
+from .record import FINAL_STATUSES, PARTIALLY_ROLLED_BACK, ROLLED_BACK, Record, Slot
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -72,7 +78,7 @@ return {'ok', '1'}
 
 _SAVE = """
 -- KEYS: record, history, epoch, active, domainlock
--- ARGV: id, expected_rev, writer_epoch, data, event (or ''), final ('1'/'0')
+-- ARGV: id, expected_rev, writer_epoch, data, event (or ''), final ('1'/'0'), expire_s ('0': keep)
 local rev = redis.call('HGET', KEYS[1], 'rev')
 if not rev then return {'missing', ''} end
 local epoch = redis.call('GET', KEYS[3]) or '0'
@@ -84,6 +90,11 @@ if ARGV[5] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[5]) end
 if ARGV[6] == '1' then
   redis.call('SREM', KEYS[4], ARGV[1])
   if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
+  if ARGV[7] ~= '0' then
+    redis.call('EXPIRE', KEYS[1], ARGV[7])
+    redis.call('EXPIRE', KEYS[2], ARGV[7])
+    redis.call('EXPIRE', KEYS[3], ARGV[7])
+  end
 else
   redis.call('SADD', KEYS[4], ARGV[1])
 end
@@ -176,10 +187,18 @@ class Lease:
         self.store.release_lease(self.wf_id, self.value)
 
 
+#: Final records that expire (``Store.finished_ttl``): a rollback leaves nothing to
+#: restore from.  A succeeded capture is a backup's catalogue entry and stays until
+#: the prune strategy deletes the backup; a stopped one waits for an operator.
+EXPIRING_STATUSES = (ROLLED_BACK, PARTIALLY_ROLLED_BACK)
+FINISHED_TTL = 30 * 24 * 3600
+
+
 class Store:
-    def __init__(self, client: redis.Redis[bytes], prefix: str = "dc") -> None:
+    def __init__(self, client: redis.Redis[bytes], prefix: str = "dc", finished_ttl: float = FINISHED_TTL) -> None:
         self.r = client
         self.prefix = prefix
+        self.finished_ttl = finished_ttl
         self._create = client.register_script(_CREATE)
         self._save = client.register_script(_SAVE)
         self._acquire = client.register_script(_ACQUIRE)
@@ -321,7 +340,8 @@ class Store:
                          keys=[self._k(rec.id), self._k(rec.id, ":history"), self._k(rec.id, ":epoch"),
                                f"{self.prefix}:active", self.domain_key(rec.uri, rec.domain)],
                          args=[rec.id, expected, epoch, _dumps(rec.to_dict()), ev,
-                               "1" if rec.status in FINAL_STATUSES else "0"])
+                               "1" if rec.status in FINAL_STATUSES else "0",
+                               int(self.finished_ttl) if rec.status in EXPIRING_STATUSES else 0])
         tag, val = res[0].decode(), res[1].decode()
         if tag == "ok":
             return
@@ -349,6 +369,21 @@ class Store:
                 ev = {"event": "unreadable", "raw": x.decode(errors="replace")[:200]}
             out.append(ev)
         return out
+
+    def trim_index(self, batch: int = 1000) -> int:
+        """Drop from the index the ids whose record expired; returns how many."""
+        gone = 0
+        ids = self.ids()
+        for i in range(0, len(ids), batch):
+            chunk = ids[i:i + batch]
+            pipe = self.r.pipeline(transaction=False)
+            for wf_id in chunk:
+                pipe.exists(self._k(wf_id))
+            dead = [wf_id for wf_id, alive in zip(chunk, self._call(pipe.execute), strict=True) if not alive]
+            if dead:
+                self._call(self.r.zrem, f"{self.prefix}:index", *dead)
+                gone += len(dead)
+        return gone
 
     def ids(self) -> list[str]:
         return [x.decode() for x in self._call(self.r.zrange, f"{self.prefix}:index", 0, -1)]
