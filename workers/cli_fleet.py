@@ -80,7 +80,7 @@ def cmd_show(args: argparse.Namespace, rt: Runtime) -> int:
 
 def cmd_delete(args: argparse.Namespace, rt: Runtime) -> int:
     PolicyStore(rt.store.r, rt.settings.prefix).delete(args.name)
-    print(f"policy {args.name}: deleted")
+    print(json.dumps({"name": args.name, "deleted": True}) if args.json else f"policy {args.name}: deleted")
     return 0
 
 
@@ -116,6 +116,7 @@ def register(sub: Any) -> None:
     a.set_defaults(func=cmd_show)
     a = pol.add_parser("delete", help="stop scheduling a policy (its versions stay readable)")
     a.add_argument("name")
+    a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_delete)
 
     s = sub.add_parser("scheduler", help="run the scheduler: submits each due slot of every policy once")

@@ -192,6 +192,7 @@ class Lease:
 #: the prune strategy deletes the backup; a stopped one waits for an operator.
 EXPIRING_STATUSES = (ROLLED_BACK, PARTIALLY_ROLLED_BACK)
 FINISHED_TTL = 30 * 24 * 3600
+LIST_BATCH = 500  # records read per round trip by ``listing``
 
 
 class Store:
@@ -287,6 +288,10 @@ class Store:
                 raise
             kind = self._call(self.r.type, key).decode()
             raise RecordUnreadable(f"workflow {wf_id}: {key} is a Redis {kind}, not a workflow record") from None
+        return self._parse(wf_id, raw)
+
+    @staticmethod
+    def _parse(wf_id: str, raw: dict[bytes, bytes]) -> Record:
         if not raw:
             raise RecordNotFound(f"no workflow with id {wf_id!r}")
         if b"quarantined" in raw:
@@ -304,6 +309,17 @@ class Store:
             raise RecordUnreadable(f"workflow {wf_id}: the record inside says id {rec.id!r}")
         rec.rev = rev
         return rec
+
+    def _load_many(self, ids: list[str]) -> Iterator[tuple[str, Record | Exception]]:
+        """``load`` for many ids in one round trip; a record the pipeline cannot read goes through ``load``."""
+        pipe = self.r.pipeline(transaction=False)
+        for wf_id in ids:
+            pipe.hgetall(self._k(wf_id))
+        for wf_id, raw in zip(ids, self._call(pipe.execute, raise_on_error=False), strict=True):
+            try:
+                yield wf_id, (self.load(wf_id) if isinstance(raw, Exception) else self._parse(wf_id, raw))
+            except (RecordNotFound, RecordUnreadable) as exc:
+                yield wf_id, exc
 
     def quarantine(self, wf_id: str, reason: str, by: str = "") -> None:
         """Move an unreadable record out of the active set; its bytes stay, with the reason beside them.
@@ -399,17 +415,17 @@ class Store:
 
     def listing(self, status: str | None = None) -> Iterator[Record | tuple[str, str]]:
         """Every record, or ``(id, reason)`` for one this build cannot read (status ``quarantined``)."""
-        for wf_id in self.ids():
-            try:
-                rec = self.load(wf_id)
-            except RecordNotFound:
-                continue
-            except RecordUnreadable as exc:
-                if status in (None, "quarantined"):
-                    yield wf_id, str(exc)
-                continue
-            if status is None or rec.status == status:
-                yield rec
+        ids = self.ids()
+        for i in range(0, len(ids), LIST_BATCH):
+            for wf_id, rec in self._load_many(ids[i:i + LIST_BATCH]):
+                if isinstance(rec, RecordNotFound):
+                    continue
+                if isinstance(rec, Exception):
+                    if status in (None, "quarantined"):
+                        yield wf_id, str(rec)
+                    continue
+                if status is None or rec.status == status:
+                    yield rec
 
     # -- scheduled slots ------------------------------------------------------------
     def slot_key(self, slot: Slot) -> str:
