@@ -172,8 +172,8 @@ def test_a_busy_domain_is_recorded_skipped_and_missed_nights_coalesce(tmp_path, 
     manual = f.captures.submit("direct-backup", "web-1", f.uri, {"target": str(tmp_path / "bk")})
     f.queue.clear()  # its worker has not picked it up yet: web-1 is busy at 02:00
     f.now += 15 * 3600  # 03:00 Tuesday
-    out = {o.slot.domain: o.what for o in s.tick()}
-    assert out["web-1"] == f"skipped:busy:{manual.id}"
+    first = {o.slot.domain: o.what for o in s.tick()}
+    assert first["web-1"] == f"skipped:busy:{manual.id}"
     assert store.slot_value(Slot("nightly", "hv1", "web-1", f.now - 3600)) == f"skipped:busy:{manual.id}"
     run_once(store, f.fake, manual.id, None)
     f.run_queue()
