@@ -199,11 +199,15 @@ class WorkerCluster:
         """What a worker or recovery process has logged so far."""
         return self.logs[p.pid].read_text(errors="replace")
 
-    def start_worker(self, fault: str | None = None) -> subprocess.Popen:
+    def start_worker(self, fault: str | None = None, *, host: str | None = None,
+                     uri: str | None = None) -> subprocess.Popen:
+        """A worker; with ``host``, one that serves only that host's queue (on ``uri``)."""
         env = dict(self.env)
         if fault:
             env["DOMCAPTURE_FAULT"] = fault
-        p = self._spawn(["worker"], env)
+        if uri:
+            env["LIBVIRT_DEFAULT_URI"] = uri
+        p = self._spawn(["worker", *(["--host", host] if host else [])], env)
         self.workers.append(p)
         return p
 

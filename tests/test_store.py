@@ -8,6 +8,7 @@ import pytest
 
 from workflows.errors import ConflictError, DomainBusy, LeaseLost, RecordNotFound, RecordUnreadable
 from workflows.record import SCHEMA_VERSION, Record, new_id
+from workflows.store import Store
 
 
 def make(domain="d1", **kw) -> Record:
@@ -104,3 +105,23 @@ def test_one_workflow_per_domain_until_final(store):
 def test_missing_record(store):
     with pytest.raises(RecordNotFound):
         store.load("nope")
+
+
+def test_rolled_back_records_expire_and_leave_the_index_succeeded_ones_stay(redis_client, prefix):
+    from workflows.record import ROLLED_BACK, SUCCEEDED
+    store = Store(redis_client, prefix, finished_ttl=1)
+    recs = {}
+    for status in (ROLLED_BACK, SUCCEEDED):
+        rec = Record(id=f"exp-{status}", strategy="snapshot", definition_version=1, domain=f"d-{status}",
+                     uri="qemu:///system", params={}, state="x")
+        store.create(rec)
+        lease = store.acquire_lease(rec.id, "w", 5)
+        rec.status = status
+        store.save(rec, "ended", epoch=lease.epoch)
+        recs[status] = rec
+    assert 0 < redis_client.pttl(f"{prefix}:wf:exp-{ROLLED_BACK}") <= 1000
+    assert 0 < redis_client.pttl(f"{prefix}:wf:exp-{ROLLED_BACK}:history") <= 1000
+    assert redis_client.pttl(f"{prefix}:wf:exp-{SUCCEEDED}") == -1
+    time.sleep(1.2)
+    assert store.trim_index() == 1
+    assert store.ids() == [f"exp-{SUCCEEDED}"]

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -28,7 +30,7 @@ from workflows.errors import DomcaptureError, RecordUnreadable
 from workflows.record import FINAL_STATUSES, STATUSES, STOPPED_STATUSES, Record
 from workflows.service import summary
 
-from . import cli_backups, cli_checkpoints, cli_mount, completion, notify, web
+from . import cli_backups, cli_checkpoints, cli_fleet, cli_mount, completion, notify, web
 from .runtime import Runtime, rq_module
 from .settings import ENV, Settings, process_id
 
@@ -125,6 +127,11 @@ def _describe(rt: Runtime, rec: Record, history: bool = True) -> str:
            f"domain:    {rec.domain} at {rec.uri}", f"status:    {rec.status}",
            f"state:     {rec.state} (mode {rec.mode})", f"created:   {_ts(rec.created_at)}",
            f"updated:   {_ts(rec.updated_at)}", f"params:    {json.dumps(rec.params, sort_keys=True)}"]
+    host, waiting = rt.host_of(rec), rt.waiting(rec)
+    if host:
+        out.append(f"host:      {host}")
+    if waiting:
+        out.append(f"waiting:   {waiting}")
     if rec.progress:
         out.append(f"progress:  {progress_line(rec)}")
     if rec.error:
@@ -168,6 +175,8 @@ def cmd_show(args: argparse.Namespace, rt: Runtime) -> int:
         doc = rec.to_dict()
         doc["history"] = rt.store.history(rec.id)
         doc["lease"] = rt.store.lease_value(rec.id)
+        doc["host"] = rt.host_of(rec)
+        doc["waiting"] = rt.waiting(rec)
         print(json.dumps(doc, sort_keys=True))
     else:
         print(_describe(rt, rec))
@@ -178,12 +187,14 @@ def cmd_list(args: argparse.Namespace, rt: Runtime) -> int:
     status = "quarantined" if args.status == UNREADABLE else args.status
     entries = list(rt.store.listing(status))
     if args.json:
-        print(json.dumps([summary(e) if isinstance(e, Record) else
-                          {"id": e[0], "status": UNREADABLE, "reason": e[1]} for e in entries], sort_keys=True))
+        print(json.dumps([{**summary(e), "host": rt.host_of(e), "waiting": rt.waiting(e)} if isinstance(e, Record)
+                          else {"id": e[0], "status": UNREADABLE, "reason": e[1]} for e in entries], sort_keys=True))
         return 0
     for e in entries:
         if isinstance(e, Record):
-            print(f"{e.id}  {e.strategy:<16} {e.domain:<20} {e.status:<15} {e.state:<14} {_ts(e.updated_at)}")
+            waiting = rt.waiting(e)
+            print(f"{e.id}  {e.strategy:<16} {e.domain:<20} {e.status:<15} {e.state:<14} {_ts(e.updated_at)}"
+                  f"{'  ' + waiting if waiting else ''}")
         else:
             print(_unreadable_line(*e))
     return 0
@@ -221,13 +232,53 @@ def cmd_verify(args: argparse.Namespace, rt: Runtime) -> int:
     return 0 if ok else 1
 
 
+ANNOUNCE_TTL = 6.0
+
+
+def _host_name(args: argparse.Namespace, rt: Runtime) -> str | None:
+    """``--host NAME``, or ``--host libvirt``: the name libvirt gives its host (virConnectGetHostname)."""
+    if args.host != "libvirt":
+        return str(args.host) if args.host else None
+    hv = rt.hypervisor(rt.settings.libvirt_uri)
+    try:
+        return validate.key_part("host", hv.host_name())
+    finally:
+        hv.close()
+
+
 def cmd_worker(args: argparse.Namespace, rt: Runtime) -> int:
     rq = rq_module(rt.settings)
+    host = _host_name(args, rt)
+    name = f"domcapture-{process_id()}-{uuid.uuid4().hex[:6]}"
+    queue = rt.queue
+    stop = threading.Event()
+    if host:
+        # This worker runs the domains of one host: its own queue, its URI mapped to it,
+        # and an announcement renewed while it lives ('list' says when a host has none).
+        queue = rt.host_queue(host)
+        hv = rt.hypervisor(rt.settings.libvirt_uri)
+        try:
+            rt.map_host(hv.canonical_uri(), host)
+        finally:
+            hv.close()
+        rt.announce(host, name, ANNOUNCE_TTL)
+
+        def renew() -> None:
+            while not stop.wait(ANNOUNCE_TTL / 3):
+                try:
+                    rt.announce(host, name, ANNOUNCE_TTL)
+                except Exception:  # noqa: BLE001 - a Redis blip: the next round tries again
+                    logging.getLogger("domcapture.worker").warning("host announcement failed", exc_info=True)
+        threading.Thread(target=renew, name="announce", daemon=True).start()
     # SimpleWorker runs the job in this process: a SIGKILL of the worker kills
     # the job with it, and the lease heartbeat lives and dies with the job.
-    worker = rq.SimpleWorker([rt.queue], connection=rt.store.r, serializer=rt.serializer,
-                             name=f"domcapture-{process_id()}-{uuid.uuid4().hex[:6]}")
-    worker.work(burst=args.burst, logging_level=args.log_level or "INFO", with_scheduler=False)
+    worker = rq.SimpleWorker([queue], connection=rt.store.r, serializer=rt.serializer, name=name)
+    try:
+        worker.work(burst=args.burst, logging_level=args.log_level or "INFO", with_scheduler=False)
+    finally:
+        stop.set()
+        if host:
+            rt.withdraw(host, name)
     return 0
 
 
@@ -343,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("worker", help="run an RQ worker for capture jobs")
     s.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    s.add_argument("--host", help="serve the queue of this host only ('libvirt': the name libvirt reports; "
+                                  "env DOMCAPTURE_HOST)")
     _with_json(s, "log as JSON lines")
     s.set_defaults(func=cmd_worker, daemon=True)
 
@@ -355,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_checkpoints.register(sub)
     cli_backups.register(sub)
     cli_mount.register(sub)
+    cli_fleet.register(sub)
 
     s = sub.add_parser("completion", help="print a shell completion script: eval \"$(domcapture completion bash)\"")
     s.add_argument("shell", choices=("bash",))
@@ -377,6 +431,10 @@ def check_args(args: argparse.Namespace) -> None:
         validate.text("uri", args.uri)
     if getattr(args, "timeout", None) is not None:
         args.timeout = validate.seconds("timeout", args.timeout)
+    if args.command == "worker" and args.host is None:
+        args.host = os.environ.get("DOMCAPTURE_HOST") or None
+    if getattr(args, "host", None) is not None and args.host != "libvirt":
+        args.host = validate.key_part("host", args.host)
     if getattr(args, "interval", None) is not None:
         args.interval = validate.number("interval", args.interval, minimum=0.05, allow_minimum=True,
                                         maximum=3600, unit=" of seconds")

@@ -10,6 +10,7 @@ from typing import Callable
 
 from workflows import strategies
 from workflows.engine import Engine
+from workflows.limits import Limits
 
 from .runtime import Runtime
 from .settings import Settings, process_id
@@ -42,6 +43,20 @@ def run_workflow(wf_id: str) -> str:
     rt = Runtime(settings)
     engine = Engine(rt.store, strategies.DEFINITIONS, rt.hypervisor, process_id(), lease_ttl=settings.lease_ttl,
                     crash_hook=fault_hook(os.environ.get("DOMCAPTURE_FAULT")))
-    outcome = engine.run(wf_id)
+    rec = rt.store.load(wf_id)
+    wanted = {f"{kind}:{name}": int(n) for kind, (name, n) in rec.data.get("limits", {}).items()}
+    if not wanted or rec.final:
+        outcome = engine.run(wf_id)
+    else:
+        # Taken before the first step of this run, so never waited on between a freeze and its thaw.
+        note = f"{rt.settings.prefix}:wf:{wf_id}:waiting"
+        limits = Limits(rt.store.r, rt.settings.prefix, ttl=max(5.0, 2 * settings.lease_ttl))
+
+        def waiting(name: str) -> None:
+            rt.store.r.set(note, f"waiting for limit {name} (at most {wanted[name]} at once)", ex=10)
+
+        with limits.held(wf_id, wanted, waiting=waiting):
+            rt.store.r.delete(note)
+            outcome = engine.run(wf_id)
     log.info("workflow %s: %s", wf_id, outcome)
     return outcome

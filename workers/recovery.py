@@ -26,6 +26,7 @@ from workflows.record import QUEUED, RUNNING
 from .runtime import Runtime
 
 log = logging.getLogger("domcapture.recovery")
+TRIM_EVERY = 3600.0
 
 
 class Recovery:
@@ -68,9 +69,16 @@ class Recovery:
 
     def run_forever(self, interval: float) -> None:
         log.info("recovery: sweeping every %.1fs", interval)
+        trimmed_at = 0.0
         while True:
             try:
                 self.sweep()
+                if time.time() - trimmed_at > TRIM_EVERY:
+                    # expired finished records (Store.finished_ttl) leave their id in the index
+                    trimmed_at = time.time()
+                    gone = self.rt.store.trim_index()
+                    if gone:
+                        log.info("recovery: %d expired records dropped from the index", gone)
             except DomcaptureError as exc:  # redis or libvirt away: try again next round
                 log.error("recovery sweep failed: %s", exc)
             except Exception:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -73,7 +74,7 @@ def check_protection(settings: Settings) -> None:
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        rq = rq_module(settings)
+        rq = self.rq = rq_module(settings)
         from rq.serializers import JSONSerializer
         self.job_class: Any = rq.job.Job
         self.serializer = JSONSerializer
@@ -101,12 +102,58 @@ class Runtime:
             return None
         return self.job_class.fetch(job_id, connection=self.store.r, serializer=self.serializer)
 
+    # -- hosts ------------------------------------------------------------------------
+    # ``P:hosts`` maps a libvirt URI to the host that runs it (written by policies and
+    # by ``worker --host``); ``P:host-workers:<host>`` holds the live workers of a host,
+    # scored by the end of their announcement (renewed while they run).
+    def host_queue(self, host: str) -> Any:
+        return self.rq.Queue(f"{self.settings.queue}.{host}", connection=self.store.r, serializer=self.serializer)
+
+    def host_of(self, rec: Record) -> str | None:
+        host = rec.data.get("host")
+        if isinstance(host, str) and host:
+            return host
+        raw = self.store.r.hget(f"{self.settings.prefix}:hosts", rec.uri)
+        return raw.decode() if raw else None
+
+    def queue_of(self, rec: Record) -> Any:
+        host = self.host_of(rec)
+        return self.host_queue(host) if host else self.queue
+
+    def map_host(self, uri: str, host: str) -> None:
+        self.store.r.hset(f"{self.settings.prefix}:hosts", uri, host)
+
+    def announce(self, host: str, worker: str, ttl: float) -> None:
+        key = f"{self.settings.prefix}:host-workers:{host}"
+        pipe = self.store.r.pipeline()
+        pipe.zadd(key, {worker: time.time() + ttl})
+        pipe.zremrangebyscore(key, "-inf", time.time())
+        pipe.expire(key, int(ttl * 2) + 1)
+        pipe.execute()
+
+    def withdraw(self, host: str, worker: str) -> None:
+        self.store.r.zrem(f"{self.settings.prefix}:host-workers:{host}", worker)
+
+    def live_workers(self, host: str) -> list[str]:
+        key = f"{self.settings.prefix}:host-workers:{host}"
+        return [m.decode() for m in self.store.r.zrangebyscore(key, time.time(), "+inf")]
+
+    def waiting(self, rec: Record) -> str | None:
+        """Why a queued workflow is not running yet, when something other than a busy worker holds it."""
+        if rec.status != "queued":
+            return None
+        host = self.host_of(rec)
+        if host and not self.live_workers(host):
+            return f"waiting for host {host}: no live worker serves it (domcapture worker --host {host})"
+        note = self.store.r.get(f"{self.settings.prefix}:wf:{rec.id}:waiting")
+        return note.decode() if note else None
+
     def enqueue(self, rec: Record) -> None:
         job_id = self.job_id(rec)
         existing = self._job(job_id)
         if existing is not None and existing.get_status(refresh=True) in ("queued", "started", "deferred"):
             return
-        self.queue.enqueue(JOB_FUNC, rec.id, job_id=job_id, job_timeout=JOB_TIMEOUT, result_ttl=3600,
+        self.queue_of(rec).enqueue(JOB_FUNC, rec.id, job_id=job_id, job_timeout=JOB_TIMEOUT, result_ttl=3600,
                            failure_ttl=7 * 24 * 3600, description=f"{rec.strategy} {rec.domain} ({rec.id})")
 
     def job_waiting(self, rec: Record) -> bool:
@@ -116,7 +163,7 @@ class Runtime:
         before marking it started leaves it 'queued' but in no queue.
         """
         job_id = self.job_id(rec)
-        return self.store.r.lpos(self.queue.key, job_id) is not None
+        return self.store.r.lpos(self.queue_of(rec).key, job_id) is not None
 
     def job_status(self, rec: Record) -> str | None:
         job = self._job(self.job_id(rec))

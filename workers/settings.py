@@ -31,6 +31,7 @@ ENV = {
     "DOMCAPTURE_RECOVERY_INTERVAL": "seconds between recovery sweeps (0.05 to 3600)",
     "DOMCAPTURE_RUN_DIR": "folder of pull-mode NBD sockets (default /run/domcapture)",
     "DOMCAPTURE_MANIFEST_KEY_FILE": "key file (0600, >= 32 bytes): sign backup manifests, refuse unsigned ones",
+    "DOMCAPTURE_HOST": "worker: the host whose queue it serves (or 'libvirt': the name libvirt reports)",
     "DOMCAPTURE_FAULT": "fault injection for tests: kill-at:<pattern>",
 }
 

@@ -55,6 +55,12 @@ class StoreError(DomcaptureError):
     pass
 
 
+class SlotTaken(StoreError):
+    """A scheduled slot was submitted (or recorded) already: by another scheduler, or before a crash."""
+
+    exit_code = 3
+
+
 class StoreUnavailable(StoreError):
     retryable = True
     exit_code = 4

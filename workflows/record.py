@@ -39,6 +39,21 @@ def new_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+@dataclass(frozen=True)
+class Slot:
+    """A scheduled run: policy, domain (with its host) and slot time; ``kind`` capture | prune | verify."""
+
+    policy: str
+    host: str
+    domain: str
+    at: float
+    kind: str = "capture"
+
+    @property
+    def member(self) -> str:
+        return f"{self.host}|{self.domain}|{int(self.at)}|{self.kind}"
+
+
 @dataclass
 class Artifact:
     """Something a step creates outside the store, named before it exists."""

@@ -16,9 +16,9 @@ from .definition import Definition
 from .checkpoints import CheckpointStore
 from .effects import Inspect
 from .engine import begin_rollback, definition_problem, requeue, stop_for_definition
-from .errors import DomainBusy, InvalidOperation
+from .errors import DomainBusy, DomcaptureError, InvalidOperation, SlotTaken, StoreUnavailable
 from .hypervisor.base import Hypervisor, read_only
-from .record import FINAL_STATUSES, FORWARD, NEEDS_ATTENTION, QUEUED, RUNNING, Record, new_id
+from .record import FINAL_STATUSES, FORWARD, NEEDS_ATTENTION, QUEUED, RUNNING, Record, Slot, new_id
 from .store import Lease, Store
 from .verify import verify_files
 
@@ -44,26 +44,45 @@ class Captures:
         return Inspect(read_only(hv), CheckpointStore(self.store))
 
     # -- submit --------------------------------------------------------------------
-    def submit(self, strategy: str, domain: str, uri: str, params: dict[str, Any]) -> Record:
-        """Validate everything, then record and enqueue.  Bad input changes nothing."""
+    def submit(self, strategy: str, domain: str, uri: str, params: dict[str, Any], *,
+               slot: Slot | None = None, data: dict[str, Any] | None = None) -> Record:
+        """Validate everything, then record and enqueue.  Bad input changes nothing.
+
+        With ``slot`` (a scheduled run) the slot is claimed in the record's own create:
+        SlotTaken if it was already; a busy domain or a refused submission is recorded
+        on the slot (skipped / refused) before the error is raised, so it is never lost.
+        """
         defn = self.definition(strategy)
         self.store.ping()
+        if slot is not None and self.store.slot_value(slot) is not None:
+            raise SlotTaken(f"slot {slot.member} of policy {slot.policy} is already {self.store.slot_value(slot)}")
         hv = self.hypervisor_factory(uri)
         try:
             canonical = hv.canonical_uri()
             holder = self.store.domain_holder(canonical, domain)
             if holder:
+                if slot is not None:
+                    self.store.mark_slot(slot, f"skipped:busy:{holder}")
                 raise DomainBusy(f"domain {domain!r} is busy with workflow {holder}; "
                                  f"see 'domcapture show {holder}'")
             raw = dict(params)
-            if defn.resolve is not None:
-                raw = defn.resolve(self.store.load, raw)
-            normalised = defn.validate(self._inspect(hv), domain, raw)
+            try:
+                if defn.resolve is not None:
+                    raw = defn.resolve(self.store.load, raw)
+                normalised = defn.validate(self._inspect(hv), domain, raw)
+            except DomcaptureError as exc:
+                if slot is not None and not isinstance(exc, StoreUnavailable):
+                    self.store.mark_slot(slot, f"refused:{type(exc).__name__}: {exc}")
+                raise
         finally:
             hv.close()
         rec = Record(id=new_id(), strategy=defn.name, definition_version=defn.version, domain=domain,
                      uri=canonical, params=normalised, state=defn.initial, status=QUEUED, enqueues=1)
-        self.store.create(rec)
+        rec.data.update(data or {})
+        if slot is not None:
+            rec.data["host"] = slot.host
+            rec.data["slot"] = {"policy": slot.policy, "host": slot.host, "at": slot.at, "kind": slot.kind}
+        self.store.create(rec, slot=slot)
         self.enqueue(rec)
         return rec
 

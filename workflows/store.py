@@ -11,9 +11,18 @@ Keys (``P`` is the configurable prefix, ``dc`` by default):
 - ``P:domain:<uri>|<name>``  id of the workflow that holds the domain
 - ``P:index``            sorted set of every id by creation time
 - ``P:active``           ids whose status is not final
+- ``P:slot:<policy>:<member>``  a scheduled slot: the workflow id it submitted, or
+                         why it submitted none (``skipped:busy:<id>``, ``coalesced:<t>``, ...)
+- ``P:slots:<policy>``   sorted set of the policy's slot members by slot time
 - ``P:quarantine``       ids of records this build cannot read (moved out of
                          ``P:active``; the record's bytes stay in ``P:wf:<id>``
                          with the reason in its ``quarantined`` field)
+
+A record that ends rolled back (or partially) expires ``finished_ttl`` seconds
+(30 days by default) after its last write, with its history and epoch, in
+that same write; ``trim_index`` then drops its id from ``P:index`` (the
+recovery process runs it hourly).  A succeeded record stays: it is the
+catalogue entry of a backup, and goes when the prune strategy deletes it.
 
 Every record write runs one Lua script that checks the revision the writer
 read and the writer's fencing epoch, writes the record, appends the history
@@ -30,19 +39,35 @@ from typing import Any, Callable, Iterator, ParamSpec, TypeVar
 
 import redis
 
-from .errors import (ConflictError, DomainBusy, LeaseLost, RecordNotFound, RecordUnreadable, StoreError,
+from .errors import (ConflictError, DomainBusy, LeaseLost, RecordNotFound, RecordUnreadable, SlotTaken, StoreError,
                      StoreUnavailable)
-from .record import FINAL_STATUSES, Record
+from .record import FINAL_STATUSES, PARTIALLY_ROLLED_BACK, ROLLED_BACK, Record, Slot
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 _CREATE = """
--- KEYS: record, history, index, active, domainlock
--- ARGV: id, data, event, created_at
+-- KEYS: record, history, index, active, domainlock [, slot, slot index]
+-- ARGV: id, data, event, created_at [, slot member, slot score, skipped-note]
+-- With a slot (a scheduled run): the slot's key is claimed in this same step, so a
+-- slot is either submitted once (its value is the workflow id) or recorded skipped.
+if KEYS[6] then
+  local taken = redis.call('GET', KEYS[6])
+  if taken then return {'slot', taken} end
+end
 local holder = redis.call('GET', KEYS[5])
-if holder and holder ~= ARGV[1] then return {'busy', holder} end
+if holder and holder ~= ARGV[1] then
+  if KEYS[6] then
+    redis.call('SET', KEYS[6], ARGV[7] .. holder)
+    redis.call('ZADD', KEYS[7], ARGV[6], ARGV[5])
+  end
+  return {'busy', holder}
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', ARGV[1]} end
+if KEYS[6] then
+  redis.call('SET', KEYS[6], ARGV[1])
+  redis.call('ZADD', KEYS[7], ARGV[6], ARGV[5])
+end
 redis.call('SET', KEYS[5], ARGV[1])
 redis.call('HSET', KEYS[1], 'rev', 1, 'data', ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[3])
@@ -53,7 +78,7 @@ return {'ok', '1'}
 
 _SAVE = """
 -- KEYS: record, history, epoch, active, domainlock
--- ARGV: id, expected_rev, writer_epoch, data, event (or ''), final ('1'/'0')
+-- ARGV: id, expected_rev, writer_epoch, data, event (or ''), final ('1'/'0'), expire_s ('0': keep)
 local rev = redis.call('HGET', KEYS[1], 'rev')
 if not rev then return {'missing', ''} end
 local epoch = redis.call('GET', KEYS[3]) or '0'
@@ -65,6 +90,11 @@ if ARGV[5] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[5]) end
 if ARGV[6] == '1' then
   redis.call('SREM', KEYS[4], ARGV[1])
   if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
+  if ARGV[7] ~= '0' then
+    redis.call('EXPIRE', KEYS[1], ARGV[7])
+    redis.call('EXPIRE', KEYS[2], ARGV[7])
+    redis.call('EXPIRE', KEYS[3], ARGV[7])
+  end
 else
   redis.call('SADD', KEYS[4], ARGV[1])
 end
@@ -157,10 +187,19 @@ class Lease:
         self.store.release_lease(self.wf_id, self.value)
 
 
+#: Final records that expire (``Store.finished_ttl``): a rollback leaves nothing to
+#: restore from.  A succeeded capture is a backup's catalogue entry and stays until
+#: the prune strategy deletes the backup; a stopped one waits for an operator.
+EXPIRING_STATUSES = (ROLLED_BACK, PARTIALLY_ROLLED_BACK)
+FINISHED_TTL = 30 * 24 * 3600
+LIST_BATCH = 500  # records read per round trip by ``listing``
+
+
 class Store:
-    def __init__(self, client: redis.Redis[bytes], prefix: str = "dc") -> None:
+    def __init__(self, client: redis.Redis[bytes], prefix: str = "dc", finished_ttl: float = FINISHED_TTL) -> None:
         self.r = client
         self.prefix = prefix
+        self.finished_ttl = finished_ttl
         self._create = client.register_script(_CREATE)
         self._save = client.register_script(_SAVE)
         self._acquire = client.register_script(_ACQUIRE)
@@ -214,14 +253,25 @@ class Store:
         return {"ts": time.time(), "event": event, "state": rec.state, "status": rec.status,
                 "mode": rec.mode, "worker": rec.worker, "epoch": rec.epoch, **detail}
 
-    def create(self, rec: Record, event: str = "submitted") -> None:
+    def create(self, rec: Record, event: str = "submitted", slot: Slot | None = None) -> None:
+        """Write a new record and take its domain; with ``slot``, claim the slot in the same step.
+
+        A slot already claimed raises SlotTaken; a busy domain records the slot as skipped
+        (``skipped:busy:<holder>``) and raises DomainBusy.
+        """
         rec.rev = 1
         data = _dumps(rec.to_dict())
-        res = self._call(self._create,
-                         keys=[self._k(rec.id), self._k(rec.id, ":history"), f"{self.prefix}:index",
-                               f"{self.prefix}:active", self.domain_key(rec.uri, rec.domain)],
-                         args=[rec.id, data, _dumps(self.event(rec, event)), rec.created_at])
+        keys = [self._k(rec.id), self._k(rec.id, ":history"), f"{self.prefix}:index",
+                f"{self.prefix}:active", self.domain_key(rec.uri, rec.domain)]
+        args: list[Any] = [rec.id, data, _dumps(self.event(rec, event)), rec.created_at]
+        if slot is not None:
+            keys += [self.slot_key(slot), self.slot_index(slot.policy)]
+            args += [slot.member, slot.at, "skipped:busy:"]
+        res = self._call(self._create, keys=keys, args=args)
         tag, val = res[0].decode(), res[1].decode()
+        if tag == "slot":
+            raise SlotTaken(f"slot {slot.member if slot else ''} of policy {slot.policy if slot else ''} "
+                            f"is already {val}")
         if tag == "busy":
             raise DomainBusy(f"domain {rec.domain!r} is busy with workflow {val}; "
                              f"wait for it, or see 'domcapture show {val}'")
@@ -238,6 +288,10 @@ class Store:
                 raise
             kind = self._call(self.r.type, key).decode()
             raise RecordUnreadable(f"workflow {wf_id}: {key} is a Redis {kind}, not a workflow record") from None
+        return self._parse(wf_id, raw)
+
+    @staticmethod
+    def _parse(wf_id: str, raw: dict[bytes, bytes]) -> Record:
         if not raw:
             raise RecordNotFound(f"no workflow with id {wf_id!r}")
         if b"quarantined" in raw:
@@ -255,6 +309,17 @@ class Store:
             raise RecordUnreadable(f"workflow {wf_id}: the record inside says id {rec.id!r}")
         rec.rev = rev
         return rec
+
+    def _load_many(self, ids: list[str]) -> Iterator[tuple[str, Record | Exception]]:
+        """``load`` for many ids in one round trip; a record the pipeline cannot read goes through ``load``."""
+        pipe = self.r.pipeline(transaction=False)
+        for wf_id in ids:
+            pipe.hgetall(self._k(wf_id))
+        for wf_id, raw in zip(ids, self._call(pipe.execute, raise_on_error=False), strict=True):
+            try:
+                yield wf_id, (self.load(wf_id) if isinstance(raw, Exception) else self._parse(wf_id, raw))
+            except (RecordNotFound, RecordUnreadable) as exc:
+                yield wf_id, exc
 
     def quarantine(self, wf_id: str, reason: str, by: str = "") -> None:
         """Move an unreadable record out of the active set; its bytes stay, with the reason beside them.
@@ -291,7 +356,8 @@ class Store:
                          keys=[self._k(rec.id), self._k(rec.id, ":history"), self._k(rec.id, ":epoch"),
                                f"{self.prefix}:active", self.domain_key(rec.uri, rec.domain)],
                          args=[rec.id, expected, epoch, _dumps(rec.to_dict()), ev,
-                               "1" if rec.status in FINAL_STATUSES else "0"])
+                               "1" if rec.status in FINAL_STATUSES else "0",
+                               int(self.finished_ttl) if rec.status in EXPIRING_STATUSES else 0])
         tag, val = res[0].decode(), res[1].decode()
         if tag == "ok":
             return
@@ -320,6 +386,21 @@ class Store:
             out.append(ev)
         return out
 
+    def trim_index(self, batch: int = 1000) -> int:
+        """Drop from the index the ids whose record expired; returns how many."""
+        gone = 0
+        ids = self.ids()
+        for i in range(0, len(ids), batch):
+            chunk = ids[i:i + batch]
+            pipe = self.r.pipeline(transaction=False)
+            for wf_id in chunk:
+                pipe.exists(self._k(wf_id))
+            dead = [wf_id for wf_id, alive in zip(chunk, self._call(pipe.execute), strict=True) if not alive]
+            if dead:
+                self._call(self.r.zrem, f"{self.prefix}:index", *dead)
+                gone += len(dead)
+        return gone
+
     def ids(self) -> list[str]:
         return [x.decode() for x in self._call(self.r.zrange, f"{self.prefix}:index", 0, -1)]
 
@@ -334,17 +415,43 @@ class Store:
 
     def listing(self, status: str | None = None) -> Iterator[Record | tuple[str, str]]:
         """Every record, or ``(id, reason)`` for one this build cannot read (status ``quarantined``)."""
-        for wf_id in self.ids():
-            try:
-                rec = self.load(wf_id)
-            except RecordNotFound:
-                continue
-            except RecordUnreadable as exc:
-                if status in (None, "quarantined"):
-                    yield wf_id, str(exc)
-                continue
-            if status is None or rec.status == status:
-                yield rec
+        ids = self.ids()
+        for i in range(0, len(ids), LIST_BATCH):
+            for wf_id, rec in self._load_many(ids[i:i + LIST_BATCH]):
+                if isinstance(rec, RecordNotFound):
+                    continue
+                if isinstance(rec, Exception):
+                    if status in (None, "quarantined"):
+                        yield wf_id, str(rec)
+                    continue
+                if status is None or rec.status == status:
+                    yield rec
+
+    # -- scheduled slots ------------------------------------------------------------
+    def slot_key(self, slot: Slot) -> str:
+        return f"{self.prefix}:slot:{slot.policy}:{slot.member}"
+
+    def slot_index(self, policy: str) -> str:
+        return f"{self.prefix}:slots:{policy}"
+
+    def mark_slot(self, slot: Slot, outcome: str) -> bool:
+        """Record a slot that submits nothing (skipped, coalesced, refused); False if it was taken already."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self.slot_key(slot), outcome, nx=True)
+        pipe.zadd(self.slot_index(slot.policy), {slot.member: slot.at}, nx=True)
+        res = self._call(pipe.execute)
+        return bool(res[0])
+
+    def slot_value(self, slot: Slot) -> str | None:
+        val = self._call(self.r.get, self.slot_key(slot))
+        return val.decode() if val else None
+
+    def slots(self, policy: str, since: float = 0.0) -> list[tuple[str, float, str]]:
+        """(member, slot time, outcome) of every recorded slot of ``policy`` from ``since`` on."""
+        members = self._call(self.r.zrangebyscore, self.slot_index(policy), since, "+inf", withscores=True)
+        keys = [f"{self.prefix}:slot:{policy}:{m.decode()}" for m, _ in members]
+        values = self._call(self.r.mget, keys) if keys else []
+        return [(m.decode(), float(at), v.decode() if v else "?") for (m, at), v in zip(members, values, strict=True)]
 
     def domain_holder(self, uri: str, domain: str) -> str | None:
         val = self._call(self.r.get, self.domain_key(uri, domain))

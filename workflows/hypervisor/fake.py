@@ -51,6 +51,7 @@ class _FakeDomain:
     state: str = "running"
     agent: bool = False
     frozen: bool = False
+    metadata: str = ""  # the domain XML's <metadata> element, as written
     log: list[str] = field(default_factory=list)
     nvram: str | None = None
 
@@ -63,10 +64,10 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
 
     # -- test set-up (not part of the Hypervisor protocol) ----------------------
     def add_domain(self, name: str, disks: dict[str, str], *, agent: bool = False, state: str = "running",
-                   disk_type: str = "file", nvram: str | None = None) -> None:
+                   disk_type: str = "file", nvram: str | None = None, metadata: str = "") -> None:
         self.domains[name] = _FakeDomain(
             name, {t: _FakeDisk(t, p, type=disk_type) for t, p in disks.items()}, state=state, agent=agent,
-            nvram=nvram)
+            nvram=nvram, metadata=metadata)
 
     def add_disk(self, name: str, target: str, path: str, *, device: str = "disk", readonly: bool = False,
                  shareable: bool = False, fmt: str = "qcow2") -> None:
@@ -112,6 +113,9 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
     def close(self) -> None:
         pass
 
+    def list_domains(self) -> list[str]:
+        return sorted(self.domains)
+
     def domain_state(self, name: str) -> str:
         return self._dom(name).state
 
@@ -121,7 +125,7 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
                         f"<target dev='{d.target}'/>{'<readonly/>' if d.readonly else ''}"
                         f"{'<shareable/>' if d.shareable else ''}</disk>" for d in dom.disks.values())
         nvram = f"<os><nvram>{dom.nvram}</nvram></os>" if dom.nvram else ""
-        return f"<domain type='fake'><name>{name}</name>{nvram}<devices>{disks}</devices></domain>"
+        return f"<domain type='fake'><name>{name}</name>{dom.metadata}{nvram}<devices>{disks}</devices></domain>"
 
     def firmware(self, name: str) -> Firmware:
         return parse_firmware(self.domain_xml(name))

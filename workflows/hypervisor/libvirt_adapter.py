@@ -176,6 +176,15 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
                 self._conn = None
 
     # -- inspection -----------------------------------------------------------
+    def host_name(self) -> str:
+        """The hypervisor host's name (virConnectGetHostname)."""
+        name: str = self._call("getHostname", lambda c: c.getHostname())
+        return name
+
+    def list_domains(self) -> list[str]:
+        names: list[str] = self._call("list of domains", lambda c: sorted(d.name() for d in c.listAllDomains()))
+        return names
+
     def domain_state(self, name: str) -> str:
         state = self._call(f"state of domain {name}", lambda c: self._dom(c, name).state()[0])
         return _STATES.get(state, "other")

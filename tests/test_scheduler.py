@@ -1,0 +1,200 @@
+"""Policies and the durable scheduler, over simulated days on real Redis and the in-memory hypervisor.
+
+Every workflow a tick submits is run to its end by the engine (direct-backup on
+the fake writes real files), so the store holds what a night really leaves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from workflows.hypervisor.fake import FakeHypervisor
+from workflows.policy import TAG_NS, Policy, PolicyError, PolicyStore, domain_tags, parse
+from workflows.record import SUCCEEDED, Slot
+from workflows.scheduler import Scheduler
+from workflows.service import Captures
+from workflows.store import Store
+
+from .crashkit import run_once
+
+PARIS = ZoneInfo("Europe/Paris")
+
+GOOD = """\
+name = "nightly"
+strategy = "direct-backup"
+target = "{target}"
+domains = ["web-*"]
+tags = ["nightly"]
+
+[hosts]
+hv1 = "{uri}"
+
+[options]
+mode = "push"
+quiesce = "try"
+
+[full]
+weekday = "sun"
+every = 3
+
+[schedule]
+cron = "0 2 * * *"
+timezone = "Europe/Paris"
+
+[retention]
+keep_daily = 7
+keep_weekly = 4
+
+[limits]
+per_host = 2
+"""
+
+
+def test_a_good_policy_parses_with_every_field():
+    p = parse(GOOD.format(target="/srv/bk", uri="qemu:///system"), known_strategies=lambda s: s == "direct-backup")
+    assert (p.name, p.strategy, p.target, p.hosts) == ("nightly", "direct-backup", "/srv/bk",
+                                                        {"hv1": "qemu:///system"})
+    assert (p.full_weekday, p.full_every, p.per_host, p.per_target) == ("sun", 3, 2, None)
+    assert p.retention == {"keep_daily": 7, "keep_weekly": 4}
+    def nights(start: datetime, cron: str) -> list[str]:
+        slots = p.slots_between(start.timestamp(), start.timestamp() + 3 * 86400, cron)
+        return [datetime.fromtimestamp(t, PARIS).strftime("%d %H:%M %Z") for t in slots]
+    # 02:00 does not exist the night Paris moves to summer time: that night runs at 03:00, once
+    assert nights(datetime(2026, 3, 28, 12, tzinfo=PARIS), p.cron) == \
+        ["29 03:00 CEST", "30 02:00 CEST", "31 02:00 CEST"]
+    # 02:30 happens twice the night it moves back: it runs once
+    assert nights(datetime(2026, 10, 24, 12, tzinfo=PARIS), "30 2 * * *") == \
+        ["25 02:30 CEST", "26 02:30 CET", "27 02:30 CET"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (("timezone = \"Europe/Paris\"", "timezone = \"Mars/Olympus\""), "policy.toml:20: schedule.timezone: unknown"),
+    (("cron = \"0 2 * * *\"", "cron = \"0 25 * * *\""), "policy.toml:19: schedule.cron: not a cron expression"),
+    (("keep_daily = 7", "keep_daly = 7"), "policy.toml:23: retention.keep_daly: unknown field"),
+    (("keep_daily = 7", "keep_daily = -1"), "policy.toml:23: retention.keep_daily: must be a whole number"),
+    (("every = 3", "every = \"3\""), "policy.toml:16: full.every: must be a whole number"),
+    (("strategy = \"direct-backup\"", "strategy = \"tape\""), "policy.toml:2: strategy: unknown strategy 'tape'"),
+    (("target = \"/srv/bk\"", "target = \"bk\""), "policy.toml:3: target: must be an absolute path"),
+    (("[hosts]\nhv1 = \"qemu:///system\"\n", ""), "policy.toml:1: hosts: is required"),
+    (("per_host = 2", "per_host = 0"), "policy.toml:27: limits.per_host: must be a whole number from 1"),
+    (("name = \"nightly\"", "name = \"night ly\""), "policy.toml:1: name: letters, digits"),
+    (("mode = \"push\"", "mode = \"push"), "policy.toml: not TOML"),
+])
+def test_a_bad_policy_is_refused_with_its_line_and_field(change, message):
+    text = GOOD.format(target="/srv/bk", uri="qemu:///system").replace(*change)
+    with pytest.raises(PolicyError) as err:
+        parse(text, "policy.toml", known_strategies=lambda s: s == "direct-backup")
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_tags_come_from_the_domain_metadata():
+    xml = f"<domain><name>x</name><metadata><dc:tags xmlns:dc='{TAG_NS}'>nightly, db</dc:tags></metadata></domain>"
+    assert domain_tags(xml) == {"nightly", "db"}
+    assert domain_tags("<domain><metadata><other/></metadata></domain>") == set()
+
+
+def test_policies_are_stored_versioned(store: Store):
+    ps = PolicyStore(store.r, store.prefix)
+    p = parse(GOOD.format(target="/srv/bk", uri="qemu:///system"))
+    assert ps.apply(p) == 1
+    p.per_host = 3
+    assert ps.apply(p) == 2
+    assert ps.names() == ["nightly"]
+    assert (ps.get("nightly").version, ps.get("nightly").per_host) == (2, 3)
+    assert [v["per_host"] for v in ps.versions("nightly")] == [2, 3]
+    ps.delete("nightly")
+    assert ps.names() == [] and not store.r.exists(f"{store.prefix}:policy:nightly")
+
+
+class Fleet:
+    """One fake host with three matching domains (two by glob, one by tag) and one that is not."""
+
+    def __init__(self, tmp_path, store: Store) -> None:
+        self.store = store
+        self.uri = f"fake:///sched-{os.urandom(4).hex()}"
+        self.fake = FakeHypervisor(self.uri)
+        tagged = f"<metadata><dc:tags xmlns:dc='{TAG_NS}'>nightly</dc:tags></metadata>"
+        for name, meta in (("web-1", ""), ("web-2", ""), ("db1", tagged), ("scratch", "")):
+            d = tmp_path / name
+            d.mkdir()
+            (d / "vda.img").write_bytes(os.urandom(64 * 1024))
+            self.fake.add_domain(name, {"vda": str(d / "vda.img")}, agent=True, metadata=meta)
+        (tmp_path / "bk").mkdir()
+        self.policies = PolicyStore(store.r, store.prefix)
+        self.policy: Policy = parse(GOOD.format(target=tmp_path / "bk", uri=self.uri))
+        self.policies.apply(self.policy)
+        self.queue: list[str] = []
+        self.captures = Captures(store, lambda uri: self.fake, lambda rec: self.queue.append(rec.id))
+        self.now = datetime(2026, 3, 2, 12, tzinfo=PARIS).timestamp()  # a Monday, noon
+
+    def scheduler(self, name: str) -> Scheduler:
+        return Scheduler(self.captures, self.policies, clock=lambda: self.now, owner=name)
+
+    def run_queue(self) -> None:
+        while self.queue:
+            run_once(self.store, self.fake, self.queue.pop(0), None)
+
+    def captures_of(self, domain: str) -> list:
+        return sorted((r for r in self.store.records() if r.domain == domain), key=lambda r: r.created_at)
+
+
+def test_two_schedulers_over_simulated_days_submit_each_slot_once(tmp_path, store: Store):
+    f = Fleet(tmp_path, store)
+    a, b = f.scheduler("a"), f.scheduler("b")
+    a.tick()  # first sight: the schedule starts now
+    for _ in range(8 * 24):  # eight days, hour by hour, both schedulers every hour
+        f.now += 3600
+        a.tick()
+        b.tick()
+        f.run_queue()
+    for domain in ("web-1", "web-2", "db1"):
+        recs = f.captures_of(domain)
+        assert len(recs) == 8 and all(r.status == SUCCEEDED for r in recs), domain
+        days = [datetime.fromtimestamp(r.data["slot"]["at"], PARIS) for r in recs]
+        assert [(d.day, d.hour) for d in days] == [(d, 2) for d in range(3, 11)]
+        # full first (no chain), then every 3 incrementals, and on Sunday the 8th
+        assert [r.params["incremental"] for r in recs] == [False, True, True, True, False, False, True, True]
+    assert f.captures_of("scratch") == []
+    slots = store.slots("nightly")
+    assert len(slots) == 24 and all(v.startswith(tuple("0123456789abcdef")) for _, _, v in slots)
+
+
+def test_a_busy_domain_is_recorded_skipped_and_missed_nights_coalesce(tmp_path, store: Store):
+    f = Fleet(tmp_path, store)
+    s = f.scheduler("a")
+    s.tick()
+    manual = f.captures.submit("direct-backup", "web-1", f.uri, {"target": str(tmp_path / "bk")})
+    f.queue.clear()  # its worker has not picked it up yet: web-1 is busy at 02:00
+    f.now += 15 * 3600  # 03:00 Tuesday
+    first = {o.slot.domain: o.what for o in s.tick()}
+    assert first["web-1"] == f"skipped:busy:{manual.id}"
+    assert store.slot_value(Slot("nightly", "hv1", "web-1", f.now - 3600)) == f"skipped:busy:{manual.id}"
+    run_once(store, f.fake, manual.id, None)
+    f.run_queue()
+    f.now += 3 * 86400  # the scheduler was down for three nights
+    out = s.tick()
+    assert [o.what for o in out if o.slot.kind == "catch-up"] == \
+        [f"coalesced:2 missed slot(s) from {int(f.now - 3 * 86400 + 82800)} into {int(f.now - 3600)}"]
+    assert sorted(o.slot.domain for o in out if o.what.startswith("submitted")) == ["db1", "web-1", "web-2"]
+    assert s.tick() == []
+
+
+def test_a_crash_between_create_and_the_cursor_loses_and_doubles_nothing(tmp_path, store: Store):
+    f = Fleet(tmp_path, store)
+    crashing = Captures(store, lambda uri: f.fake, lambda rec: (_ for _ in ()).throw(SystemExit("killed")))
+    dying = Scheduler(crashing, f.policies, clock=lambda: f.now)
+    dying.tick()
+    f.now += 15 * 3600
+    with pytest.raises(SystemExit):
+        dying.tick()  # died right after its first create, before its enqueue and the cursor
+    assert len(list(store.records())) == 1
+    other = f.scheduler("b")
+    out = other.tick()
+    assert Counter(o.what.split(":")[0] for o in out) == Counter({"taken": 1, "submitted": 2})
+    assert Counter(r.domain for r in store.records()) == Counter({"web-1": 1, "web-2": 1, "db1": 1})

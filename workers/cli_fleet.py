@@ -1,0 +1,126 @@
+"""``domcapture policy ...`` and ``domcapture scheduler``: the fleet commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from workflows import strategies
+from workflows.errors import InputError
+from workflows.policy import Policy, PolicyError, PolicyStore, parse
+from workflows.scheduler import Scheduler
+
+from .runtime import Runtime
+from .settings import process_id
+
+log = logging.getLogger("domcapture.scheduler")
+
+
+def _ts(t: float | None) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if t else "-"
+
+
+def read_policy(path: str) -> Policy:
+    """The policy in the file at ``path``, checked whole (PolicyError naming line and field)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the policy file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise PolicyError(f"{path}: not UTF-8 text") from None
+    return parse(text, path, known_strategies=lambda s: s in strategies.DEFINITIONS)
+
+
+def cmd_apply(args: argparse.Namespace, rt: Runtime) -> int:
+    policy = read_policy(args.file)
+    version = PolicyStore(rt.store.r, rt.settings.prefix).apply(policy)
+    for host, uri in policy.hosts.items():
+        rt.map_host(uri, host)
+    if args.json:
+        print(json.dumps({"name": policy.name, "version": version}, sort_keys=True))
+    else:
+        print(f"policy {policy.name}: version {version}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, rt: Runtime) -> int:
+    policies = PolicyStore(rt.store.r, rt.settings.prefix).all()
+    if args.json:
+        print(json.dumps([p.to_dict() for p in policies], sort_keys=True))
+        return 0
+    for p in policies:
+        print(f"{p.name:<20} v{p.version:<3} {p.strategy:<14} {p.cron!r} {p.timezone}  hosts {','.join(p.hosts)}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, rt: Runtime) -> int:
+    p = PolicyStore(rt.store.r, rt.settings.prefix).get(args.name)
+    slots = rt.store.slots(p.name)[-args.slots:] if args.slots else []
+    rows: list[dict[str, Any]] = [{"host": m.split("|")[0], "domain": m.split("|")[1], "at": at,
+                                   "kind": m.split("|")[3], "outcome": v} for m, at, v in slots]
+    if args.json:
+        print(json.dumps({**p.to_dict(), "slots": rows}, sort_keys=True))
+        return 0
+    print(f"name:      {p.name} (version {p.version}, applied {_ts(p.applied_at)})")
+    print(f"strategy:  {p.strategy} {json.dumps(p.options, sort_keys=True)}  target {p.target or '-'}")
+    print(f"domains:   {', '.join(p.domains) or '-'}  tags {', '.join(p.tags) or '-'}")
+    print(f"hosts:     {', '.join(f'{h}={u}' for h, u in sorted(p.hosts.items()))}")
+    print(f"schedule:  {p.cron!r} {p.timezone}  full: {p.full_weekday or '-'} / every {p.full_every or '-'}")
+    print(f"retention: {json.dumps(p.retention, sort_keys=True)}  verify: {p.verify_cron or '-'}")
+    print(f"limits:    per host {p.per_host or '-'}, per target {p.per_target or '-'}")
+    print("slots:")
+    for r in rows:
+        print(f"  {_ts(r['at'])} {r['kind']:<8} {r['host']:<10} {r['domain']:<20} {r['outcome']}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, rt: Runtime) -> int:
+    PolicyStore(rt.store.r, rt.settings.prefix).delete(args.name)
+    print(json.dumps({"name": args.name, "deleted": True}) if args.json else f"policy {args.name}: deleted")
+    return 0
+
+
+def cmd_scheduler(args: argparse.Namespace, rt: Runtime) -> int:
+    sched = Scheduler(rt.captures, PolicyStore(rt.store.r, rt.settings.prefix), owner=f"scheduler:{process_id()}")
+    if args.once:
+        outcomes = sched.tick()
+        if args.json:
+            print(json.dumps([{"policy": o.slot.policy, "slot": o.slot.member, "outcome": o.what}
+                              for o in outcomes], sort_keys=True))
+        else:
+            for o in outcomes:
+                print(f"{o.slot.policy} {o.slot.member}: {o.what}")
+        return 0
+    sched.run_forever(args.interval or 10.0)
+    return 0
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser("policy", help="backup policies: apply, list, show, delete")
+    pol = s.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    a = pol.add_parser("apply", help="check a policy file (TOML) whole and store it as a new version")
+    a.add_argument("file")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_apply)
+    a = pol.add_parser("list", help="every stored policy")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_list)
+    a = pol.add_parser("show", help="one policy and its recent slots (submitted, skipped, coalesced)")
+    a.add_argument("name")
+    a.add_argument("--slots", type=int, default=50, help="how many recent slots to show (default 50)")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_show)
+    a = pol.add_parser("delete", help="stop scheduling a policy (its versions stay readable)")
+    a.add_argument("name")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_delete)
+
+    s = sub.add_parser("scheduler", help="run the scheduler: submits each due slot of every policy once")
+    s.add_argument("--once", action="store_true", help="one pass, then exit")
+    s.add_argument("--interval", help="seconds between passes (default 10)")
+    s.add_argument("--json", action="store_true", help="--once: print the outcomes as JSON")
+    s.set_defaults(func=cmd_scheduler, daemon=True)
