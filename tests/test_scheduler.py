@@ -13,6 +13,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from workflows.backups import GOOD as GOOD_BACKUP
+from workflows.backups import catalog
 from workflows.hypervisor.fake import FakeHypervisor
 from workflows.policy import TAG_NS, Policy, PolicyError, PolicyStore, domain_tags, parse
 from workflows.record import SUCCEEDED, Slot
@@ -140,8 +142,9 @@ class Fleet:
         while self.queue:
             run_once(self.store, self.fake, self.queue.pop(0), None)
 
-    def captures_of(self, domain: str) -> list:
-        return sorted((r for r in self.store.records() if r.domain == domain), key=lambda r: r.created_at)
+    def captures_of(self, domain: str, strategy: str = "direct-backup") -> list:
+        return sorted((r for r in self.store.records() if r.domain == domain and r.strategy == strategy),
+                      key=lambda r: r.created_at)
 
 
 def test_two_schedulers_over_simulated_days_submit_each_slot_once(tmp_path, store: Store):
@@ -162,7 +165,11 @@ def test_two_schedulers_over_simulated_days_submit_each_slot_once(tmp_path, stor
         assert [r.params["incremental"] for r in recs] == [False, True, True, True, False, False, True, True]
     assert f.captures_of("scratch") == []
     slots = store.slots("nightly")
-    assert len(slots) == 24 and all(v.startswith(tuple("0123456789abcdef")) for _, _, v in slots)
+    # each night's capture, then its prune (the policy has a retention): each slot once, each naming its workflow
+    assert Counter(member.rsplit("|", 1)[1] for member, _, _ in slots) == Counter({"capture": 24, "prune": 24})
+    assert all(v.startswith(tuple("0123456789abcdef")) for _, _, v in slots)
+    for domain in ("web-1", "web-2", "db1"):
+        assert len(f.captures_of(domain, "prune")) == 8
 
 
 def test_a_busy_domain_is_recorded_skipped_and_missed_nights_coalesce(tmp_path, store: Store):
@@ -198,3 +205,30 @@ def test_a_crash_between_create_and_the_cursor_loses_and_doubles_nothing(tmp_pat
     out = other.tick()
     assert Counter(o.what.split(":")[0] for o in out) == Counter({"taken": 1, "submitted": 2})
     assert Counter(r.domain for r in store.records()) == Counter({"web-1": 1, "web-2": 1, "db1": 1})
+
+
+def test_a_policy_with_a_retention_prunes_after_each_night_and_verifies_at_its_slot(tmp_path, store: Store):
+    f = Fleet(tmp_path, store)
+    text = GOOD.format(target=tmp_path / "bk", uri=f.uri).replace("keep_daily = 7\nkeep_weekly = 4", "keep_last = 3")
+    text = text.replace("[limits]", "[verify]\ncron = \"0 12 * * *\"\n\n[limits]")
+    f.policy = parse(text)
+    f.policies.apply(f.policy)
+    s = f.scheduler("a")
+    s.tick()
+    verified: list[str] = []
+    for _ in range(6 * 24):  # six nights; a prune follows each night's capture once it has ended
+        f.now += 3600
+        verified += [o.what for o in s.tick() if o.slot.kind == "verify"]
+        f.run_queue()
+    for domain in ("web-1", "web-2", "db1"):
+        caps = f.captures_of(domain)
+        assert len(caps) == 6 and all(r.status == SUCCEEDED for r in caps)
+        prunes = f.captures_of(domain, "prune")
+        assert prunes and all(r.status == SUCCEEDED for r in prunes), [(r.status, r.error) for r in prunes]
+        good = [b.id for b in catalog(store, f.uri, domain) if b.state == GOOD_BACKUP]
+        assert good == [r.id for r in caps[-3:]], (good, [r.id for r in caps])  # exactly the newest three
+        for b in catalog(store, f.uri, domain):
+            assert all(os.path.exists(x["path"]) for x in b.files.values())
+        assert [c.name for c in f.fake.list_checkpoints(domain)][-1] == f"domcapture-{caps[-1].id}"
+    # the noon verify slots re-read each domain's newest capture; every one passed
+    assert len(verified) == 6 * 3 and all(w.startswith("verified:") for w in verified), verified
