@@ -15,6 +15,7 @@ import pytest
 
 from workflows.backups import GOOD as GOOD_BACKUP
 from workflows.backups import catalog
+from workflows.errors import InputError, RecordNotFound
 from workflows.hypervisor.fake import FakeHypervisor
 from workflows.policy import TAG_NS, Policy, PolicyError, PolicyStore, domain_tags, parse
 from workflows.record import SUCCEEDED, Slot
@@ -232,3 +233,26 @@ def test_a_policy_with_a_retention_prunes_after_each_night_and_verifies_at_its_s
         assert [c.name for c in f.fake.list_checkpoints(domain)][-1] == f"domcapture-{caps[-1].id}"
     # the noon verify slots re-read each domain's newest capture; every one passed
     assert len(verified) == 6 * 3 and all(w.startswith("verified:") for w in verified), verified
+
+
+def test_a_prune_by_hand_takes_a_stored_policy_s_retention(tmp_path, store: Store):
+    f = Fleet(tmp_path, store)
+    f.policy = parse(GOOD.format(target=tmp_path / "bk", uri=f.uri).replace("keep_daily = 7\nkeep_weekly = 4",
+                                                                             "keep_last = 2"))
+    f.policies.apply(f.policy)
+    ids = []
+    for i in range(4):
+        rec = f.captures.submit("direct-backup", "web-1", f.uri, {"target": str(tmp_path / "bk"),
+                                                                 "incremental": i > 0, "quiesce": "off"})
+        f.run_queue()
+        ids.append(rec.id)
+    with pytest.raises(InputError, match="brings its own retention; leave out --keep-last"):
+        f.captures.submit("prune", "web-1", f.uri, {"policy": "nightly", "keep_last": "1"})
+    with pytest.raises(RecordNotFound, match="no policy named 'nope'"):
+        f.captures.submit("prune", "web-1", f.uri, {"policy": "nope"})
+    rec = f.captures.submit("prune", "web-1", f.uri, {"policy": "nightly"})
+    assert rec.params["retention"] == {"keep_last": 2} and rec.params["timezone"] == "Europe/Paris"
+    assert rec.params["target"] == os.path.realpath(tmp_path / "bk")
+    f.run_queue()
+    assert store.load(rec.id).status == SUCCEEDED
+    assert [b.id for b in catalog(store, f.uri, "web-1") if b.state == GOOD_BACKUP] == ids[-2:]

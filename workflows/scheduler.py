@@ -195,7 +195,8 @@ class Scheduler:
             if rec.status not in FINAL_STATUSES:
                 continue
             slot = Slot(name, host, domain, at, PRUNE)
-            what = self._submit(PRUNE, slot, uri, {"retention": dict(policy.retention), "target": policy.target},
+            what = self._submit(PRUNE, slot, uri, {"retention": dict(policy.retention), "target": policy.target,
+                                                    "timezone": policy.timezone},
                                 self._limits(policy, host))
             if what.startswith("skipped:busy"):
                 self.r.delete(self.store.slot_key(slot))  # retried at the next tick: a prune is not a capture

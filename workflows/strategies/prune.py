@@ -43,6 +43,7 @@ from ..definition import RESUME, Definition, Option
 from ..errors import DomainNotFound, InputError, StepFailed
 from ..effects import Inspect
 from ..filecopy import sha256_file
+from ..policy import PolicyError, PolicyStore
 from ..record import Artifact, Record
 from ..steps import Step, StepContext
 from . import common, evidence
@@ -64,6 +65,8 @@ OPTIONS = tuple(Option(rule, f"prune: {rule.removeprefix('keep_')} backups to ke
                              f"--{rule.replace('_', '-')}; -1: unlimited)") for rule in retention.RULES)
 OPT_TARGET = Option("target", "prune: only the backups under this directory (default: every backup of the domain)")
 OPT_TIMEZONE = Option("timezone", "prune: the time zone of the hours, days and weeks the rules count (default UTC)")
+OPT_POLICY = Option("policy", "prune: take the retention, target and time zone of this stored policy "
+                              "(domcapture policy show NAME)")
 
 
 # -- input ---------------------------------------------------------------------------------------------
@@ -96,7 +99,26 @@ def _rules(params: dict[str, Any]) -> dict[str, int]:
     return rules
 
 
+def _from_policy(look: Inspect, params: dict[str, Any]) -> dict[str, Any]:
+    """``--policy NAME``: the stored policy's retention (and its target and time zone unless given)."""
+    name = common.check_text("policy", params["policy"])
+    given = [f"--{r.replace('_', '-')}" for r in retention.RULES if params.get(r) is not None]
+    if given or params.get("retention") is not None:
+        raise InputError(f"--policy {name} brings its own retention; leave out {', '.join(given) or 'retention'}")
+    store = look.checkpoints.store
+    try:
+        policy = PolicyStore(store.r, store.prefix).get(name)
+    except PolicyError as exc:
+        raise InputError(str(exc)) from None
+    if not policy.retention:
+        raise InputError(f"policy {name} has no [retention] table")
+    return {**params, "retention": dict(policy.retention), "target": params.get("target") or policy.target,
+            "timezone": params.get("timezone") or policy.timezone}
+
+
 def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
+    if params.get("policy") is not None:
+        params = _from_policy(look, params)
     rules = _rules(params)
     zone = params.get("timezone") or "UTC"
     try:
@@ -424,5 +446,5 @@ STEPS: dict[str, Step] = {
 
 DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
                         validate=validate, verify=verify,
-                        options=(*OPTIONS, OPT_TARGET, OPT_TIMEZONE, common.OPT_ON_ERROR),
+                        options=(*OPTIONS, OPT_POLICY, OPT_TARGET, OPT_TIMEZONE, common.OPT_ON_ERROR),
                         summary="apply a retention (restic's keep rules) to a domain's backups, chains kept whole")
