@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from datetime import datetime, timezone
 from typing import Any
 
@@ -13,6 +14,7 @@ from workflows.errors import InputError
 from workflows.policy import Policy, PolicyError, PolicyStore, parse
 from workflows.scheduler import Scheduler
 
+from .jobs import fault_hook
 from .runtime import Runtime
 from .settings import process_id
 
@@ -85,7 +87,8 @@ def cmd_delete(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace, rt: Runtime) -> int:
-    sched = Scheduler(rt.captures, PolicyStore(rt.store.r, rt.settings.prefix), owner=f"scheduler:{process_id()}")
+    sched = Scheduler(rt.captures, PolicyStore(rt.store.r, rt.settings.prefix), owner=f"scheduler:{process_id()}",
+                      crash_hook=fault_hook(os.environ.get("DOMCAPTURE_FAULT")))
     if args.once:
         outcomes = sched.tick()
         if args.json:

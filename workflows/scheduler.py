@@ -58,8 +58,9 @@ def _xml_of(hv: Hypervisor, name: str) -> Callable[[], str]:
 
 class Scheduler:
     def __init__(self, captures: Captures, policies: PolicyStore, *, clock: Callable[[], float] = time.time,
-                 owner: str = "scheduler") -> None:
+                 owner: str = "scheduler", crash_hook: Callable[[str], None] | None = None) -> None:
         self.captures = captures
+        self.crash_hook = crash_hook  # fault injection: called at "submitted:<member>" and "cursor:<policy>"
         self.store = captures.store
         self.policies = policies
         self.clock = clock
@@ -129,9 +130,16 @@ class Scheduler:
                 out.append(Outcome(marker, what, self.clock()))
                 continue
             for name in names:
-                out.append(self._submit_capture(policy, Slot(policy.name, host, name, at), uri))
+                slot = Slot(policy.name, host, name, at)
+                out.append(self._submit_capture(policy, slot, uri))
+                self._boundary(f"submitted:{slot.member}")
         self._move(policy, "cursor", at)
+        self._boundary(f"cursor:{policy.name}")
         return out
+
+    def _boundary(self, label: str) -> None:
+        if self.crash_hook is not None:
+            self.crash_hook(label)
 
     def _params(self, policy: Policy, slot: Slot) -> dict[str, Any]:
         params = dict(policy.options)
