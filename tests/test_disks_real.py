@@ -112,9 +112,10 @@ def submit(cluster, strategy: str, dom, target, *extra: str) -> str:
 def chain_of(dom: DiskDomain, target: str) -> list[str]:
     for d in dom.xml().findall("./devices/disk"):
         if d.find("target").get("dev") == target:  # type: ignore[union-attr]
-            out, node = [], d
+            out: list[str] = []
+            node: ET.Element | None = d
             while node is not None and node.find("source") is not None:
-                out.append(node.find("source").get("file"))  # type: ignore[union-attr]
+                out.append(node.find("source").get("file") or "")  # type: ignore[union-attr]
                 node = node.find("backingStore")
             return out
     raise KeyError(target)
@@ -293,10 +294,11 @@ def chain_of_any(dom: DiskDomain, target: str) -> list[str]:
     """The disk's chain, top first, file or device paths alike."""
     for d in dom.xml().findall("./devices/disk"):
         if d.find("target").get("dev") == target:  # type: ignore[union-attr]
-            out, node = [], d
+            out: list[str] = []
+            node: ET.Element | None = d
             while node is not None and node.find("source") is not None:
                 src = node.find("source")
-                out.append(src.get("file") or src.get("dev"))  # type: ignore[union-attr]
+                out.append(src.get("file") or src.get("dev") or "")  # type: ignore[union-attr]
                 node = node.find("backingStore")
             return out
     raise KeyError(target)

@@ -190,7 +190,7 @@ def mount_pieces(wf: str) -> dict:
             "exported": mounts.exported(export), "folder": os.path.exists(naming.mount_dir(wf))}
 
 
-NOTHING = {"loops": [], "daemon": None, "exported": False, "folder": False}
+NOTHING: dict[str, object] = {"loops": [], "daemon": None, "exported": False, "folder": False}
 
 
 def assert_backup_intact(w) -> None:
