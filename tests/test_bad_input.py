@@ -243,6 +243,22 @@ CASES: list[tuple[str, list[str], dict[str, str], int, str]] = [
      "does not exist"),
     ("prune", ["submit", "prune", "--domain", "dctest-missing-domain", "--keep-last", "1"], {}, 2,
      "is not defined"),
+    ("prune", ["submit", "prune", "--domain", "{dom}", "--policy", "nope"], {}, 2, "no policy named 'nope'"),
+    ("instant-restore", ["submit", "instant-restore", "--domain", "{dom}", "--from", GHOST, "--define", "x"], {}, 2,
+     "no workflow with id"),
+    ("instant-restore", ["submit", "instant-restore", "--domain", "{dom}", "--from", "{foreign}", "--define",
+                         "dctest-bad-new"], {}, 2, "--from needs a direct-backup"),
+    ("mount", ["mount", GHOST, "{target}"], {}, 2, "no workflow with id"),
+    ("mount", ["mount", "xyz", "{target}"], {}, 2, "'xyz' is not a workflow id"),
+    ("umount", ["umount", "{target}"], {}, 2, "no mounted backup of ours on"),
+    ("umount", ["umount", GHOST], {}, 2, "no workflow with id"),
+    ("policy", ["policy", "apply", "{badpolicy}"], {}, 2, "bad.toml:7: schedule.cron: not a cron expression"),
+    ("policy", ["policy", "apply", "{target}/absent.toml"], {}, 2, "cannot read the policy file"),
+    ("policy", ["policy", "show", "nope"], {}, 2, "no policy named 'nope'"),
+    ("policy", ["policy", "delete", "nope"], {}, 2, "no policy named 'nope'"),
+    ("scheduler", ["scheduler", "--interval", "nan"], {}, 2, "--interval must be a finite number"),
+    ("scheduler", ["scheduler", "--interval", "-1"], {}, 2, "--interval must be at least 0.05"),
+    ("worker", ["worker", "--host", ""], {}, 2, "--host must not be empty"),
     ("backups", ["backups"], {}, 2, "required: --domain"),
     ("backups", ["backups", "--domain", NL], {}, 2, "--domain must not contain control characters"),
     ("checkpoints", ["checkpoints"], {}, 2, "required: --domain"),
@@ -282,6 +298,9 @@ def world(redis_client, libvirt_uri, tmp_path_factory):
     (base / "shared" / "inner").mkdir(mode=0o700)
     regular = base / "regular-file"
     regular.write_text("not a folder\n")
+    badpolicy = base / "bad.toml"
+    badpolicy.write_text(f'name = "bad"\nstrategy = "direct-backup"\ndomains = ["{dom.name}"]\n[hosts]\n'
+                         f'h = "{libvirt_uri}"\n[schedule]\ncron = "0 25 * * *"\ntimezone = "UTC"\n')
     store = Store(redis_client, prefix)
     strkey = new_id()
     redis_client.set(f"{prefix}:wf:{strkey}", "not a record")
@@ -297,6 +316,7 @@ def world(redis_client, libvirt_uri, tmp_path_factory):
                 "DOMCAPTURE_LEASE_TTL", "DOMCAPTURE_RECOVERY_INTERVAL", "RQ_KEY_PREFIX", "DOMCAPTURE_FAULT"):
         env.pop(var, None)
     values = {"dom": dom.name, "target": str(target), "file": str(regular), "strkey": strkey,
+              "badpolicy": str(badpolicy),
               "foreign": foreign.id, "queued": queued.id,
               **{name: str(base / name) for name in unsafe}}
     yield {"prefix": prefix, "dom": dom, "target": target, "base": base, "env": env, "values": values,
