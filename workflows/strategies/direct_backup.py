@@ -94,7 +94,11 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
             raise InputError("--compress and --encrypt-key-file are not offered together")
     out.update(common.parse_hooks(params))
     out.update(common.parse_disk_selection(params))
-    if require_backupable(hv, domain) == "shutoff" and out["quiesce"] == "require":
+    state = require_backupable(hv, domain)
+    if state == "paused" and out["quiesce"] == "require":
+        raise InputError(f"--quiesce require: domain {domain} is paused (its guest agent cannot answer); resume "
+                         "it, or use --quiesce off or try (a paused guest is held still, nothing is frozen)")
+    if state == "shutoff" and out["quiesce"] == "require":
         raise InputError(f"--quiesce require: domain {domain} is shut off (no guest agent to freeze); its disks "
                          "are at rest, use --quiesce off or try")
     disks = bc.check_bitmap_disks(common.choose_disks(hv, domain, out, backing_ok=True,
@@ -541,6 +545,8 @@ class Finalize(Step):
             "redefined": ctx.data.get("chain", {}).get("redefined"),
             "skipped_disks": ctx.data.get("skipped_disks", []),
             "offline": direct_offline.is_offline(ctx),
+            "paused": bool(ctx.data.get("paused")),
+            "quiesce_skipped": None if ctx.data.get("quiesced") else ctx.data.get("quiesce_error"),
             **({"leftover_bitmaps": ctx.data["leftover_bitmaps"]} if ctx.data.get("leftover_bitmaps") else {}),
             **evidence.result_fields(ctx),
         }
