@@ -6,7 +6,8 @@
   restored and compared with the image (``qemu-img compare``); the images hold libvirt's bitmap
   layout (one enabled bitmap per checkpoint) and libvirt's checkpoints chain in order;
 - a start while the worker is dead mid offline copy rolls the backup back: no file, no
-  checkpoint, no bitmap left.
+  checkpoint, no bitmap left;
+- a base bitmap lost from an image makes the incremental a full one, and the record says why.
 """
 
 from __future__ import annotations
@@ -130,3 +131,23 @@ def test_a_start_during_the_offline_copy_rolls_the_backup_back(cluster, disk_dom
     dom.virsh("destroy", dom.name)
     for img in dom.disks.values():
         assert bitmaps(img) == {}, "libvirt deleted the checkpoint's bitmap with it"
+
+
+def test_an_offline_incremental_whose_base_bitmap_is_gone_falls_back_to_full(cluster, disk_domain, tmp_path):
+    dom = disk_domain()
+    dom.virsh("destroy", dom.name)
+    target = tmp_path / "bk"
+    target.mkdir()
+    cluster.start_worker()
+    cluster.start_recovery()
+    full = backup(cluster, dom, target)
+    base = full["result"]["checkpoint"]
+    run("qemu-img", "bitmap", "--remove", str(dom.disks["vdb"]), base)  # lost, as in a crash of QEMU
+    again = backup(cluster, dom, target, "--incremental")
+    res = again["result"]
+    assert res["kind"] == "full" and res["offline"] is True
+    assert f"has no bitmap {base}" in res["fallback"], res["fallback"]
+    for t, img in dom.disks.items():
+        assert images_identical(res["files"][t]["path"], img)
+        assert res["checkpoint"] in bitmaps(img), "the new checkpoint's bitmap is in every image"
+    assert checkpoint_parents(dom)[res["checkpoint"]] == base
