@@ -73,8 +73,8 @@ def test_target_that_is_a_file(cluster, dom, tmp_path):
 def test_stopped_domain_is_refused(cluster, dom, tmp_path):
     target = tmp_path / "target"
     target.mkdir()
-    dom.virsh("destroy", dom.name)  # snapshot-backup reads a shut-off domain offline; a direct backup needs QEMU
-    out = cluster.cli("submit", "direct-backup", "--domain", dom.name, "--target", str(target), check=False)
+    dom.virsh("destroy", dom.name)  # both backups read a shut-off domain offline; a lone checkpoint needs QEMU
+    out = cluster.cli("submit", "checkpoint", "--domain", dom.name, check=False)
     assert out.returncode == 2 and f"domain {dom.name} is shutoff" in out.stderr
     assert json.loads(cluster.cli("list", "--json").stdout) == []
 

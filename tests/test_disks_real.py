@@ -406,11 +406,26 @@ def test_a_start_behind_our_back_rolls_the_offline_capture_back(cluster, disk_do
     assert dom.state() == "running" and dom.on_original_disks()
 
 
-def test_snapshot_backup_refuses_a_paused_domain_in_one_line(cluster, disk_domain, tmp_path):
+def test_snapshot_backup_of_a_paused_domain_skips_the_freeze_and_leaves_it_paused(cluster, disk_domain, tmp_path):
     dom = disk_domain()
+    dom.guest_write("vda", *WRITE_ON_OVERLAY)  # the disk differs from its pre-start reference
     dom.virsh("suspend", dom.name)
-    out = cluster.cli("submit", "snapshot-backup", "--domain", dom.name, "--target", str(tmp_path), check=False)
-    assert out.returncode == 2
-    assert out.stderr.strip() == (f"domcapture: error: domain {dom.name} is paused; snapshot-backup captures a "
-                                  "running or shut-off domain (direct-backup captures a paused one)")
-    assert dom.state() == "paused" and dom.on_original_disks()
+    target = tmp_path / "bk"
+    target.mkdir()
+    out = cluster.cli("submit", "snapshot-backup", "--domain", dom.name, "--target", str(target), "--quiesce",
+                      "require", check=False)
+    assert out.returncode == 2 and out.stderr.startswith(f"domcapture: error: --quiesce require: domain {dom.name} "
+                                                         "is paused"), out.stderr
+    cluster.start_worker()
+    cluster.start_recovery()
+    wf = submit(cluster, "snapshot-backup", dom, target)  # --quiesce try: a paused guest is not frozen
+    doc = cluster.wait_final(wf, timeout=90)
+    assert doc["status"] == "succeeded", doc["error"]
+    res = doc["result"]
+    assert res["paused"] is True and res["quiesced"] is False
+    assert res["quiesce_skipped"] == "the domain is paused: its guest is held still, nothing was frozen"
+    assert dom.state() == "paused" and dom.on_original_disks() and dom.block_jobs() == {}
+    assert dom.leftover_overlays() == []
+    for t, img in dom.disks.items():
+        assert images_identical(res["files"][t]["path"], img), f"backup of paused {t} differs from its disk"
+    assert image_has_pattern(res["files"]["vda"]["path"], *WRITE_ON_OVERLAY)

@@ -256,6 +256,36 @@ class HostCommands:
         return {"exitcode": out.returncode, "timed_out": False, "out": out.stdout[-2000:], "err": out.stderr[-2000:]}
 
 
+class OfflineImages:
+    """A shut-off domain's qcow2 images, handled with qemu-img and qemu-nbd: their persistent bitmaps (the
+    same layout libvirt's checkpoints keep: one enabled bitmap per checkpoint, named as it) and a read-only
+    export of their blocks.  Each tool takes the image's lock, so a domain started meanwhile fails to open
+    it (and an image QEMU holds is refused here)."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    @staticmethod
+    def bitmaps(path: str) -> dict[str, list[str]]:
+        """Persistent bitmap name -> flags (``auto`` = enabled; ``in-use`` = not saved cleanly: unusable)."""
+        info = json.loads(nbdio.run_qemu_img("info", "-U", "--output=json", "-f", "qcow2", path))
+        data = (info.get("format-specific") or {}).get("data") or {}
+        return {b["name"]: list(b.get("flags", [])) for b in data.get("bitmaps", [])}
+
+    def add_bitmap(self, path: str, name: str) -> None:
+        self.guard()
+        nbdio.run_qemu_img("bitmap", "--add", "--enable", "-f", "qcow2", path, name)
+
+    def remove_bitmap(self, path: str, name: str) -> None:
+        self.guard()
+        nbdio.run_qemu_img("bitmap", "--remove", "-f", "qcow2", path, name)
+
+    @staticmethod
+    def open_export(path: str, bitmap: str | None) -> nbdio.ImageExport:
+        """The image's blocks (and ``bitmap``'s dirty extents) through a private read-only qemu-nbd."""
+        return nbdio.ImageExport(path, bitmap)
+
+
 @dataclass
 class Effects:
     """Everything a step may change: the fenced hypervisor, our files, the checkpoint store, host commands,
@@ -265,6 +295,7 @@ class Effects:
     files: OwnedFiles
     checkpoints: CheckpointStore
     host: HostCommands
+    images: OfflineImages | None = None
     backups: BackupRecords | None = None
 
 

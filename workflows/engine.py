@@ -25,7 +25,7 @@ from . import quiesce
 from .backups import BackupRecords
 from .checkpoints import CheckpointStore
 from .definition import ROLLING_BACK, SUCCEEDED, Definition
-from .effects import Effects, HostCommands, OwnedFiles
+from .effects import Effects, HostCommands, OfflineImages, OwnedFiles
 from .errors import AgentUnavailable, Cancelled, DomcaptureError, LeaseLost, RecordUnreadable, StepFailed
 from .hypervisor.base import CANCEL_EXEMPT, Hypervisor, fenced
 from .record import (FAILED, FINAL_STATUSES, FORWARD, NEEDS_ATTENTION, PARTIALLY_ROLLED_BACK, QUEUED, ROLLBACK,
@@ -267,6 +267,7 @@ class Engine:
                      files=OwnedFiles(rec, lambda: self._guard(lease, rec, "file")),
                      checkpoints=CheckpointStore(self.store),
                      host=HostCommands(lambda: self._guard(lease, rec, "host")),
+                     images=OfflineImages(lambda: self._guard(lease, rec, "images")),
                      backups=BackupRecords(self.store, rec, lambda: self._guard(lease, rec, "backups")))
         return StepContext(rec, fx,
                            save=lambda event=None, **d: self._save(rec, lease, event, **d),

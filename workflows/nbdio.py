@@ -138,6 +138,33 @@ class NbdExport:
         del self.h
 
 
+class ImageExport(NbdExport):
+    """A shut-off domain's image, served read-only by a private qemu-nbd (socket activation: the server is
+    this process's child and exits with the connection).  With ``bitmap``, its persistent bitmap's dirty
+    extents are offered as ``qemu:dirty-bitmap:<bitmap>``.  qemu-nbd holds the image's lock meanwhile: QEMU
+    cannot start the domain on it."""
+
+    def __init__(self, path: str, bitmap: str | None = None) -> None:
+        nbd = _nbd()
+        self.bitmap_context = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None
+        self.h = nbd.NBD()
+        self.h.add_meta_context("base:allocation")
+        if self.bitmap_context:
+            self.h.add_meta_context(self.bitmap_context)
+        argv = ["qemu-nbd", "--read-only", "-f", "qcow2",
+                *(["--bitmap", bitmap] if bitmap else []), path]
+        try:
+            self.h.connect_systemd_socket_activation(argv)
+        except nbd.Error as exc:
+            raise OperationFailed(f"cannot read {path} through qemu-nbd: {exc}") from exc
+        self.size = self.h.get_size()
+        self.socket, self.export = "", ""
+        self.extra = []
+
+    def connections(self, wanted: int) -> list[Any]:
+        return [self.h]  # one connection: the server is private to it
+
+
 def _opt(value: str) -> str:
     """``value`` inside a QEMU option string (a comma is doubled)."""
     return value.replace(",", ",,")

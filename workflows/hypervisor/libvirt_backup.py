@@ -147,9 +147,13 @@ class LibvirtBackupOps(LibvirtCalls):
         return self._call(f"checkpoint {checkpoint} of {name}", create)
 
     def checkpoint_redefine(self, name: str, xml: str) -> None:
-        """Redefine a checkpoint from its XML; libvirt validates its bitmaps (running domain only)."""
-        self._call(f"redefine of checkpoint {parse_checkpoint(xml).name} of {name}",
-                   lambda c: self._dom(c, name).checkpointCreateXML(xml, _REDEFINE))
+        """Redefine a checkpoint from its XML; libvirt validates its bitmaps on a running domain (it refuses
+        to validate on a shut-off one, whose bitmaps the caller checks in the images with qemu-img)."""
+        def redefine(c: libvirt.virConnect) -> None:
+            dom = self._dom(c, name)
+            flags = _REDEFINE if dom.isActive() else libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+            dom.checkpointCreateXML(xml, flags)
+        self._call(f"redefine of checkpoint {parse_checkpoint(xml).name} of {name}", redefine)
 
     def checkpoint_delete(self, name: str, checkpoint: str, *, children: bool = False,
                           metadata_only: bool = False) -> None:

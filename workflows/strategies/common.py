@@ -299,6 +299,16 @@ class Freeze(Step):
             ctx.data["quiesced"] = False
             ctx.data["quiesce_error"] = "the domain is shut off: its disks are at rest"
             return
+        if ctx.hv.domain_state(ctx.domain) == "paused":
+            # libvirt refuses a freeze (and a thaw) of a paused domain; its guest is held still anyway.  A
+            # freeze tried here failed, its thaw failed too, and the rollback retried that thaw for ever.
+            ctx.data["quiesced"] = False
+            ctx.data["paused"] = True
+            ctx.data["quiesce_error"] = "the domain is paused: its guest is held still, nothing was frozen"
+            if mode == "require":
+                raise StepFailed(f"quiesce=require but {ctx.domain} is paused (no guest agent answers)")
+            ctx.save("quiesce-skipped", reason=ctx.data["quiesce_error"])
+            return
         if mode == "off":
             ctx.data["quiesced"] = False
             return

@@ -6,6 +6,9 @@ call; incremental from the last committed checkpoint of our store) -> thaw
 -> push: wait for libvirt's job to complete | pull: read the extents over NBD
 -> backup end -> commit the checkpoint in our store -> write the manifest.
 
+A shut-off domain has no backup job: the same checkpoint and bitmaps are made
+offline and its images read through qemu-nbd (``direct_offline``).
+
 The domain definition is never touched.  A crash in any state resumes: the
 backup job lives in libvirtd (a push keeps writing, a pull keeps serving), and
 every step asks libvirt first.  Rollback ends our job, deletes the files, the
@@ -16,19 +19,19 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 from .. import datapath, hooks, naming, nbdio
 from ..checkpoints import COMMITTED, KIND_BACKUP, PENDING, Checkpoint, backup_base, owned_pending, restore_chain
 from ..definition import RESUME, Definition, Option
-from ..errors import (CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, InputError, OperationFailed,
-                      StepFailed)
+from ..errors import (CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, DomainNotRunning, InputError,
+                      OperationFailed, StepFailed)
 from ..effects import Inspect
 from ..hypervisor.backup_types import BackupJob
 from ..record import Artifact
 from ..steps import Step, StepContext
 from . import backup_common as bc
-from . import common, evidence
+from . import common, direct_offline, evidence
 
 NAME = "direct-backup"
 VERSION = 1
@@ -91,7 +94,13 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
             raise InputError("--compress and --encrypt-key-file are not offered together")
     out.update(common.parse_hooks(params))
     out.update(common.parse_disk_selection(params))
-    bc.require_active(hv, domain)
+    state = require_backupable(hv, domain)
+    if state == "paused" and out["quiesce"] == "require":
+        raise InputError(f"--quiesce require: domain {domain} is paused (its guest agent cannot answer); resume "
+                         "it, or use --quiesce off or try (a paused guest is held still, nothing is frozen)")
+    if state == "shutoff" and out["quiesce"] == "require":
+        raise InputError(f"--quiesce require: domain {domain} is shut off (no guest agent to freeze); its disks "
+                         "are at rest, use --quiesce off or try")
     disks = bc.check_bitmap_disks(common.choose_disks(hv, domain, out, backing_ok=True,
                                                           block_ok=True)[0], domain)
     if not out["incremental"]:  # an incremental's size is not known before its bitmap is read
@@ -100,6 +109,15 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def require_backupable(hv: Any, domain: str) -> str:
+    """Running or paused (libvirt's backup job), or shut off (its images read offline)."""
+    state: str = hv.domain_state(domain)
+    if state not in ("running", "paused", "shutoff"):
+        raise DomainNotRunning(f"domain {domain} is {state}; direct-backup captures a running, paused or "
+                               "shut-off domain")
+    return state
+
+
 def _cp_name(ctx: StepContext) -> str:
     return naming.checkpoint_name(ctx.rec.id)
 
@@ -128,7 +146,7 @@ class Preflight(Step):
     description = "inspect the disks (qcow2); name every file, the socket and the checkpoint before anything exists"
 
     def execute(self, ctx: StepContext) -> None:
-        bc.require_active(ctx.hv, ctx.domain)
+        ctx.data["offline"] = require_backupable(ctx.hv, ctx.domain) == "shutoff"
         disks, ctx.data["skipped_disks"] = common.choose_disks(ctx.hv, ctx.domain, ctx.params,
                                                                    backing_ok=True, block_ok=True)
         bc.check_bitmap_disks(disks, ctx.domain)
@@ -140,10 +158,10 @@ class Preflight(Step):
             path = naming.backup_file(target, ctx.domain, wf, d.target, "qcow2")
             art = ctx.rec.plan_artifact(Artifact(f"backup:{d.target}", "backup-file", path, d.target))
             art["partial"] = naming.partial_of(path)
-            if ctx.params["mode"] == "pull":
+            if ctx.params["mode"] == "pull" and not ctx.data["offline"]:
                 ctx.rec.plan_artifact(Artifact(f"scratch:{d.target}", "scratch-file",
                                                naming.scratch_file(target, ctx.domain, wf, d.target), d.target))
-        if ctx.params["mode"] == "pull":
+        if ctx.params["mode"] == "pull" and not ctx.data["offline"]:
             ctx.rec.plan_artifact(Artifact("socket", "nbd-socket", naming.nbd_socket(wf)))
         ctx.rec.plan_artifact(Artifact("checkpoint", "checkpoint", naming.checkpoint_name(wf)))
         ctx.rec.plan_artifact(Artifact("domain-xml", "domain-xml", naming.domain_xml_path(target, ctx.domain, wf)))
@@ -210,6 +228,9 @@ class Begin(Step):
         common.make_capture_folder(ctx)
         base = ctx.data.get("base", {}).get("checkpoint")
         ctx.data["began_at"] = time.time()
+        if direct_offline.is_offline(ctx):
+            direct_offline.begin(ctx, _cp_name(ctx), base)
+            return
         ctx.save("backup-intent", checkpoint=_cp_name(ctx), kind=ctx.data["kind"], base=base,
                  mode=ctx.params["mode"])
         ctx.hv.backup_begin(ctx.domain, mode=ctx.params["mode"], disks=files, checkpoint=_cp_name(ctx),
@@ -236,9 +257,12 @@ class Begin(Step):
         ctx.rec.set_artifact("checkpoint", status="present")
 
     def revert(self, ctx: StepContext) -> None:
-        bc.end_our_job(ctx)
         name = _cp_name(ctx)
         cps = ctx.fx.checkpoints
+        if direct_offline.is_offline(ctx):
+            direct_offline.undo_begin(ctx, name)
+        else:
+            bc.end_our_job(ctx)
         if ctx.hv.lookup_checkpoint(ctx.domain, name) is not None:
             ctx.save("checkpoint-delete-intent", checkpoint=name)
             ctx.hv.checkpoint_delete(ctx.domain, name)  # its bitmap merges into the parent's
@@ -260,7 +284,9 @@ class Transfer(Step):
 
     def execute(self, ctx: StepContext) -> None:
         ctx.data.setdefault("transfer_started_at", time.time())
-        if ctx.params["mode"] == "push":
+        if direct_offline.is_offline(ctx):
+            self._offline(ctx)
+        elif ctx.params["mode"] == "push":
             self._wait_push(ctx)
         else:
             self._pull(ctx)
@@ -292,6 +318,31 @@ class Transfer(Step):
         for a in pending:
             self._finish(ctx, a)
 
+    # -- a shut-off domain ----------------------------------------------------------------------------
+    def _offline(self, ctx: StepContext) -> None:
+        """Each image read through a private read-only qemu-nbd; the domain checked before and after."""
+        direct_offline.require_untouched(ctx, "before its offline copy")
+        dirty = ctx.data["kind"] == "incremental"
+        pending = [a for a in ctx.rec.artifacts_of("backup-file") if a["status"] != "present"]
+        plan = ctx.data.setdefault("plan", {})
+        cursors = ctx.data.setdefault("cursor", {})
+        for a in pending:
+            if a["disk"] not in plan and not os.path.exists(a["path"]):
+                export = direct_offline.open_export(ctx, a["disk"], dirty)
+                try:
+                    ext = export.extents(dirty)
+                finally:
+                    export.close()
+                plan[a["disk"]] = {"extents": len(ext), "bytes": sum(n for _, n in ext)}
+        total = sum(p["bytes"] for p in plan.values())
+        for a in pending:
+            if not os.path.exists(a["path"]):
+                self._pull_disk(ctx, lambda d: direct_offline.open_export(ctx, d, dirty), a, dirty, cursors, total)
+        direct_offline.require_untouched(ctx, "during its offline copy")
+        for a in pending:
+            self._finish(ctx, a)
+        ctx.progress("transfer", total, total, force=True)
+
     # -- pull ---------------------------------------------------------------------------------------
     def _pull(self, ctx: StepContext) -> None:
         job = _our_job(ctx)
@@ -313,11 +364,12 @@ class Transfer(Step):
         total = sum(p["bytes"] for p in plan.values())
         for a in pending:
             if not os.path.exists(a["path"]):
-                self._pull_disk(ctx, job, a, dirty, cursors, total)
+                self._pull_disk(ctx, lambda d: ctx.hv.open_backup_export(ctx.domain, cast(BackupJob, job), d), a,
+                                dirty, cursors, total)
             self._finish(ctx, a)
         ctx.progress("transfer", total, total, force=True)
 
-    def _pull_disk(self, ctx: StepContext, job: Any, art: dict[str, Any], dirty: bool,
+    def _pull_disk(self, ctx: StepContext, open_export: Callable[[str], Any], art: dict[str, Any], dirty: bool,
                    cursors: dict[str, Any], total: int) -> None:
         disk = art["disk"]
         before = sum(min(c["done"], ctx.data["plan"][t]["bytes"]) for t, c in cursors.items() if t != disk)
@@ -327,7 +379,7 @@ class Transfer(Step):
             bc.remove_ours(ctx, [partial])
             cur.update(offset=0, done=0, stats={})
         compress, key = bool(ctx.params.get("compress")), ctx.params.get("encrypt_key_file")
-        export = ctx.hv.open_backup_export(ctx.domain, job, disk)
+        export = open_export(disk)
         try:
             extents = export.extents(dirty)
             ctx.save("transfer-intent", disk=disk, offset=cur["offset"], extents=len(extents),
@@ -386,7 +438,8 @@ class Transfer(Step):
         ctx.save("transferred", disk=disk)
 
     def revert(self, ctx: StepContext) -> None:
-        bc.end_our_job(ctx)
+        if not direct_offline.is_offline(ctx):
+            bc.end_our_job(ctx)
         for art in ctx.rec.artifacts_of("backup-file"):
             bc.remove_ours(ctx, [art["path"], art["partial"]])
             art["status"] = "deleted"
@@ -398,7 +451,7 @@ class End(Step):
     description = "backup end: a pull job is ended (abortJob) once its data is read; a push job ended itself"
 
     def probe(self, ctx: StepContext) -> bool:
-        return _our_job(ctx) is None
+        return direct_offline.is_offline(ctx) or _our_job(ctx) is None
 
     def execute(self, ctx: StepContext) -> None:
         bc.end_our_job(ctx)
@@ -440,7 +493,7 @@ class Finalize(Step):
 
     def _transfer(self, ctx: StepContext) -> dict[str, Any]:
         files = ctx.rec.artifacts_of("backup-file")
-        if ctx.params["mode"] == "pull":
+        if ctx.params["mode"] == "pull" or direct_offline.is_offline(ctx):
             stats = {t: c["stats"] for t, c in ctx.data.get("cursor", {}).items()}
             read = sum(s.get("read", 0) for s in stats.values())
             written = sum(s.get("written", 0) + s.get("zeroed", 0) for s in stats.values())
@@ -468,7 +521,7 @@ class Finalize(Step):
                     "chain": (list(base["chain"]) if base else []) + [ctx.rec.id],
                     "quiesced": self._quiesced(ctx), "fallback": ctx.data.get("fallback"),
                     "domain_xml": os.path.basename(xml_path), "files": files, "transfer": self._transfer(ctx),
-                    "firmware": ctx.data.get("firmware")}
+                    "firmware": ctx.data.get("firmware"), "offline": direct_offline.is_offline(ctx)}
         evidence.write_manifest(ctx, manifest)
 
     @staticmethod
@@ -491,6 +544,10 @@ class Finalize(Step):
             "bytes_read": transfer.get("bytes_read"), "bytes_written": transfer.get("bytes_written"),
             "redefined": ctx.data.get("chain", {}).get("redefined"),
             "skipped_disks": ctx.data.get("skipped_disks", []),
+            "offline": direct_offline.is_offline(ctx),
+            "paused": bool(ctx.data.get("paused")),
+            "quiesce_skipped": None if ctx.data.get("quiesced") else ctx.data.get("quiesce_error"),
+            **({"leftover_bitmaps": ctx.data["leftover_bitmaps"]} if ctx.data.get("leftover_bitmaps") else {}),
             **evidence.result_fields(ctx),
         }
         return "advance"

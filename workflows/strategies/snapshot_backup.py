@@ -61,6 +61,9 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
     out.update(common.parse_disk_selection(params))
     out["overlay_dir"] = common.parse_overlay_dir(params)
     state = require_capturable(hv, domain)
+    if state == "paused" and out["quiesce"] == "require":
+        raise InputError(f"--quiesce require: domain {domain} is paused (its guest agent cannot answer); resume "
+                         "it, or use --quiesce off or try (a paused guest is held still, nothing is frozen)")
     if state == "shutoff" and out["quiesce"] == "require":
         raise InputError(f"--quiesce require: domain {domain} is shut off (no guest agent to freeze); its disks "
                          "are at rest, use --quiesce off or try")
@@ -173,12 +176,12 @@ class CopyBackingFiles(Step):
 
 
 def require_capturable(hv: Any, domain: str) -> str:
-    """Running (overlay, copy, commit) or shut off (its images read offline).  Paused is refused: its commit
-    did not complete in tests here; resume it, or use direct-backup, which captures a paused domain."""
+    """Running or paused (overlay, copy, commit; a paused one is not frozen) or shut off (images read
+    offline)."""
     state: str = hv.domain_state(domain)
-    if state not in ("running", "shutoff"):
-        raise DomainNotRunning(f"domain {domain} is {state}; snapshot-backup captures a running or shut-off "
-                               "domain (direct-backup captures a paused one)")
+    if state not in ("running", "paused", "shutoff"):
+        raise DomainNotRunning(f"domain {domain} is {state}; snapshot-backup captures a running, paused or "
+                               "shut-off domain")
     return state
 
 
@@ -275,6 +278,8 @@ class Finalize(Step):
                           "snapshot_seconds": ctx.data.get("snapshot_seconds"),
                           "skipped_disks": ctx.data.get("skipped_disks", []),
                           "offline": bool(ctx.data.get("offline")),
+                          "paused": bool(ctx.data.get("paused")),
+                          "quiesce_skipped": None if ctx.data.get("quiesced") else ctx.data.get("quiesce_error"),
                           **evidence.result_fields(ctx)}
         return "advance"
 
