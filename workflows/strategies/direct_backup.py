@@ -21,6 +21,7 @@ from typing import Any, cast
 from .. import datapath, hooks, naming, nbdio
 from ..checkpoints import COMMITTED, KIND_BACKUP, PENDING, Checkpoint, backup_base, owned_pending, restore_chain
 from ..definition import RESUME, Definition, Option
+from ..filecopy import CHECK_INTERVAL, CheckCadence
 from ..errors import (CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, InputError, OperationFailed,
                       StepFailed)
 from ..effects import Inspect
@@ -52,7 +53,8 @@ TRANSITIONS = [
 
 MODES = ("push", "pull")
 DEFAULT_BACKUP_TIMEOUT = 3600.0
-POLL = 0.05  # a finished push job is seen within 50 ms (each poll is one libvirt call)
+POLL = 0.02  # a finished push job is seen within 20 ms (each poll is one libvirt call; the lease and cancel
+# checks, Redis round trips, go by filecopy.CheckCadence: 50 ms apart, further when Redis is slow)
 
 OPT_MODE = Option("mode", "direct-backup: push (libvirt writes the files) | pull (read over NBD); default push",
                   choices=MODES)
@@ -269,9 +271,10 @@ class Transfer(Step):
     # -- push --------------------------------------------------------------------------------------
     def _wait_push(self, ctx: StepContext) -> None:
         deadline = ctx.data.setdefault("transfer_deadline", time.time() + float(ctx.params["backup_timeout"]))
+
+        checks = CheckCadence(ctx.guard, CHECK_INTERVAL)  # the lease and, going forward, the cancel flag
         while True:
-            ctx.check_cancel()
-            ctx.guard()
+            checks.due()
             job = _our_job(ctx)
             if job is None:
                 break
@@ -354,8 +357,7 @@ class Transfer(Step):
                     ctx.progress("transfer", before + done, total, disk=disk)
 
                 def check() -> None:  # qemu-nbd writes the chunks: the lease is checked before each
-                    ctx.check_cancel()
-                    ctx.guard()
+                    ctx.guard()  # the lease and, going forward, the cancel flag
                 stats = nbdio.copy_extents(export, extents, writer, start=cur["offset"], stats=cur["stats"],
                                            check=check, on_progress=progress, on_durable=durable,
                                            zero_writes=dirty)
