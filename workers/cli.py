@@ -465,9 +465,27 @@ def _logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
+FAST_EXIT = ("submit", "wait")  # commands that end the process without the interpreter's teardown
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    code = _run(args)
+    if argv is None and args.command in FAST_EXIT:
+        # as the command itself: its output is written, nothing of it runs on; the interpreter's teardown
+        # (module cleanup, closing the libvirt and Redis connections one by one) took 0.2-0.3 s of a
+        # `submit --wait` here, which a script waiting on a short backup pays every time
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except OSError:  # a reader that went away: nothing more can be said
+            code = code or 1
+        os._exit(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         check_args(args)
         _logging(args)

@@ -43,9 +43,12 @@ from .errors import OperationFailed
 
 CHUNK = 8 * 1024 * 1024
 DURABLE_INTERVAL = 1.0  # seconds between fdatasync + on_durable
-CHECK_INTERVAL = 0.05  # seconds of copying between two lease checks
+CHECK_INTERVAL = 0.05  # seconds of copying between two lease checks (when a check is quick)
+CHECK_SHARE = 10  # ... or this many times the last check's own time (a slow Redis is asked less often) ...
+CHECK_LONGEST = 1.0  # ... but never more than this many seconds of copying apart
 SPARSE_BLOCK = 1024 * 1024  # an all-zero block of this size stays a hole in the copy
 WRITEBACK_WINDOW = 4  # chunks written but not yet waited for: the most the copy leaves dirty in the cache
+HASH_BUFFERS = 4  # chunks read ahead of the hash in a pass over a whole file
 BUFFERS = 6  # chunks in the pipeline at once (reader, writer, hasher, and queued between them)
 PACE_SLICE = 0.1  # longest single sleep of the bandwidth limit (an abort waits no longer), and read at the limit
 MIN_PIECE = 64 * 1024  # smallest chunk under a bandwidth limit
@@ -131,17 +134,57 @@ def sha256_file(path: str, limit: int | None = None) -> str:
 
 
 def _hash_fd(fd: int, h: "hashlib._Hash", limit: int | None) -> int:
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
+    """Feed ``fd``'s first ``limit`` bytes (all when None) to ``h``; returns how many there were.
+
+    A reader thread reads ahead into a few reused buffers while this thread
+    hashes (hashlib and preadv both release the GIL), so the pass costs the
+    longer of the read and the hash, not their sum; the pages read are
+    dropped behind it.
+    """
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except OSError:
+        pass
+    free: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(HASH_BUFFERS):
+        free.put(bytearray(CHUNK))
+    ready: queue.Queue[tuple[bytearray, int] | BaseException | None] = queue.Queue()
+    stop = threading.Event()
+
+    def read() -> None:
+        pos = 0
+        try:
+            while (limit is None or pos < limit) and not stop.is_set():
+                buf = free.get()
+                n = CHUNK if limit is None else min(CHUNK, limit - pos)
+                got = os.preadv(fd, [memoryview(buf)[:n]], pos)
+                if got <= 0:
+                    break
+                drop_cache(fd, pos, got)
+                ready.put((buf, got))
+                pos += got
+            ready.put(None)
+        except BaseException as exc:  # handed to the hashing thread, which raises it
+            ready.put(exc)
+
+    reader = threading.Thread(target=read, name="filecopy-hashread", daemon=True)
+    reader.start()
     pos = 0
-    while limit is None or pos < limit:
-        n = CHUNK if limit is None else min(CHUNK, limit - pos)
-        got = os.preadv(fd, [view[:n]], pos)
-        if got <= 0:
-            break
-        h.update(view[:got])
-        drop_cache(fd, pos, got)
-        pos += got
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            buf, got = item
+            h.update(memoryview(buf)[:got])
+            free.put(buf)
+            pos += got
+    finally:
+        stop.set()
+        free.put(bytearray(CHUNK))  # unblock a reader waiting for a buffer
+        reader.join()
     return pos
 
 
@@ -376,6 +419,25 @@ def copy_resumable(src: str, partial: str, final: str, *, offset: int,
     return h.hexdigest(), pos
 
 
+class CheckCadence:
+    """Runs ``check`` (a lease and cancel check: Redis round trips) at most ``interval`` seconds apart,
+    or ``CHECK_SHARE`` times its own last duration apart when it is slow (a busy shared Redis server
+    answers in tens of ms: checked every 50 ms, the copy would wait on Redis most of the time), but never
+    more than ``CHECK_LONGEST`` apart."""
+
+    def __init__(self, check: Callable[[], None], interval: float) -> None:
+        self.check, self.base, self.interval = check, interval, interval
+        self.last = time.monotonic() - interval
+
+    def due(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.check()
+            self.last = time.monotonic()
+            took = self.last - now
+            self.interval = min(max(self.base, CHECK_SHARE * took), max(self.base, CHECK_LONGEST))
+
+
 def _write_sparse(fd: int, buf: bytearray, at: int, n: int) -> None:
     """Write ``buf[:n]`` at ``at``, leaving every all-zero ``SPARSE_BLOCK`` of it a hole."""
     view = memoryview(buf)
@@ -398,14 +460,12 @@ def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Has
     pos = start
     pipe = _Pipeline(fd_in, start, total, h, bandwidth=bandwidth, sleep=sleep, clock=clock)
     last_durable = time.monotonic()
-    last_check = last_durable - check_interval
+    checks = CheckCadence(check, check_interval)
     behind: collections.deque[tuple[int, int]] = collections.deque()  # written ranges still being written back
     try:
         while True:
-            if time.monotonic() - last_check >= check_interval:
-                check()
-                last_check = time.monotonic()
-            item = pipe.next(check_interval)
+            checks.due()
+            item = pipe.next(checks.interval)
             if isinstance(item, bool):  # the reader is paced or slow: the lease is still checked meanwhile
                 continue
             if item is None:

@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import Any, Callable, cast
 
 from .errors import InputError, OperationFailed
-from .filecopy import drop_cache, opened_nofollow
+from .filecopy import CheckCadence, drop_cache, opened_nofollow
 from .hypervisor.backup_types import BLOCK_STATUS_DIRTY, BLOCK_STATUS_ZERO
 
 CHUNK = 2 * 1024 * 1024
@@ -345,17 +345,16 @@ def _copy_parallel(source: NbdExport, extents: list[tuple[int, int]], writer: Qc
         h.set_pread_initialize(False)  # every byte of a buffer is overwritten by a successful read
     next_chunk = cursor = 0
     pending_flush: tuple[int, int, dict[str, int]] | None = None  # cookie, position, stats
-    last_flush = last_check = time.monotonic()
-    check()
+    last_flush = time.monotonic()
+    checks = CheckCadence(check, CHECK_INTERVAL)
+    checks.due()
 
     def cursor_pos() -> int:
         return chunks[cursor][0] if cursor < len(chunks) else (chunks[-1][0] + chunks[-1][1] if chunks else start)
 
     while cursor < len(chunks):
         while next_chunk < len(chunks) and len(inflight) < IN_FLIGHT:
-            if time.monotonic() - last_check >= CHECK_INTERVAL:
-                check()
-                last_check = time.monotonic()
+            checks.due()
             off, n = chunks[next_chunk]
             buf = free.pop() if free and n == REQUEST else nbd.Buffer(n)
             h = sources[next_chunk % len(sources)]
@@ -419,7 +418,7 @@ def _copy_parallel(source: NbdExport, extents: list[tuple[int, int]], writer: Qc
                     drop_file_cache(writer.path)  # what the flush wrote is clean: out of the host's cache
         elif time.monotonic() - last_flush >= DURABLE_INTERVAL and cursor < len(chunks):
             pending_flush = (w.aio_flush(), cursor_pos(), dict(stats))
-            last_flush = last_check = time.monotonic()
+            last_flush = time.monotonic()
     check()
     while pending_flush is not None and not w.aio_command_completed(pending_flush[0]):
         w.poll(-1)

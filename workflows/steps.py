@@ -69,6 +69,7 @@ class StepContext:
     def save(self, event: str | None = None, **detail: Any) -> None:
         """Persist the record now (fenced).  Use before every effect."""
         self._save(event, **detail)
+        self._last_progress = self.clock()  # the progress went with it: the next progress-only save can wait
 
     def effect_stands(self, reason: str) -> None:
         """Record, during a rollback, an effect that cannot be undone: the workflow then ends

@@ -26,6 +26,7 @@ from ..checkpoints import COMMITTED, KIND_BACKUP, PENDING, Checkpoint, backup_ba
 from ..definition import RESUME, Definition, Option
 from ..errors import (CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, DomainNotRunning, InputError,
                       OperationFailed, StepFailed)
+from ..filecopy import CHECK_INTERVAL, CheckCadence
 from ..effects import Inspect
 from ..hypervisor.backup_types import BackupJob
 from ..record import Artifact
@@ -55,7 +56,8 @@ TRANSITIONS = [
 
 MODES = ("push", "pull")
 DEFAULT_BACKUP_TIMEOUT = 3600.0
-POLL = 0.05  # a finished push job is seen within 50 ms (each poll is one libvirt call)
+POLL = 0.02  # a finished push job is seen within 20 ms (each poll is one libvirt call; the lease and cancel
+# checks, Redis round trips, go by filecopy.CheckCadence: 50 ms apart, further when Redis is slow)
 
 OPT_MODE = Option("mode", "direct-backup: push (libvirt writes the files) | pull (read over NBD); default push",
                   choices=MODES)
@@ -295,9 +297,10 @@ class Transfer(Step):
     # -- push --------------------------------------------------------------------------------------
     def _wait_push(self, ctx: StepContext) -> None:
         deadline = ctx.data.setdefault("transfer_deadline", time.time() + float(ctx.params["backup_timeout"]))
+
+        checks = CheckCadence(ctx.guard, CHECK_INTERVAL)  # the lease and, going forward, the cancel flag
         while True:
-            ctx.check_cancel()
-            ctx.guard()
+            checks.due()
             job = _our_job(ctx)
             if job is None:
                 break
@@ -406,8 +409,7 @@ class Transfer(Step):
                     ctx.progress("transfer", before + done, total, disk=disk)
 
                 def check() -> None:  # qemu-nbd writes the chunks: the lease is checked before each
-                    ctx.check_cancel()
-                    ctx.guard()
+                    ctx.guard()  # the lease and, going forward, the cancel flag
                 stats = nbdio.copy_extents(export, extents, writer, start=cur["offset"], stats=cur["stats"],
                                            check=check, on_progress=progress, on_durable=durable,
                                            zero_writes=dirty)
