@@ -374,3 +374,35 @@ def test_rolling_back_a_restore_cut_after_its_tpm_state_was_written_removes_it(w
         assert (w.dom.tpm / "tpm2" / "tpm2-00.permall").exists()
     finally:
         w.cluster.start_recovery()
+
+
+def test_a_capture_without_the_tpm_files_relative_paths_restores_with_a_fresh_tpm_and_says_so(w):
+    doc = backup(w, "direct-backup")
+    # a record written before the relative paths were recorded: its TPM copies, no tpm_files
+    lease = w.store.acquire_lease(doc["id"], "test-older-capture", 30)
+    assert lease is not None
+    rec = w.store.load(doc["id"])
+    del rec.result["firmware"]["tpm_files"]
+    w.store.save(rec, "test-older-capture", epoch=lease.epoch)
+    lease.release()
+    assert any(k.startswith("tpm:") for k in w.store.load(doc["id"]).result["firmware"]["copies"])
+    name = f"dctest-uefi-old-{uuid.uuid4().hex[:6]}"
+    w.defined.append(name)
+    out = w.base / "restored-older"
+    out.mkdir()
+    wf = submit(w, "restore", "--from", doc["id"], "--target", str(out), "--define", name)
+    done = wait_final(w, wf)
+    assert done["status"] == "succeeded", done["error"]
+    r = done["result"]
+    assert r["tpm"]["state"] is None and r["tpm"]["files"] == {}
+    assert "does not record where its TPM files go" in r["tpm"]["fresh"] and "fresh TPM" in r["tpm"]["fresh"]
+    state = Path(f"/var/lib/libvirt/swtpm/{r['uuid']}")
+    assert not state.exists()
+    assert not any(a["kind"] in ("tpm-state", "tpm-folder") for a in w.store.load(wf).artifacts.values())
+    virsh(w.uri, "start", name)
+    try:  # libvirt manufactures a new TPM for it
+        assert "vTPM manufacturing" in Path(f"/var/log/swtpm/libvirt/qemu/{name}-swtpm.log").read_text()
+        assert (state / "tpm2" / "tpm2-00.permall").read_bytes() != \
+            Path(doc["result"]["backup_dir"], "tpm.tpm2_tpm2-00.permall").read_bytes()
+    finally:
+        virsh(w.uri, "destroy", name, check=False)
