@@ -406,3 +406,22 @@ def test_a_capture_without_the_tpm_files_relative_paths_restores_with_a_fresh_tp
             Path(doc["result"]["backup_dir"], "tpm.tpm2_tpm2-00.permall").read_bytes()
     finally:
         virsh(w.uri, "destroy", name, check=False)
+
+
+def test_a_record_naming_a_tpm_path_outside_the_state_folder_is_refused(w):
+    doc = backup(w, "direct-backup")
+    lease = w.store.acquire_lease(doc["id"], "test-forged", 30)
+    assert lease is not None
+    rec = w.store.load(doc["id"])
+    rec.result["firmware"]["tpm_files"] = {"tpm.tpm2_tpm2-00.permall": "../../../../etc/cron.d/x"}
+    w.store.save(rec, "test-forged", epoch=lease.epoch)
+    lease.release()
+    keys = sorted(w.store.r.scan_iter(f"{w.store.prefix}:*"))
+    name = f"dctest-uefi-forged-{uuid.uuid4().hex[:6]}"
+    out = w.base / "restored-forged"
+    out.mkdir()
+    res = submit(w, "restore", "--from", doc["id"], "--target", str(out), "--define", name, check=False)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "bad relative path '../../../../etc/cron.d/x'" in res.stderr and "Traceback" not in res.stderr
+    assert name not in domains(w) and list(out.iterdir()) == [] and not os.path.exists("/etc/cron.d/x")
+    assert sorted(w.store.r.scan_iter(f"{w.store.prefix}:*")) == keys  # nothing submitted

@@ -160,9 +160,12 @@ def tpm_files(link: dict[str, Any]) -> dict[str, str]:
     path); refuses a relative path that would leave the folder.  {} when none are recorded."""
     out: dict[str, str] = {}
     for src, rel in (link.get("tpm_files") or {}).items():
-        rel = validate.path("tpm file", rel)
-        if os.path.isabs(rel) or os.path.normpath(rel) != rel or rel.split(os.sep)[0] in ("..", "."):
+        if (not isinstance(rel, str) or not rel or validate.has_control(rel) or os.path.isabs(rel)
+                or os.path.normpath(rel) != rel or rel.split(os.sep)[0] in ("..", ".")):
             raise InputError(f"backup {link['id']}: TPM file {src} has a bad relative path {rel!r}")
+        if os.path.dirname(src) != os.path.dirname(link["manifest"]) \
+                or not os.path.basename(src).startswith(f"{evidence.TPM_FOLDER}."):
+            raise InputError(f"backup {link['id']}: {src} is not a TPM copy in the backup's folder")
         out[src] = rel
     return out
 
