@@ -11,7 +11,10 @@ can change anything:
   exactly (an artifact's path, its partial file, or, for a rename only, a
   domain disk recorded at preflight in ``data["disks"]``), is fenced the same way, creates with
   ``O_EXCL|O_NOFOLLOW`` and mode 0600 in folders made 0700, and never follows
-  a symlink planted where one of our files goes.
+  a symlink planted where one of our files goes.  The one exception to
+  0600/0700 and our own user: a restored domain's TPM state, planned under
+  libvirt's swtpm folder, gets the modes and owner libvirt gives swtpm
+  (``make_tpm_folder``, ``write_tpm_file``).
 - ``fx.checkpoints``: the checkpoint store of this deployment, handed in.
 - ``fx.backups``: the backups' records (``workflows.backups``), each changed under its own lease.
 
