@@ -6,8 +6,10 @@ carry the NVRAM and TPM state in the folder and in the manifest; the record
 holds the manifest's sha256; ``verify`` and ``restore`` refuse a folder
 changed behind our back (domain.xml, a disk byte, the manifest itself, an
 extra file, a bad signature), naming the file, and define nothing.  A
-restored domain gets its own NVRAM; rolling the restore back removes the
-domain and that copy only.
+restored domain gets its own NVRAM and its own copy of the captured TPM state
+(in swtpm's folder for its new UUID, with the modes and owner of the
+source's); rolling the restore back removes the domain, that copy and that
+state only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -121,6 +124,20 @@ def domains(w) -> list[str]:
     return virsh(w.uri, "list", "--all", "--name").split()
 
 
+def tpm_tree(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Each folder and state file of a swtpm state folder (swtpm's lock left out): mode, uid, gid."""
+    out = {}
+    for p in [folder, *sorted(folder.rglob("*"))]:
+        if p.name != ".lock":
+            st = p.lstat()
+            out[str(p.relative_to(folder))] = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    return out
+
+
+def tpm_digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
 @pytest.fixture(scope="module")
 def direct(w) -> dict:
     return backup(w, "direct-backup")
@@ -143,6 +160,11 @@ def test_backup_carries_nvram_tpm_and_a_manifest_of_every_file(w, direct, strate
     assert (folder / "tpm.tpm2_tpm2-00.permall").read_bytes() == (w.dom.tpm / "tpm2" / "tpm2-00.permall").read_bytes()
     assert r["manifest_sha256"] == sha(r["manifest"]) and r["manifest_version"] == 2 and not r["signed"]
     assert r["firmware"]["nvram"] == str(w.dom.nvram)
+    # where each TPM copy goes back in a state folder: in the record and in the manifest
+    with open(r["manifest"]) as f:
+        assert json.load(f)["firmware"]["tpm_files"]["tpm.tpm2_tpm2-00.permall"] == "tpm2/tpm2-00.permall"
+    assert r["firmware"]["tpm_files"] == {name: name.removeprefix("tpm.").replace("_", "/", 1)
+                                          for name in listed if name.startswith("tpm.")}
     out = w.cluster.cli("verify", doc["id"])
     assert out.returncode == 0 and out.stdout.rstrip().endswith("verified"), out.stdout
 
@@ -272,8 +294,9 @@ def test_rolling_back_a_restore_removes_the_domain_and_its_nvram_copy(w, direct)
         wf = submit(w, "restore", "--from", direct["id"], "--target", str(out), "--define", name)
         doomed.wait(timeout=180)
         assert doomed.returncode == -signal.SIGKILL
-        copy = w.store.load(wf).artifacts["firmware:nvram"]["path"]
-        assert name in domains(w) and os.path.exists(copy)
+        arts = w.store.load(wf).artifacts
+        copy, state = arts["firmware:nvram"]["path"], Path(arts["tpm-folder:"]["path"])
+        assert name in domains(w) and os.path.exists(copy) and state.is_dir()
         assert copy in virsh(w.uri, "dumpxml", name, "--inactive")
         time.sleep(2.5)  # the dead worker's lease expires
         w.cluster.cli("rollback", wf)
@@ -281,7 +304,124 @@ def test_rolling_back_a_restore_removes_the_domain_and_its_nvram_copy(w, direct)
         doc = wait_final(w, wf)
         assert doc["status"] == "rolled_back", doc["error"]
         assert name not in domains(w)
-        assert not os.path.exists(copy) and list(out.iterdir()) == []
+        assert not os.path.exists(copy) and list(out.iterdir()) == [] and not state.exists()
         assert w.dom.nvram.exists() and Path(direct["result"]["backup_dir"], "nvram.fd").exists()
     finally:
         w.cluster.start_recovery()
+
+
+def test_restore_define_gives_the_new_domain_its_own_copy_of_the_tpm_state(w, direct):
+    captured = Path(direct["result"]["backup_dir"], "tpm.tpm2_tpm2-00.permall").read_bytes()
+    source = tpm_digests(w.dom.tpm)
+    assert "tpm2/tpm2-00.permall" in source
+    name = f"dctest-uefi-tpm-{uuid.uuid4().hex[:6]}"
+    w.defined.append(name)
+    out = w.base / "restored-tpm"
+    out.mkdir()
+    wf = submit(w, "restore", "--from", direct["id"], "--target", str(out), "--define", name)
+    doc = wait_final(w, wf)
+    assert doc["status"] == "succeeded", doc["error"]
+    r = doc["result"]
+    new_uuid = virsh(w.uri, "domuuid", name).strip()
+    state = Path(f"/var/lib/libvirt/swtpm/{new_uuid}")
+    assert r["uuid"] == new_uuid != w.dom.tpm.name
+    assert r["tpm"]["state"] == str(state) and r["tpm"]["fresh"] is None
+    assert r["tpm"]["files"]["tpm2/tpm2-00.permall"] == f"sha256:{hashlib.sha256(captured).hexdigest()}"
+    # before the first start: the captured bytes, laid out, owned and protected as libvirt does for the source
+    assert (state / "tpm2" / "tpm2-00.permall").read_bytes() == captured
+    assert tpm_tree(state) == tpm_tree(w.dom.tpm)
+    assert tpm_digests(w.dom.tpm) == source  # the source's state is only read
+    virsh(w.uri, "start", name)
+    try:
+        assert virsh(w.uri, "domstate", name).strip() == "running"
+        assert (state / "tpm2" / "tpm2-00.permall").exists() and (state / "tpm2" / ".lock").exists()
+        # libvirt took the state over: no swtpm_setup run for the new domain (it ran for the source)
+        logs = Path("/var/log/swtpm/libvirt/qemu")
+        assert "vTPM manufacturing" in (logs / f"{w.dom.name}-swtpm.log").read_text()
+        assert "vTPM manufacturing" not in (logs / f"{name}-swtpm.log").read_text()
+    finally:
+        virsh(w.uri, "destroy", name, check=False)
+    assert tpm_digests(w.dom.tpm) == source
+
+
+def test_rolling_back_a_restore_cut_after_its_tpm_state_was_written_removes_it(w, direct):
+    w.cluster.kill(w.cluster.recovery)  # nothing resumes it: the operator rolls it back
+    try:
+        for p in list(w.cluster.workers):
+            w.cluster.kill(p)
+            w.cluster.workers.remove(p)
+        doomed = w.cluster.start_worker(fault="kill-at:saved:tpm-written:defining")
+        name = f"dctest-uefi-tb-{uuid.uuid4().hex[:6]}"
+        w.defined.append(name)
+        out = w.base / "restored-tpm-rollback"
+        out.mkdir()
+        wf = submit(w, "restore", "--from", direct["id"], "--target", str(out), "--define", name)
+        doomed.wait(timeout=180)
+        assert doomed.returncode == -signal.SIGKILL
+        arts = w.store.load(wf).artifacts
+        state = Path(arts["tpm-folder:"]["path"])
+        assert state.parent == Path("/var/lib/libvirt/swtpm")
+        assert (state / "tpm2" / "tpm2-00.permall").read_bytes() == \
+            Path(direct["result"]["backup_dir"], "tpm.tpm2_tpm2-00.permall").read_bytes()
+        assert name not in domains(w)  # cut before the define
+        time.sleep(2.5)  # the dead worker's lease expires
+        w.cluster.cli("rollback", wf)
+        w.cluster.start_worker()
+        doc = wait_final(w, wf)
+        assert doc["status"] == "rolled_back", doc["error"]
+        assert name not in domains(w)
+        assert not state.exists() and list(out.iterdir()) == []
+        assert (w.dom.tpm / "tpm2" / "tpm2-00.permall").exists()
+    finally:
+        w.cluster.start_recovery()
+
+
+def test_a_capture_without_the_tpm_files_relative_paths_restores_with_a_fresh_tpm_and_says_so(w):
+    doc = backup(w, "direct-backup")
+    # a record written before the relative paths were recorded: its TPM copies, no tpm_files
+    lease = w.store.acquire_lease(doc["id"], "test-older-capture", 30)
+    assert lease is not None
+    rec = w.store.load(doc["id"])
+    del rec.result["firmware"]["tpm_files"]
+    w.store.save(rec, "test-older-capture", epoch=lease.epoch)
+    lease.release()
+    assert any(k.startswith("tpm:") for k in w.store.load(doc["id"]).result["firmware"]["copies"])
+    name = f"dctest-uefi-old-{uuid.uuid4().hex[:6]}"
+    w.defined.append(name)
+    out = w.base / "restored-older"
+    out.mkdir()
+    wf = submit(w, "restore", "--from", doc["id"], "--target", str(out), "--define", name)
+    done = wait_final(w, wf)
+    assert done["status"] == "succeeded", done["error"]
+    r = done["result"]
+    assert r["tpm"]["state"] is None and r["tpm"]["files"] == {}
+    assert "does not record where its TPM files go" in r["tpm"]["fresh"] and "fresh TPM" in r["tpm"]["fresh"]
+    state = Path(f"/var/lib/libvirt/swtpm/{r['uuid']}")
+    assert not state.exists()
+    assert not any(a["kind"] in ("tpm-state", "tpm-folder") for a in w.store.load(wf).artifacts.values())
+    virsh(w.uri, "start", name)
+    try:  # libvirt manufactures a new TPM for it
+        assert "vTPM manufacturing" in Path(f"/var/log/swtpm/libvirt/qemu/{name}-swtpm.log").read_text()
+        assert (state / "tpm2" / "tpm2-00.permall").read_bytes() != \
+            Path(doc["result"]["backup_dir"], "tpm.tpm2_tpm2-00.permall").read_bytes()
+    finally:
+        virsh(w.uri, "destroy", name, check=False)
+
+
+def test_a_record_naming_a_tpm_path_outside_the_state_folder_is_refused(w):
+    doc = backup(w, "direct-backup")
+    lease = w.store.acquire_lease(doc["id"], "test-forged", 30)
+    assert lease is not None
+    rec = w.store.load(doc["id"])
+    rec.result["firmware"]["tpm_files"] = {"tpm.tpm2_tpm2-00.permall": "../../../../etc/cron.d/x"}
+    w.store.save(rec, "test-forged", epoch=lease.epoch)
+    lease.release()
+    keys = sorted(w.store.r.scan_iter(f"{w.store.prefix}:*"))
+    name = f"dctest-uefi-forged-{uuid.uuid4().hex[:6]}"
+    out = w.base / "restored-forged"
+    out.mkdir()
+    res = submit(w, "restore", "--from", doc["id"], "--target", str(out), "--define", name, check=False)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "bad relative path '../../../../etc/cron.d/x'" in res.stderr and "Traceback" not in res.stderr
+    assert name not in domains(w) and list(out.iterdir()) == [] and not os.path.exists("/etc/cron.d/x")
+    assert sorted(w.store.r.scan_iter(f"{w.store.prefix}:*")) == keys  # nothing submitted

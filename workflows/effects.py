@@ -11,7 +11,10 @@ can change anything:
   exactly (an artifact's path, its partial file, or, for a rename only, a
   domain disk recorded at preflight in ``data["disks"]``), is fenced the same way, creates with
   ``O_EXCL|O_NOFOLLOW`` and mode 0600 in folders made 0700, and never follows
-  a symlink planted where one of our files goes.
+  a symlink planted where one of our files goes.  The one exception to
+  0600/0700 and our own user: a restored domain's TPM state, planned under
+  libvirt's swtpm folder, gets the modes and owner libvirt gives swtpm
+  (``make_tpm_folder``, ``write_tpm_file``).
 - ``fx.checkpoints``: the checkpoint store of this deployment, handed in.
 - ``fx.backups``: the backups' records (``workflows.backups``), each changed under its own lease.
 
@@ -21,6 +24,7 @@ hand-placed guard; a type checker sees the whole boundary.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -32,7 +36,7 @@ from . import filecopy, naming, nbdio
 from .backups import BackupRecords
 from .checkpoints import CheckpointStore
 from .errors import StepFailed
-from .hypervisor.base import Hypervisor
+from .hypervisor.base import TPM_STATE_ROOT, Hypervisor
 from .record import Record
 
 Guard = Callable[[], None]
@@ -117,6 +121,57 @@ class OwnedFiles:
         self.guard()
         os.rmdir(path)
         return True
+
+    # -- a restored domain's TPM state ----------------------------------------------
+    def _check_tpm(self, path: str, what: str) -> None:
+        self._check(path, self.owned(), what)
+        if not path.startswith(TPM_STATE_ROOT + "/") or os.path.normpath(path) != path:
+            raise NotOurs(f"refusing to {what} {path}: not in a TPM state folder under {TPM_STATE_ROOT}")
+
+    def make_tpm_folder(self, path: str, *, mode: int, owner: tuple[int, int]) -> None:
+        """A planned folder of a restored domain's TPM state, as libvirt makes it for swtpm: created
+        exclusively, then given ``mode`` and ``owner`` (swtpm's user).  Accepted again (a resumed
+        restore) only when it is a real directory of ours or that owner that group and others cannot write."""
+        self._check_tpm(path, "create the TPM folder")
+        self.guard()
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            st = os.lstat(path)
+            # ours: made by an earlier attempt, before (our user) or after (swtpm's) it was handed over
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.geteuid(), owner[0]) or st.st_mode & 0o022:
+                raise NotOurs(f"{path} exists and is not a TPM folder of ours; refusing to use it") from None
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, *owner)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        filecopy.fsync_dir(os.path.dirname(path))
+
+    def write_tpm_file(self, src: str, path: str, *, owner: tuple[int, int]) -> tuple[str, int]:
+        """Copy ``src`` (a captured TPM file) to a planned file of a restored domain's TPM state: written
+        0600 through its partial file (exclusive, no symlink followed), given swtpm's ``owner``, fsynced,
+        renamed in place; returns (sha256, size)."""
+        self._check_tpm(path, "write the TPM file")
+        tmp = naming.partial_of(path)
+        fd = self.create_exclusive(tmp)
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            with open(src, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+            os.fchown(fd, *owner)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.rename(tmp, path)
+        return digest.hexdigest(), size
 
     # -- files --------------------------------------------------------------------
     def create_exclusive(self, path: str, *, replace_stale: bool = True) -> int:

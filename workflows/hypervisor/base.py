@@ -8,6 +8,9 @@ cases against both so the fake cannot drift from libvirt.
 
 from __future__ import annotations
 
+import grp
+import pwd
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, cast
@@ -42,6 +45,27 @@ class Firmware:
 
 
 TPM_STATE_ROOT = "/var/lib/libvirt/swtpm"
+QEMU_CONF = "/etc/libvirt/qemu.conf"
+
+
+def swtpm_owner(conf: str = QEMU_CONF) -> tuple[int, int]:
+    """The (uid, gid) libvirt runs swtpm as: ``swtpm_user``/``swtpm_group`` of qemu.conf, else libvirt's
+    default ``tss``; the owner of the state folders libvirt makes for a new domain's TPM."""
+    names = {"swtpm_user": "tss", "swtpm_group": "tss"}
+    try:
+        with open(conf) as f:
+            for line in f:
+                m = re.match(r'\s*(swtpm_user|swtpm_group)\s*=\s*"([^"]*)"', line)
+                if m:
+                    names[m.group(1)] = m.group(2)
+    except FileNotFoundError:
+        pass
+
+    def resolve(value: str, lookup: Callable[[str], int]) -> int:
+        value = value.removeprefix("+")
+        return int(value) if value.isdigit() else lookup(value)
+    return (resolve(names["swtpm_user"], lambda n: pwd.getpwnam(n).pw_uid),
+            resolve(names["swtpm_group"], lambda n: grp.getgrnam(n).gr_gid))
 
 
 def parse_firmware(xml: str) -> Firmware:

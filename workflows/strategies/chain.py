@@ -22,9 +22,13 @@ def link_of(src: Record) -> dict[str, Any]:
     """What a restore needs of one backup: its id, domain, kind, manifest, and disk -> {path, size, checksum}."""
     files = {disk: {"path": info["path"], "size": info["size"], "checksum": info["checksum"]}
              for disk, info in src.result["files"].items()}
+    fw = src.result.get("firmware") or {}
+    folder = os.path.dirname(src.result["manifest"])
     return {"id": src.id, "domain": src.domain, "kind": src.result["kind"], "manifest": src.result["manifest"],
             "files": files, "manifest_sha256": src.result.get("manifest_sha256"),
-            "firmware": (src.result.get("firmware") or {}).get("copies") or {}}
+            "firmware": fw.get("copies") or {},
+            # each captured TPM file -> its path in a state folder; {} for a capture made before they were recorded
+            "tpm_files": {os.path.join(folder, name): rel for name, rel in (fw.get("tpm_files") or {}).items()}}
 
 
 def backup_chain(load: Callable[[str], Record], ref: Any) -> list[dict[str, Any]]:

@@ -1,8 +1,12 @@
 """What the backup strategies share to make a folder tamper-evident and to carry UEFI/TPM state.
 
 At preflight, ``plan_firmware`` names a copy of the domain's NVRAM file
-(``nvram.fd``) and of each file of its TPM emulator's state (``tpm/...``) in
-the capture folder, before anything exists.  ``copy_firmware`` writes them
+(``nvram.fd``) and of each file of its TPM emulator's state (``tpm.<path>``,
+the path's folders flattened with ``_``) in the capture folder, before
+anything exists; each TPM copy keeps its path relative to the state folder
+(``relpath``), which the manifest and the record's result list as
+``tpm_files`` (file name in the folder -> relative path) so that a restore
+can put it back in place.  ``copy_firmware`` writes them
 (checksummed, through our owned-file port), and ``write_manifest`` lists
 every file of the folder with size and sha256 in a version 2 manifest,
 signed when a key is configured (``workflows.manifest``).  ``result_fields``
@@ -28,8 +32,9 @@ TPM_FOLDER = "tpm"
 def plan_firmware(ctx: StepContext, folder: str) -> None:
     """Record the domain's firmware files and name our copy of each (NVRAM, TPM state) in ``folder``."""
     fw = ctx.hv.firmware(ctx.domain)
+    tpm_files: dict[str, str] = {}
     ctx.data["firmware"] = {"nvram": fw.nvram, "nvram_template": fw.nvram_template, "loader": fw.loader,
-                            "tpm_state": fw.tpm_state}
+                            "tpm_state": fw.tpm_state, "tpm_files": tpm_files}
     if fw.nvram:
         art = ctx.rec.plan_artifact(Artifact("firmware:nvram", "firmware-copy", os.path.join(folder, NVRAM_NAME)))
         art["source"] = fw.nvram
@@ -37,10 +42,13 @@ def plan_firmware(ctx: StepContext, folder: str) -> None:
         for root, _dirs, files in os.walk(fw.tpm_state):
             for name in sorted(f for f in files if f != ".lock"):  # swtpm's lock file holds no state
                 src = os.path.join(root, name)
-                rel = os.path.relpath(src, fw.tpm_state).replace(os.sep, "_")
+                relpath = os.path.relpath(src, fw.tpm_state)
+                rel = relpath.replace(os.sep, "_")
                 art = ctx.rec.plan_artifact(Artifact(f"firmware:tpm:{rel}", "firmware-copy",
                                                      os.path.join(folder, f"{TPM_FOLDER}.{rel}")))
                 art["source"] = src
+                art["relpath"] = relpath
+                tpm_files[os.path.basename(art["path"])] = relpath
 
 
 def copy_firmware(ctx: StepContext) -> None:
@@ -116,7 +124,10 @@ def result_fields(ctx: StepContext) -> dict[str, Any]:
             "firmware": {"nvram": fw.get("nvram"), "nvram_template": fw.get("nvram_template"),
                          "tpm_state": fw.get("tpm_state"),
                          "copies": {a["name"].removeprefix("firmware:"): a["path"]
-                                    for a in ctx.rec.artifacts_of("firmware-copy")}}}
+                                    for a in ctx.rec.artifacts_of("firmware-copy")},
+                         # where each TPM copy goes back in a state folder (absent in captures made before)
+                         "tpm_files": {os.path.basename(a["path"]): a["relpath"]
+                                       for a in ctx.rec.artifacts_of("firmware-copy") if a.get("relpath")}}}
 
 
 def rewrite_manifest(ctx: StepContext, path: str, doc: dict[str, Any], changed: dict[str, str]) -> str | None:

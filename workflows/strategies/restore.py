@@ -7,19 +7,25 @@ changed clusters over it), checked against the chain (``qemu-img compare``)
 and checksummed.  ``--disk vdb`` restores that disk alone; with ``--to PATH``
 its flattened image is written to PATH (a new file; no restore folder, the
 record holds the result).  With ``--define NAME`` a new domain is defined from the
-source domain's XML saved with the backup: new name, no UUID (libvirt makes
-one), the restored images as its disks.  Nothing existing is modified: the
-backups are only read, the source domain is not touched.
+source domain's XML saved with the backup: new name, a UUID derived from the
+workflow id (``restored_uuid``), the restored images as its disks, its own
+NVRAM copy, and, when the backup captured its TPM emulator's state, its own
+copy of that state in swtpm's folder for the new UUID (written before the
+define, with the modes and owner libvirt gives a new domain's).  Nothing
+existing is modified: the backups are only read, the source domain is not
+touched.
 
 A crash in any state resumes (an image is rewritten from the start; a
 defined domain is recognised by the workflow id in its description).
-Rollback deletes the restored images and undefines the domain it defined.
+Rollback deletes the restored images, undefines the domain it defined (with
+its TPM state) and deletes whichever planned TPM files remain.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import uuid
 import xml.etree.ElementTree as ET
 from typing import Any, Callable
 
@@ -28,6 +34,7 @@ from ..definition import RESUME, Definition, Option
 from ..errors import InputError, InvalidTarget, StepFailed
 from ..filecopy import sha256_file
 from ..effects import Inspect
+from ..hypervisor.base import TPM_STATE_ROOT, swtpm_owner
 from ..record import Artifact, Record
 from ..steps import Step, StepContext
 from . import backup_common as bc
@@ -112,6 +119,7 @@ def validate_params(look: Inspect, domain: str, params: dict[str, Any]) -> dict[
             raise InputError(f"--define: domain {out['define']} already exists")
         if not os.path.exists(_domain_xml(chain[-1])):
             raise InputError(f"backup {chain[-1]['id']} has no domain.xml to define a domain from")
+        tpm_files(chain[-1])  # each captured TPM file's relative path stays inside a state folder
     need = sum(info["size"] for link in chain for d, info in link["files"].items() if disk in (None, d))
     common.check_space(out["target"] or os.path.dirname(out["to"]), need, "restore target")
     if key:
@@ -141,6 +149,37 @@ def check_chain_folders(chain: list[dict[str, Any]], *, deep: bool, define: bool
             raise InputError(f"backup {link['id']} does not match its manifest: {failed}")
 
 
+def restored_uuid(wf_id: str) -> str:
+    """The UUID of the domain restore ``wf_id`` defines: the same on every attempt, so its TPM state
+    folder (named by it) can be written, probed and removed before and after the define."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"domcapture:restore:{wf_id}"))
+
+
+def tpm_files(link: dict[str, Any]) -> dict[str, str]:
+    """The captured TPM files of a backup and where each goes in a state folder (copy path -> relative
+    path); refuses a relative path that would leave the folder.  {} when none are recorded."""
+    out: dict[str, str] = {}
+    for src, rel in (link.get("tpm_files") or {}).items():
+        if (not isinstance(rel, str) or not rel or validate.has_control(rel) or os.path.isabs(rel)
+                or os.path.normpath(rel) != rel or rel.split(os.sep)[0] in ("..", ".")):
+            raise InputError(f"backup {link['id']}: TPM file {src} has a bad relative path {rel!r}")
+        if os.path.dirname(src) != os.path.dirname(link["manifest"]) \
+                or not os.path.basename(src).startswith(f"{evidence.TPM_FOLDER}."):
+            raise InputError(f"backup {link['id']}: {src} is not a TPM copy in the backup's folder")
+        out[src] = rel
+    return out
+
+
+def _tpm_note(link: dict[str, Any]) -> str | None:
+    """Why the restored domain starts with a fresh TPM although the source had state (else None)."""
+    if tpm_files(link):
+        return None
+    if any(name.startswith("tpm:") for name in link.get("firmware") or {}):
+        return (f"backup {link['id']} does not record where its TPM files go (captured before that was "
+                "recorded): the new domain starts with a fresh TPM")
+    return None
+
+
 def _domain_xml(link: dict[str, Any]) -> str:
     return os.path.join(os.path.dirname(link["manifest"]), "domain.xml")
 
@@ -150,14 +189,19 @@ def _marker(wf_id: str) -> str:
 
 
 def restored_domain_xml(source_xml: str, name: str, disks: dict[str, str], wf_id: str, note: str,
-                        folder: str, nvram: str | None = None) -> str:
-    """The source domain's XML with a new name, no UUID, the restored disks, its own log/channel files,
-    its own NVRAM (``nvram``; without one, libvirt names a new one)."""
+                        folder: str, nvram: str | None = None, domain_uuid: str | None = None) -> str:
+    """The source domain's XML with a new name, the UUID ``domain_uuid`` (None: none, libvirt makes one),
+    the restored disks, its own log/channel files, its own NVRAM (``nvram``; without one, libvirt names a
+    new one)."""
     root = ET.fromstring(source_xml)
     root.find("name").text = name  # type: ignore[union-attr]
     for tag in ("uuid", "description"):
         for el in root.findall(tag):
             root.remove(el)
+    if domain_uuid:
+        uuid_el = ET.Element("uuid")
+        uuid_el.text = domain_uuid
+        root.insert(1, uuid_el)
     desc = ET.Element("description")
     desc.text = f"{_marker(wf_id)}: {note}"
     root.insert(1, desc)
@@ -245,10 +289,75 @@ class Preflight(Step):
                                                  os.path.join(folder, evidence.NVRAM_NAME)))
             art["source"] = captured
         if ctx.params.get("define"):
+            plan_tpm_state(ctx)
             ctx.rec.plan_artifact(Artifact("domain", "domain", ctx.params["define"]))
 
     def revert(self, ctx: StepContext) -> None:
         common.remove_capture_folder(ctx)
+
+
+def plan_tpm_state(ctx: StepContext) -> None:
+    """Name the restored domain's TPM state (its folder, subfolders and files, under the new UUID's
+    folder) before anything is written; nothing when the backup recorded no TPM files."""
+    try:
+        files = tpm_files(ctx.params["chain"][-1])
+    except InputError as exc:
+        raise StepFailed(str(exc)) from None
+    if not files:
+        return
+    state = f"{TPM_STATE_ROOT}/{restored_uuid(ctx.rec.id)}"
+    if "tpm-folder:" not in ctx.rec.artifacts and os.path.lexists(state):
+        raise StepFailed(f"{state} exists already; refusing to restore a TPM state over it")
+    folders = {""}
+    for rel in files.values():
+        parent = os.path.dirname(rel)
+        while parent:
+            folders.add(parent)
+            parent = os.path.dirname(parent)
+    for part in sorted(folders, key=lambda r: (r.count(os.sep) + bool(r), r)):  # parents first
+        ctx.rec.plan_artifact(Artifact(f"tpm-folder:{part}", "tpm-folder", os.path.join(state, part).rstrip("/")))
+    for src, rel in sorted(files.items(), key=lambda kv: kv[1]):
+        art = ctx.rec.plan_artifact(Artifact(f"tpm:{rel}", "tpm-state", os.path.join(state, rel)))
+        art["source"] = src
+
+
+#: the modes libvirt gives a new domain's swtpm state: the UUID's folder, the folders in it, the files
+TPM_MODES = {"top": 0o711, "folder": 0o700}
+
+
+def write_tpm_state(ctx: StepContext) -> None:
+    """Copy each planned TPM file into the new domain's state folder; a file already there with the
+    checksum it was written with is kept (a resumed restore)."""
+    folders = ctx.rec.artifacts_of("tpm-folder")
+    files = ctx.rec.artifacts_of("tpm-state")
+    if not files:
+        return
+    owner = swtpm_owner()
+    ctx.save("tpm-intent", state=ctx.rec.artifacts["tpm-folder:"]["path"], files=len(files))
+    for art in folders:
+        ctx.fx.files.make_tpm_folder(art["path"], mode=TPM_MODES["top" if art["name"] == "tpm-folder:" else
+                                                                 "folder"], owner=owner)
+        ctx.rec.set_artifact(art["name"], status="present")
+    for art in files:
+        ctx.check_cancel()
+        if art["status"] == "present" and os.path.exists(art["path"]) \
+                and f"sha256:{sha256_file(art['path'])}" == art.get("checksum"):
+            continue
+        digest, size = ctx.fx.files.write_tpm_file(art["source"], art["path"], owner=owner)
+        ctx.rec.set_artifact(art["name"], status="present", checksum=f"sha256:{digest}", size=size)
+    ctx.save("tpm-written", state=ctx.rec.artifacts["tpm-folder:"]["path"])
+
+
+def remove_tpm_state(ctx: StepContext) -> None:
+    """Delete the planned TPM files and folders that remain (the undefine removed them when it ran)."""
+    for art in ctx.rec.artifacts_of("tpm-state"):
+        for path in (art["path"], naming.partial_of(art["path"])):
+            ctx.fx.files.remove_owned(path)
+        art["status"] = "deleted"
+    for art in reversed(ctx.rec.artifacts_of("tpm-folder")):
+        if os.path.isdir(art["path"]) and not ctx.fx.files.remove_folder(art["path"]):
+            raise StepFailed(f"{art['path']} holds files this restore did not write; left in place")
+        art["status"] = "deleted"
 
 
 class Restore(Step):
@@ -331,7 +440,8 @@ class Define(Step):
         nvram = ctx.rec.artifacts.get("firmware:nvram")
         xml = restored_domain_xml(source, name, disks, ctx.rec.id, f"backup {last['id']} of {ctx.domain}",
                                   naming.restore_dir(ctx.params["target"], ctx.domain, ctx.rec.id),
-                                  nvram=nvram["path"] if nvram else None)
+                                  nvram=nvram["path"] if nvram else None, domain_uuid=restored_uuid(ctx.rec.id))
+        write_tpm_state(ctx)
         ctx.save("define-intent", domain=name)
         ctx.hv.define_restored_domain(xml)
         ctx.rec.set_artifact("domain", status="present")
@@ -349,9 +459,10 @@ class Define(Step):
             planned = ctx.rec.artifacts.get("firmware:nvram")
             ours = planned is not None and ctx.hv.firmware(name).nvram == planned["path"]
             ctx.save("undefine-intent", domain=name, nvram=ours)
-            ctx.hv.undefine_restored_domain(name, nvram=ours)
+            ctx.hv.undefine_restored_domain(name, nvram=ours)  # with its TPM state folder
         if "domain" in ctx.rec.artifacts:
             ctx.rec.set_artifact("domain", status="deleted")
+        remove_tpm_state(ctx)
 
 
 class Finalize(Step):
@@ -387,8 +498,21 @@ class Finalize(Step):
         ctx.rec.result = {"restore_dir": os.path.dirname(path) if path else None, "manifest": path,
                           "files": self._files(ctx), "chain": [link["id"] for link in ctx.params["chain"]],
                           "from": ctx.params["from"], "defined": ctx.params.get("define"),
-                          "nvram": (ctx.rec.artifacts.get("firmware:nvram") or {}).get("path")}
+                          "nvram": (ctx.rec.artifacts.get("firmware:nvram") or {}).get("path"),
+                          **self._tpm(ctx)}
         return "advance"
+
+    @staticmethod
+    def _tpm(ctx: StepContext) -> dict[str, Any]:
+        """The new domain's UUID and what became of the captured TPM state (None: no --define)."""
+        if not ctx.params.get("define"):
+            return {"uuid": None, "tpm": None}
+        files = ctx.rec.artifacts_of("tpm-state")
+        top = ctx.rec.artifacts.get("tpm-folder:")
+        return {"uuid": restored_uuid(ctx.rec.id),
+                "tpm": {"state": top["path"] if top else None,
+                        "files": {a["name"].removeprefix("tpm:"): a["checksum"] for a in files},
+                        "fresh": _tpm_note(ctx.params["chain"][-1])}}
 
     def revert(self, ctx: StepContext) -> None:
         path = self._path(ctx)
