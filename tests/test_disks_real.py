@@ -430,6 +430,46 @@ def test_snapshot_backup_of_an_nbd_disk_reads_through_qemu(cluster, made, libvir
 
 
 # -- shut-off and paused domains ------------------------------------------------------------------------------
+def test_direct_backup_takes_an_nbd_disk_whole_beside_an_incremental_qcow2_disk(cluster, made, libvirt_uri,
+                                                                                 tmp_path, nbd_export):
+    port, image, _ = nbd_export
+    work = tmp_path / "dom"
+    work.mkdir()
+    vda = work / "os-vda.qcow2"
+    filled_image(vda, 32, 0x31)
+    xml = (file_disk("vda", vda) + "<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
+           f"<source protocol='nbd'><host name='127.0.0.1' port='{port}'/></source>"
+           "<target dev='vdb' bus='virtio'/></disk>")
+    dom = define_and_start(libvirt_uri, work, xml, {"vda": vda})
+    made.append(dom)
+    target = tmp_path / "bk"
+    target.mkdir()
+    cluster.start_worker()
+    cluster.start_recovery()
+    full = submit(cluster, "direct-backup", dom, target, "--quiesce", "off", "--mode", "pull")
+    doc = cluster.wait_final(full)
+    assert doc["status"] == "succeeded", doc["error"]
+    assert checkpoint_disks(libvirt_uri, dom.name, doc["result"]["checkpoint"]) == {"vda": "bitmap", "vdb": "no"}
+    dom.guest_write("vda", 0x5A, 4, 1)
+    dom.guest_write("vdb", 0x5B, 20, 1)
+    refs = {"vda": flattened(vda, tmp_path / "ref-vda.qcow2"), "vdb": flattened(image, tmp_path / "ref-vdb.qcow2")}
+    inc = submit(cluster, "direct-backup", dom, target, "--quiesce", "off", "--incremental")
+    idoc = cluster.wait_final(inc)
+    assert idoc["status"] == "succeeded", idoc["error"]
+    assert idoc["result"]["kind"] == "incremental", idoc["result"].get("fallback")
+    assert {t: f["kind"] for t, f in idoc["result"]["files"].items()} == {"vda": "incremental", "vdb": "full"}
+    out = tmp_path / "restored"
+    out.mkdir()
+    rid = json.loads(cluster.cli("submit", "restore", "--domain", dom.name, "--from", inc, "--target",
+                                 str(out), "--json").stdout)["id"]
+    rdoc = cluster.wait_final(rid)
+    assert rdoc["status"] == "succeeded", rdoc["error"]
+    for disk in ("vda", "vdb"):
+        restored = rdoc["result"]["files"][disk]
+        path = restored["path"] if isinstance(restored, dict) else restored
+        assert images_identical(path, refs[disk]), f"the restored {disk} is not the disk at backup time"
+
+
 def test_snapshot_backup_of_a_shut_off_domain_reads_its_images_offline(cluster, disk_domain, tmp_path):
     dom = disk_domain()
     dom.virsh("destroy", dom.name)

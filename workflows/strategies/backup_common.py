@@ -45,10 +45,12 @@ def whole_disks(disks: list[Disk]) -> list[str]:
 
 
 def check_offline_whole(disks: list[Disk], domain: str) -> None:
-    """A shut-off domain's bitmaps are made with qemu-img in its images: a disk without one is refused."""
+    """A shut-off domain's bitmaps are made with qemu-img in its local images: a disk that cannot hold one,
+    or that is not a local image, is refused."""
     for d in disks:
-        if d.format != "qcow2":
-            what = "a raw block device" if d.type == "block" else f"a {d.format} image"
+        if d.format != "qcow2" or d.type == "network":
+            what = ("a network disk" if d.type == "network" else "a raw block device" if d.type == "block"
+                    else f"a {d.format} image")
             raise UnsupportedDisk(f"disk {d.target} of {domain} is {what}; a shut-off domain's direct backup needs "
                                   "qcow2 images (start the domain, use snapshot-backup, or --exclude the disk)")
 

@@ -101,7 +101,7 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
     if state == "shutoff" and out["quiesce"] == "require":
         raise InputError(f"--quiesce require: domain {domain} is shut off (no guest agent to freeze); its disks "
                          "are at rest, use --quiesce off or try")
-    disks = common.choose_disks(hv, domain, out, backing_ok=True, block_ok=True)[0]
+    disks = common.choose_disks(hv, domain, out, backing_ok=True, block_ok=True, network_ok=True)[0]
     if state == "shutoff":
         bc.check_offline_whole(disks, domain)
     if not out["incremental"]:  # an incremental's size is not known before its bitmap is read
@@ -165,7 +165,8 @@ class Preflight(Step):
     def execute(self, ctx: StepContext) -> None:
         ctx.data["offline"] = require_backupable(ctx.hv, ctx.domain) == "shutoff"
         disks, ctx.data["skipped_disks"] = common.choose_disks(ctx.hv, ctx.domain, ctx.params,
-                                                                   backing_ok=True, block_ok=True)
+                                                                   backing_ok=True, block_ok=True,
+                                                                   network_ok=True)
         if ctx.data["offline"]:
             bc.check_offline_whole(disks, ctx.domain)
         target, wf = ctx.params["target"], ctx.rec.id
