@@ -96,6 +96,45 @@ def test_push_full_then_incremental_holds_only_the_changes(env):
     assert read_chain(env, [full, inc]) == env.disk_bytes("vda")
 
 
+def test_a_disk_taken_whole_has_no_bitmap_and_is_copied_in_full_by_an_incremental(env):
+    """``full``: the disk of a format without a bitmap (here a qcow2 standing in for it): checkpoint='no', and
+    backupmode='full' in an incremental, push and pull."""
+    fa, fb = str(env.dir / "full-vda.qcow2"), str(env.dir / "full-vdb.qcow2")
+    env.hv.backup_begin(env.name, mode="push", disks={"vda": fa, "vdb": fb}, checkpoint="dc-1", full=["vdb"])
+    assert env.hv.lookup_checkpoint(env.name, "dc-1").disks == ["vda"]
+    wait_job_gone(env)
+    assert env.hv.get_completed_backup(env.name).success
+    env.write("vda", 0x5A, 5, 1)
+    env.write("vdb", 0x5B, 6, 1)
+    ia, ib = str(env.dir / "inc-vda.qcow2"), str(env.dir / "inc-vdb.qcow2")
+    env.hv.backup_begin(env.name, mode="push", disks={"vda": ia, "vdb": ib}, checkpoint="dc-2", incremental="dc-1",
+                        full=["vdb"])
+    assert env.hv.lookup_checkpoint(env.name, "dc-2").disks == ["vda"]
+    wait_job_gone(env)
+    assert env.hv.get_completed_backup(env.name).success
+    assert nbdio.allocated_bytes(ia) == 1 * MIB  # only the changed clusters
+    assert read_chain(env, [fa, ia]) == env.disk_bytes("vda")
+    assert read_chain(env, [ib]) == env.disk_bytes("vdb")  # whole: it stands alone
+
+    env.write("vda", 0x6A, 1, 1)
+    sock = str(env.dir / "pull.sock")
+    scratch = {t: str(env.dir / f"{t}.scratch") for t in ("vda", "vdb")}
+    env.hv.backup_begin(env.name, mode="pull", disks=scratch, checkpoint="dc-3", incremental="dc-2", socket=sock,
+                        full=["vdb"])
+    job = env.hv.get_backup_job(env.name)
+    try:
+        ea, eb = env.hv.open_backup_export(env.name, job, "vda"), env.hv.open_backup_export(env.name, job, "vdb")
+        try:
+            assert ea.extents(dirty=True) == [(1 * MIB, 1 * MIB)]
+            assert eb.pread(1 * MIB, 6 * MIB) == b"\x5b" * MIB  # the whole disk is served
+        finally:
+            ea.close()
+            eb.close()
+    finally:
+        env.hv.backup_abort(env.name)
+        wait_job_gone(env)
+
+
 def test_pull_incremental_serves_the_dirty_extents_until_ended(env):
     env.hv.checkpoint_create(env.name, "dc-1", ["vda", "vdb"])
     env.write("vdb", 0x3C, 2, 1)

@@ -271,23 +271,88 @@ def test_snapshot_backup_of_a_block_device_keeps_overlays_out_of_dev(cluster, ma
     assert files["vdb"]["path"].endswith(".qcow2")
 
 
-def test_direct_backup_refuses_a_raw_block_device_in_one_line(cluster, made, libvirt_uri, tmp_path, loop_device):
+def checkpoint_disks(uri: str, domain: str, checkpoint: str) -> dict[str, str]:
+    """disk -> its checkpoint mode (bitmap | no), as libvirt holds the checkpoint."""
+    xml = run("virsh", "-c", uri, "checkpoint-dumpxml", domain, checkpoint, "--no-domain").stdout
+    return {d.get("name", ""): d.get("checkpoint", "") for d in ET.fromstring(xml).findall("./disks/disk")}
+
+
+def backing_of(path: str) -> str | None:
+    info = json.loads(run("qemu-img", "info", "-U", "--output=json", path).stdout)
+    return info.get("backing-filename")
+
+
+def test_direct_backup_takes_a_block_device_whole_and_the_qcow2_disk_incrementally(cluster, made, libvirt_uri,
+                                                                                     tmp_path, loop_device):
+    dev, _ = loop_device
+    dom = block_domain(libvirt_uri, tmp_path, made, dev)
+    target = tmp_path / "bk"
+    target.mkdir()
+    cluster.start_recovery()
+    worker = cluster.start_worker()
+    full = submit(cluster, "direct-backup", dom, target, "--quiesce", "off")
+    doc = cluster.wait_final(full)
+    assert doc["status"] == "succeeded", doc["error"]
+    assert doc["result"]["kind"] == "full"
+    assert {t: f["kind"] for t, f in doc["result"]["files"].items()} == {"vda": "full", "vdb": "full"}
+    assert checkpoint_disks(libvirt_uri, dom.name, doc["result"]["checkpoint"]) == {"vda": "bitmap", "vdb": "no"}
+
+    refs: list[dict[str, Path]] = []
+    steps: list[str] = []
+    for n, (mode, pattern) in enumerate([("pull", 0x6B), ("push", 0x7C)]):
+        dom.guest_write("vda", pattern, 20 + n, 1)
+        dom.guest_write("vdb", pattern + 1, 8 + n, 1)
+        with open(dev, "r+b") as f:  # the host writes to the device too (QEMU shares its page cache)
+            f.seek((24 + n) * MIB)
+            f.write(bytes([pattern + 2]) * MIB)
+            os.fsync(f.fileno())
+        refs.append({"vda": flattened(dom.disks["vda"], tmp_path / f"ref{n}-vda.qcow2"),
+                     "vdb": flattened(Path(dev), tmp_path / f"ref{n}-vdb.qcow2")})
+        if mode == "pull":  # a SIGKILL after the first disk was read: the second is read on resume
+            cluster.kill(worker)  # idle: the doomed worker alone takes the job
+            doomed = cluster.start_worker(fault="kill-at:saved:pulled:transferring")
+        wf = submit(cluster, "direct-backup", dom, target, "--quiesce", "off", "--incremental", "--mode", mode)
+        if mode == "pull":
+            doomed.wait(timeout=90)
+            assert doomed.returncode == -signal.SIGKILL
+            worker = cluster.start_worker()
+        idoc = cluster.wait_final(wf)
+        assert idoc["status"] == "succeeded", idoc["error"]
+        res = idoc["result"]
+        assert res["kind"] == "incremental", res.get("fallback")
+        assert {t: f["kind"] for t, f in res["files"].items()} == {"vda": "incremental", "vdb": "full"}
+        manifest = json.loads(Path(res["manifest"]).read_text())
+        assert {f["disk"]: f["kind"] for f in manifest["files"]} == {"vda": "incremental", "vdb": "full"}
+        assert checkpoint_disks(libvirt_uri, dom.name, res["checkpoint"]) == {"vda": "bitmap", "vdb": "no"}
+        assert backing_of(res["files"]["vdb"]["path"]) is None  # whole: it stands alone
+        assert backing_of(res["files"]["vda"]["path"]) is not None  # over its parent backup's file
+        assert images_identical(res["files"]["vdb"]["path"], refs[n]["vdb"])
+        steps.append(wf)
+
+    out = tmp_path / "restored"
+    out.mkdir()
+    rid = json.loads(cluster.cli("submit", "restore", "--domain", dom.name, "--from", steps[-1], "--target",
+                                 str(out), "--json").stdout)["id"]
+    rdoc = cluster.wait_final(rid)
+    assert rdoc["status"] == "succeeded", rdoc["error"]
+    for disk in ("vda", "vdb"):
+        restored = rdoc["result"]["files"][disk]
+        path = restored["path"] if isinstance(restored, dict) else restored
+        assert images_identical(path, refs[-1][disk]), f"the restored {disk} is not the disk at backup time"
+
+
+def test_direct_backup_of_a_shut_off_domain_refuses_a_block_device_in_one_line(cluster, made, libvirt_uri,
+                                                                             tmp_path, loop_device):
     dom = block_domain(libvirt_uri, tmp_path, made, loop_device[0])
+    dom.virsh("destroy", dom.name)
     target = tmp_path / "bk"
     target.mkdir()
     out = cluster.cli("submit", "direct-backup", "--domain", dom.name, "--target", str(target), check=False)
     assert out.returncode == 2
     assert out.stderr.strip() == (
-        f"domcapture: error: disk vdb of {dom.name} is a raw block device, which cannot hold a persistent bitmap; "
-        "checkpoints and direct backups need qcow2 images (use snapshot-backup, or leave the disk out with "
-        "--exclude)"), out.stderr
+        f"domcapture: error: disk vdb of {dom.name} is a raw block device; a shut-off domain's direct backup "
+        "needs qcow2 images (start the domain, use snapshot-backup, or --exclude the disk)"), out.stderr
     assert list(target.iterdir()) == []
-    # leaving it out is the documented way
-    wf = submit(cluster, "direct-backup", dom, target, "--quiesce", "off", "--exclude", "vdb")
-    cluster.start_worker()
-    doc = cluster.wait_final(wf)
-    assert doc["status"] == "succeeded", doc["error"]
-    assert doc["result"]["skipped_disks"] == [{"target": "vdb", "reason": "excluded by --exclude"}]
 
 
 def chain_of_any(dom: DiskDomain, target: str) -> list[str]:
@@ -365,6 +430,46 @@ def test_snapshot_backup_of_an_nbd_disk_reads_through_qemu(cluster, made, libvir
 
 
 # -- shut-off and paused domains ------------------------------------------------------------------------------
+def test_direct_backup_takes_an_nbd_disk_whole_beside_an_incremental_qcow2_disk(cluster, made, libvirt_uri,
+                                                                                 tmp_path, nbd_export):
+    port, image, _ = nbd_export
+    work = tmp_path / "dom"
+    work.mkdir()
+    vda = work / "os-vda.qcow2"
+    filled_image(vda, 32, 0x31)
+    xml = (file_disk("vda", vda) + "<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
+           f"<source protocol='nbd'><host name='127.0.0.1' port='{port}'/></source>"
+           "<target dev='vdb' bus='virtio'/></disk>")
+    dom = define_and_start(libvirt_uri, work, xml, {"vda": vda})
+    made.append(dom)
+    target = tmp_path / "bk"
+    target.mkdir()
+    cluster.start_worker()
+    cluster.start_recovery()
+    full = submit(cluster, "direct-backup", dom, target, "--quiesce", "off", "--mode", "pull")
+    doc = cluster.wait_final(full)
+    assert doc["status"] == "succeeded", doc["error"]
+    assert checkpoint_disks(libvirt_uri, dom.name, doc["result"]["checkpoint"]) == {"vda": "bitmap", "vdb": "no"}
+    dom.guest_write("vda", 0x5A, 4, 1)
+    dom.guest_write("vdb", 0x5B, 20, 1)
+    refs = {"vda": flattened(vda, tmp_path / "ref-vda.qcow2"), "vdb": flattened(image, tmp_path / "ref-vdb.qcow2")}
+    inc = submit(cluster, "direct-backup", dom, target, "--quiesce", "off", "--incremental")
+    idoc = cluster.wait_final(inc)
+    assert idoc["status"] == "succeeded", idoc["error"]
+    assert idoc["result"]["kind"] == "incremental", idoc["result"].get("fallback")
+    assert {t: f["kind"] for t, f in idoc["result"]["files"].items()} == {"vda": "incremental", "vdb": "full"}
+    out = tmp_path / "restored"
+    out.mkdir()
+    rid = json.loads(cluster.cli("submit", "restore", "--domain", dom.name, "--from", inc, "--target",
+                                 str(out), "--json").stdout)["id"]
+    rdoc = cluster.wait_final(rid)
+    assert rdoc["status"] == "succeeded", rdoc["error"]
+    for disk in ("vda", "vdb"):
+        restored = rdoc["result"]["files"][disk]
+        path = restored["path"] if isinstance(restored, dict) else restored
+        assert images_identical(path, refs[disk]), f"the restored {disk} is not the disk at backup time"
+
+
 def test_snapshot_backup_of_a_shut_off_domain_reads_its_images_offline(cluster, disk_domain, tmp_path):
     dom = disk_domain()
     dom.virsh("destroy", dom.name)

@@ -13,7 +13,7 @@ import pwd
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, cast
+from typing import Any, Callable, Collection, Protocol, cast
 
 from .backup_types import BackupJob, CheckpointInfo, CompletedBackup, Export
 from .snapshot_info import SnapshotInfo
@@ -204,7 +204,10 @@ class BackupOps(Protocol):
     def checkpoint_delete(self, name: str, checkpoint: str, *, children: bool = False,
                           metadata_only: bool = False) -> None: ...
     def backup_begin(self, name: str, *, mode: str, disks: dict[str, str], checkpoint: str,
-                     incremental: str | None = None, socket: str | None = None) -> None: ...
+                     incremental: str | None = None, socket: str | None = None,
+                     full: Collection[str] = ()) -> None:
+        """``full``: disks that cannot hold a bitmap (raw, block, network): no bitmap in ``checkpoint``,
+        and taken whole even in an incremental."""
     def backup_abort(self, name: str) -> None: ...
     def define_restored_domain(self, xml: str) -> None: ...
     def undefine_restored_domain(self, name: str, *, nvram: bool = False) -> None:

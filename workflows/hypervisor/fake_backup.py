@@ -22,6 +22,7 @@ import os
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from typing import Collection
 
 from ..errors import CheckpointInconsistent, CheckpointNotFound, OperationFailed
 from .backup_types import BackupJob, CheckpointInfo, CompletedBackup, checkpoint_xml, parse_checkpoint
@@ -39,6 +40,7 @@ class _FakeJob:
     socket: str | None
     content: dict[str, bytes]  # point-in-time copy of each disk
     dirty: dict[str, list[tuple[int, int]]]  # changed extents since ``incremental`` (every block for a full)
+    full: frozenset[str] = frozenset()  # disks taken whole even in an incremental (no bitmap)
     polls: int = 0
     aborting: bool = False
 
@@ -237,8 +239,10 @@ class FakeBackupOps:
 
     # -- backup jobs ----------------------------------------------------------------------------------
     def backup_begin(self, name: str, *, mode: str, disks: dict[str, str], checkpoint: str,
-                     incremental: str | None = None, socket: str | None = None) -> None:
+                     incremental: str | None = None, socket: str | None = None,
+                     full: Collection[str] = ()) -> None:
         dom, st = self._running(name), self._bk(name)  # type: ignore[attr-defined]
+        whole = frozenset(t for t in full if t in disks)
         what = f"backup of {name}"
         if st.job is not None:
             raise OperationFailed(f"{what}: Timed out during operation: cannot acquire state change lock "
@@ -248,7 +252,7 @@ class FakeBackupOps:
                 raise CheckpointNotFound(f"{what}: Domain checkpoint not found: Checkpoint '{incremental}' for "
                                          "incremental backup not found")
             for t in disks:
-                if incremental not in st.bitmaps.get(t, {}):
+                if t not in whole and incremental not in st.bitmaps.get(t, {}):
                     raise CheckpointInconsistent(f"{what}: checkpoint inconsistent: missing or broken bitmap "
                                                  f"'{incremental}' for disk '{t}'")
         if checkpoint in st.checkpoints:
@@ -261,7 +265,7 @@ class FakeBackupOps:
 
         def begin() -> None:
             content = {t: self._read_disk(name, t) for t in disks}
-            dirty = {t: (_blocks_differing(st.bitmaps[t][incremental], content[t]) if incremental
+            dirty = {t: (_blocks_differing(st.bitmaps[t][incremental], content[t]) if incremental and t not in whole
                          else [(0, len(content[t]))]) for t in disks}
             for t, path in disks.items():
                 if mode == "push":
@@ -269,8 +273,8 @@ class FakeBackupOps:
                     run_qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=1.1", path, str(len(content[t])))
                 else:
                     open(path, "wb").close()  # the scratch file
-            self._new_checkpoint(name, checkpoint, list(disks))
-            st.job = _FakeJob(mode, dict(disks), checkpoint, incremental, socket, content, dirty)
+            self._new_checkpoint(name, checkpoint, [t for t in disks if t not in whole])
+            st.job = _FakeJob(mode, dict(disks), checkpoint, incremental, socket, content, dirty, whole)
         self._effect("backup_begin", begin)  # type: ignore[attr-defined]
 
     def _write_push_targets(self, job: _FakeJob) -> None:
@@ -280,7 +284,7 @@ class FakeBackupOps:
             try:
                 for off, length in job.dirty[t]:
                     chunk = job.content[t][off:off + length]
-                    if job.incremental and chunk.count(0) == len(chunk):
+                    if job.incremental and t not in job.full and chunk.count(0) == len(chunk):
                         w.zero(length, off)
                     elif chunk.count(0) != len(chunk):
                         w.pwrite(chunk, off)
@@ -302,7 +306,8 @@ class FakeBackupOps:
         st = self._bk(name)
         if st.job is None or st.job.mode != "pull" or disk not in st.job.disks:
             raise OperationFailed(f"cannot read export {disk!r} at {job.socket}: no such export")
-        return FakeExport(st.job.content[disk], st.job.dirty[disk] if st.job.incremental else None)
+        return FakeExport(st.job.content[disk],
+                          st.job.dirty[disk] if st.job.incremental and disk not in st.job.full else None)
 
     # -- domains made by a restore -----------------------------------------------------------------------
     def define_restored_domain(self, xml: str) -> None:

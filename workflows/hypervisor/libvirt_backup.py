@@ -14,7 +14,7 @@ mode; a job is read back from the domain's job stats plus
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import TypeVar
+from typing import Collection, TypeVar
 
 import libvirt
 
@@ -45,17 +45,18 @@ def parse_backup_xml(xml: str) -> BackupJob:
 
 
 def backup_xml(mode: str, all_disks: list[str], disks: dict[str, str], incremental: str | None,
-               socket: str | None) -> str:
+               socket: str | None, full: Collection[str] = ()) -> str:
+    """``full``: disks without a bitmap (raw, block, network), taken whole even in an incremental
+    (libvirt's per-disk ``backupmode='full'``)."""
     parts = []
     for t in all_disks:
         if t not in disks:
             parts.append(f"<disk name='{_attr(t)}' backup='no'/>")
-        elif mode == "push":
-            parts.append(f"<disk name='{_attr(t)}' backup='yes' type='file'><driver type='qcow2'/>"
-                         f"<target file='{_attr(disks[t])}'/></disk>")
-        else:
-            parts.append(f"<disk name='{_attr(t)}' backup='yes' type='file'><driver type='qcow2'/>"
-                         f"<scratch file='{_attr(disks[t])}'/></disk>")
+            continue
+        whole = " backupmode='full'" if incremental and t in full else ""
+        node = "target" if mode == "push" else "scratch"
+        parts.append(f"<disk name='{_attr(t)}' backup='yes'{whole} type='file'><driver type='qcow2'/>"
+                     f"<{node} file='{_attr(disks[t])}'/></disk>")
     inc = f"<incremental>{_attr(incremental)}</incremental>" if incremental else ""
     server = f"<server transport='unix' socket='{_attr(socket or '')}'/>" if mode == "pull" else ""
     return f"<domainbackup mode='{mode}'>{inc}{server}<disks>{''.join(parts)}</disks></domainbackup>"
@@ -164,14 +165,15 @@ class LibvirtBackupOps(LibvirtCalls):
 
     # -- backup jobs ---------------------------------------------------------------------------
     def backup_begin(self, name: str, *, mode: str, disks: dict[str, str], checkpoint: str,
-                     incremental: str | None = None, socket: str | None = None) -> None:
+                     incremental: str | None = None, socket: str | None = None, full: Collection[str] = ()) -> None:
         """Start a backup of ``disks`` (target -> push target file | pull scratch file) and create
-        ``checkpoint`` in the same call."""
+        ``checkpoint`` in the same call; the ``full`` disks get no bitmap (checkpoint='no') and are taken
+        whole even in an incremental (backupmode='full')."""
         def begin(c: libvirt.virConnect) -> None:
             dom = self._dom(c, name)
             targets = self._targets(dom)
-            dom.backupBegin(backup_xml(mode, targets, disks, incremental, socket),
-                            checkpoint_xml(checkpoint, targets, list(disks)), 0)
+            dom.backupBegin(backup_xml(mode, targets, disks, incremental, socket, full),
+                            checkpoint_xml(checkpoint, targets, [t for t in disks if t not in full]), 0)
         self._call(f"backup of {name}", begin)
 
     def backup_abort(self, name: str) -> None:

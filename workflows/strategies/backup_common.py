@@ -38,6 +38,23 @@ def check_bitmap_disks(disks: list[Disk], domain: str) -> list[Disk]:
     return disks
 
 
+def whole_disks(disks: list[Disk]) -> list[str]:
+    """The disks a direct backup takes in full every time: those that cannot hold a bitmap (raw files, block
+    devices, network disks: anything but a qcow2 image)."""
+    return [d.target for d in disks if d.format != "qcow2"]
+
+
+def check_offline_whole(disks: list[Disk], domain: str) -> None:
+    """A shut-off domain's bitmaps are made with qemu-img in its local images: a disk that cannot hold one,
+    or that is not a local image, is refused."""
+    for d in disks:
+        if d.format != "qcow2" or d.type == "network":
+            what = ("a network disk" if d.type == "network" else "a raw block device" if d.type == "block"
+                    else f"a {d.format} image")
+            raise UnsupportedDisk(f"disk {d.target} of {domain} is {what}; a shut-off domain's direct backup needs "
+                                  "qcow2 images (start the domain, use snapshot-backup, or --exclude the disk)")
+
+
 def end_our_job(ctx: StepContext, timeout: float = JOB_END_TIMEOUT) -> bool:
     """End the backup job this workflow started, if it still runs; wait until libvirt dropped it.
 

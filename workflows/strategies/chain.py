@@ -20,7 +20,9 @@ MAX_CHAIN = 1000
 
 def link_of(src: Record) -> dict[str, Any]:
     """What a restore needs of one backup: its id, domain, kind, manifest, and disk -> {path, size, checksum}."""
-    files = {disk: {"path": info["path"], "size": info["size"], "checksum": info["checksum"]}
+    # a disk's own kind: a raw, block or network disk is taken whole even in an incremental backup
+    files = {disk: {"path": info["path"], "size": info["size"], "checksum": info["checksum"],
+                    "kind": "full" if src.result["kind"] == "full" else info.get("kind", "incremental")}
              for disk, info in src.result["files"].items()}
     fw = src.result.get("firmware") or {}
     folder = os.path.dirname(src.result["manifest"])
@@ -98,8 +100,11 @@ def pick_disk(disks: set[str], wanted: Any, ref: Any, *, required: bool) -> str 
 
 
 def files_of(chain: list[dict[str, Any]], disk: str) -> list[str]:
-    """The files holding ``disk``, full backup first."""
-    return [link["files"][disk]["path"] for link in chain]
+    """The files holding ``disk``, full backup first: from the newest link that holds it whole (a disk
+    without a bitmap is taken in full by every backup, so only the newest of its files counts)."""
+    start = max((i for i, link in enumerate(chain) if link["files"][disk].get("kind", "full") == "full"
+                 or i == 0), default=0)
+    return [link["files"][disk]["path"] for link in chain[start:]]
 
 
 def check_checksums(chain: list[dict[str, Any]], disks: set[str] | None, guard: Callable[[], None]) -> str | None:

@@ -103,8 +103,9 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
     if state == "shutoff" and out["quiesce"] == "require":
         raise InputError(f"--quiesce require: domain {domain} is shut off (no guest agent to freeze); its disks "
                          "are at rest, use --quiesce off or try")
-    disks = bc.check_bitmap_disks(common.choose_disks(hv, domain, out, backing_ok=True,
-                                                          block_ok=True)[0], domain)
+    disks = common.choose_disks(hv, domain, out, backing_ok=True, block_ok=True, network_ok=True)[0]
+    if state == "shutoff":
+        bc.check_offline_whole(disks, domain)
     if not out["incremental"]:  # an incremental's size is not known before its bitmap is read
         common.check_space(out["target"], sum(common.chain_size(d, hv, domain) for d in disks), "backup target")
     return out
@@ -139,22 +140,42 @@ def _our_job(ctx: StepContext) -> BackupJob | None:
     return job
 
 
+def _whole_targets(ctx: StepContext) -> list[str]:
+    """The disks taken in full every time (no bitmap: raw files, block devices, network disks)."""
+    return [d["target"] for d in ctx.data["disks"] if d.get("whole")]
+
+
+def _bitmap_targets(ctx: StepContext) -> list[str]:
+    """The disks with a bitmap in the checkpoint (qcow2 images)."""
+    return [d["target"] for d in ctx.data["disks"] if not d.get("whole")]
+
+
+def disk_kind(ctx: StepContext, disk: str) -> str:
+    """How this backup holds ``disk``: "full", or "incremental" over the parent backup's file."""
+    return "incremental" if ctx.data["kind"] == "incremental" and disk not in _whole_targets(ctx) else "full"
+
+
 def _manifest(ctx: StepContext) -> str:
     path: str = ctx.rec.artifacts["manifest"]["path"]
     return path
 
 
 class Preflight(Step):
-    description = "inspect the disks (qcow2); name every file, the socket and the checkpoint before anything exists"
+    description = ("inspect the disks (qcow2; raw/block/network taken whole); name every file, the socket and the "
+                   "checkpoint before anything exists")
 
     def execute(self, ctx: StepContext) -> None:
         ctx.data["offline"] = require_backupable(ctx.hv, ctx.domain) == "shutoff"
         disks, ctx.data["skipped_disks"] = common.choose_disks(ctx.hv, ctx.domain, ctx.params,
-                                                                   backing_ok=True, block_ok=True)
-        bc.check_bitmap_disks(disks, ctx.domain)
+                                                                   backing_ok=True, block_ok=True,
+                                                                   network_ok=True)
+        if ctx.data["offline"]:
+            bc.check_offline_whole(disks, ctx.domain)
         target, wf = ctx.params["target"], ctx.rec.id
+        whole = bc.whole_disks(disks)  # no bitmap: taken in full every time, the qcow2 disks incrementally
         ctx.data["disks"] = [{"target": d.target, "source": d.source, "format": d.format,
-                              "virtual_size": ctx.hv.get_disk_capacity(ctx.domain, d.target)} for d in disks]
+                              "virtual_size": ctx.hv.get_disk_capacity(ctx.domain, d.target),
+                              **({"whole": True} if d.target in whole else {})} for d in disks]
         ctx.data["domain_xml"] = ctx.hv.get_inactive_xml(ctx.domain)
         for d in disks:
             path = naming.backup_file(target, ctx.domain, wf, d.target, "qcow2")
@@ -186,7 +207,7 @@ class CheckChain(Step):
         kind = "full"
         if ctx.params["incremental"]:
             present = {c.name for c in ctx.hv.list_checkpoints(ctx.domain)}
-            targets = [d["target"] for d in ctx.data["disks"]]
+            targets = _bitmap_targets(ctx)
             base, why = backup_base(cps, ctx.rec, targets, present, lambda p: bc.read_manifest(p) is not None)
             manifest = bc.read_manifest(base.backup["manifest"]) if base and base.backup else None
             if base and manifest:
@@ -199,6 +220,9 @@ class CheckChain(Step):
                     ctx.data["base"] = {"checkpoint": base.name, "workflow": base.workflow,
                                         "manifest": (base.backup or {})["manifest"], "files": files,
                                         "chain": manifest.get("chain") or [base.workflow]}
+            if not targets:
+                kind, why = "full", "no disk can hold a bitmap (raw, block or network disks only)"
+                ctx.data.pop("base", None)
             if kind == "full":
                 ctx.data["fallback"] = f"incremental requested, taking a full backup: {why}"
         ctx.data["kind"] = kind
@@ -216,7 +240,7 @@ class Begin(Step):
 
     def _pending(self, ctx: StepContext) -> Checkpoint:
         return Checkpoint(name=_cp_name(ctx), workflow=ctx.rec.id, kind=KIND_BACKUP, state=PENDING,
-                          disks=[d["target"] for d in ctx.data["disks"]],
+                          disks=_bitmap_targets(ctx),
                           backup={"manifest": _manifest(ctx), "dir": os.path.dirname(_manifest(ctx)),
                                   "mode": ctx.params["mode"], "kind": ctx.data["kind"]})
 
@@ -236,7 +260,7 @@ class Begin(Step):
         ctx.save("backup-intent", checkpoint=_cp_name(ctx), kind=ctx.data["kind"], base=base,
                  mode=ctx.params["mode"])
         ctx.hv.backup_begin(ctx.domain, mode=ctx.params["mode"], disks=files, checkpoint=_cp_name(ctx),
-                            incremental=base, socket=socket)
+                            incremental=base, socket=socket, full=_whole_targets(ctx))
 
     def execute(self, ctx: StepContext) -> None:
         cps = ctx.fx.checkpoints
@@ -352,7 +376,6 @@ class Transfer(Step):
         pending = [a for a in ctx.rec.artifacts_of("backup-file") if a["status"] != "present"]
         if job is None and any(not os.path.exists(a["path"]) for a in pending):
             raise StepFailed(f"the pull backup job of {ctx.domain} is gone before its data was read")
-        dirty = ctx.data["kind"] == "incremental"
         plan = ctx.data.setdefault("plan", {})
         cursors = ctx.data.setdefault("cursor", {})
         for a in pending:  # how much there is to read, for the progress figures
@@ -360,7 +383,7 @@ class Transfer(Step):
                 # not None: a missing file with no job was refused above
                 export = ctx.hv.open_backup_export(ctx.domain, cast(BackupJob, job), a["disk"])
                 try:
-                    ext = export.extents(dirty)
+                    ext = export.extents(disk_kind(ctx, a["disk"]) == "incremental")
                 finally:
                     export.close()
                 plan[a["disk"]] = {"extents": len(ext), "bytes": sum(n for _, n in ext)}
@@ -368,7 +391,7 @@ class Transfer(Step):
         for a in pending:
             if not os.path.exists(a["path"]):
                 self._pull_disk(ctx, lambda d: ctx.hv.open_backup_export(ctx.domain, cast(BackupJob, job), d), a,
-                                dirty, cursors, total)
+                                disk_kind(ctx, a["disk"]) == "incremental", cursors, total)
             self._finish(ctx, a)
         ctx.progress("transfer", total, total, force=True)
 
@@ -429,7 +452,8 @@ class Transfer(Step):
                 raise StepFailed(f"the backup of {disk} left no file ({partial})")
             ctx.guard()
             base = ctx.data.get("base")
-            if base:  # the header names the parent backup's file, so qemu-img can read the chain
+            if base and disk_kind(ctx, disk) == "incremental":  # the header names the parent backup's file,
+                # so qemu-img can read the chain; a disk taken whole stands alone
                 nbdio.set_backing(partial, os.path.relpath(base["files"][disk], os.path.dirname(path)),
                                   ctx.params.get("encrypt_key_file"))
         want = next(d["virtual_size"] for d in ctx.data["disks"] if d["target"] == disk)
@@ -512,7 +536,7 @@ class Finalize(Step):
         evidence.copy_firmware(ctx)
         base = ctx.data.get("base")
         files = [{"disk": a["disk"], "path": a["path"], "size": a["size"], "checksum": a["checksum"],
-                  "format": "qcow2", "allocated": a.get("allocated"),
+                  "format": "qcow2", "allocated": a.get("allocated"), "kind": disk_kind(ctx, a["disk"]),
                   "virtual_size": next(d["virtual_size"] for d in ctx.data["disks"] if d["target"] == a["disk"])}
                  for a in ctx.rec.artifacts_of("backup-file")]
         manifest = {"format": "domcapture-backup", "version": 1, "workflow": ctx.rec.id, "strategy": NAME,
@@ -537,7 +561,8 @@ class Finalize(Step):
         transfer = doc.get("transfer") or self._transfer(ctx)
         ctx.rec.result = {
             "backup_dir": os.path.dirname(_manifest(ctx)), "manifest": _manifest(ctx),
-            "files": {a["disk"]: {"path": a["path"], "size": a["size"], "checksum": a["checksum"]}
+            "files": {a["disk"]: {"path": a["path"], "size": a["size"], "checksum": a["checksum"],
+                                  "kind": disk_kind(ctx, a["disk"])}
                       for a in ctx.rec.artifacts_of("backup-file")},
             "kind": ctx.data["kind"], "mode": ctx.params["mode"], "checkpoint": _cp_name(ctx),
             "parent_backup": (ctx.data.get("base") or {}).get("workflow"), "chain": doc.get("chain"),

@@ -235,6 +235,8 @@ class Consolidate(Step):
             records.set_state(wf, CONSOLIDATING, onto=onto)
         news = ctx.data.setdefault("new_files", {}).setdefault(wf, {})
         for disk, f in sorted(b.files.items()):
+            if f.get("kind") == "full":  # a disk taken whole (no bitmap): its file stands alone already
+                continue
             path, partial = f["path"], naming.partial_of(f["path"])
             want = news.get(disk)
             if want and not os.path.exists(partial) and f"sha256:{sha256_file(path)}" == want["checksum"]:
