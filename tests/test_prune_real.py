@@ -20,7 +20,6 @@ import json
 import signal
 import time
 import uuid
-from datetime import datetime, timezone
 
 import pytest
 
@@ -29,6 +28,7 @@ from workflows.store import Store
 
 from .conftest import REDIS_URL
 from .realenv import ENDED, WorkerCluster, run
+from .test_prune_fake import set_taken_at
 
 pytestmark = pytest.mark.real
 
@@ -36,15 +36,6 @@ DAYS = ["2024-01-01T01:00", "2024-01-02T01:00", "2024-01-08T01:00", "2024-01-09T
 KILL_POINTS = [None, "saved:prune-plan:preflight", "saved:consolidate-sealed:consolidating",
                "saved:consolidated:consolidating", "saved:checkpoint-delete-intent:deleting",
                "saved:backup-deleted:deleting", "executed:finalizing"]
-
-
-def set_taken_at(store: Store, wf: str, iso: str) -> None:
-    lease = store.acquire_lease(wf, "test:clock", 30)
-    assert lease is not None
-    rec = store.load(wf)
-    rec.result["taken_at"] = datetime.fromisoformat(iso).replace(tzinfo=timezone.utc).timestamp()
-    store.save(rec, "test-clock", epoch=lease.epoch)
-    lease.release()
 
 
 def wait_final(store: Store, wf: str, timeout: float = 180) -> dict:

@@ -599,3 +599,13 @@ def remove_capture_folder(ctx: StepContext) -> None:
     art = ctx.rec.artifacts.get("folder")
     if art and ctx.fx.files.remove_folder(art["path"]):
         art["status"] = "deleted"
+
+
+def check_quiesce_state(domain: str, state: str, quiesce: str) -> None:
+    """``--quiesce require`` needs a running guest's agent: refused for a paused or shut-off domain."""
+    if state == "paused" and quiesce == "require":
+        raise InputError(f"--quiesce require: domain {domain} is paused (its guest agent cannot answer); resume "
+                         "it, or use --quiesce off or try (a paused guest is held still, nothing is frozen)")
+    if state == "shutoff" and quiesce == "require":
+        raise InputError(f"--quiesce require: domain {domain} is shut off (no guest agent to freeze); its disks "
+                         "are at rest, use --quiesce off or try")

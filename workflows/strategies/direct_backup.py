@@ -97,12 +97,7 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
     out.update(common.parse_hooks(params))
     out.update(common.parse_disk_selection(params))
     state = require_backupable(hv, domain)
-    if state == "paused" and out["quiesce"] == "require":
-        raise InputError(f"--quiesce require: domain {domain} is paused (its guest agent cannot answer); resume "
-                         "it, or use --quiesce off or try (a paused guest is held still, nothing is frozen)")
-    if state == "shutoff" and out["quiesce"] == "require":
-        raise InputError(f"--quiesce require: domain {domain} is shut off (no guest agent to freeze); its disks "
-                         "are at rest, use --quiesce off or try")
+    common.check_quiesce_state(domain, state, out["quiesce"])
     disks = common.choose_disks(hv, domain, out, backing_ok=True, block_ok=True, network_ok=True)[0]
     if state == "shutoff":
         bc.check_offline_whole(disks, domain)

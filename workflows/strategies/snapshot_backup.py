@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import hooks, naming
 from ..definition import RESUME, Definition
-from ..errors import DomainNotRunning, InputError, StepFailed
+from ..errors import DomainNotRunning, StepFailed
 from ..effects import Inspect
 from ..record import Artifact
 from ..steps import Step, StepContext
@@ -61,12 +61,7 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
     out.update(common.parse_disk_selection(params))
     out["overlay_dir"] = common.parse_overlay_dir(params)
     state = require_capturable(hv, domain)
-    if state == "paused" and out["quiesce"] == "require":
-        raise InputError(f"--quiesce require: domain {domain} is paused (its guest agent cannot answer); resume "
-                         "it, or use --quiesce off or try (a paused guest is held still, nothing is frozen)")
-    if state == "shutoff" and out["quiesce"] == "require":
-        raise InputError(f"--quiesce require: domain {domain} is shut off (no guest agent to freeze); its disks "
-                         "are at rest, use --quiesce off or try")
+    common.check_quiesce_state(domain, state, out["quiesce"])
     disks, _ = common.choose_disks(hv, domain, out, backing_ok=True, block_ok=True,
                                      network_ok=True)
     common.check_space(out["target"], sum(common.chain_size(d, hv, domain) for d in disks), "backup target")
