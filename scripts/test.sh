@@ -16,4 +16,7 @@ echo "[test] mypy"
 .venv/bin/mypy workflows workers
 .venv/bin/mypy tests
 echo "[test] pytest"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+# three test processes (pytest-xdist): the real-service tests mostly wait on QEMU and libvirt, so three
+# share two cores well; DOMCAPTURE_TEST_PROCESSES=0 runs them in this one process
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -rfE \
+    -n "${DOMCAPTURE_TEST_PROCESSES:-3}" "$@"
