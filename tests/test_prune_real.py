@@ -17,6 +17,7 @@ store's, and the next incremental starts from the newest kept backup.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import uuid
@@ -33,9 +34,14 @@ from .test_prune_fake import set_taken_at
 pytestmark = pytest.mark.real
 
 DAYS = ["2024-01-01T01:00", "2024-01-02T01:00", "2024-01-08T01:00", "2024-01-09T01:00"]
-KILL_POINTS = [None, "saved:prune-plan:preflight", "saved:consolidate-sealed:consolidating",
+EVERY_POINT = [None, "saved:prune-plan:preflight", "saved:consolidate-sealed:consolidating",
                "saved:consolidated:consolidating", "saved:checkpoint-delete-intent:deleting",
                "saved:backup-deleted:deleting", "executed:finalizing"]
+# one kill in each prune state by default (each run makes four real backups first);
+# DOMCAPTURE_CRASH_EVERY_POINT=1 takes all six
+KILL_POINTS = EVERY_POINT if os.environ.get("DOMCAPTURE_CRASH_EVERY_POINT") == "1" else \
+    [None, "saved:prune-plan:preflight", "saved:consolidate-sealed:consolidating",
+     "saved:checkpoint-delete-intent:deleting", "executed:finalizing"]
 
 
 def wait_final(store: Store, wf: str, timeout: float = 180) -> dict:
