@@ -11,7 +11,8 @@ import pytest
 
 from .chaos import Chaos, parse_args
 
-pytestmark = [pytest.mark.real, pytest.mark.slow]
+# it restarts the shared libvirtd: run alone, after the parallel part of the suite (scripts/test.sh)
+pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.exclusive]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="restarts libvirtd and mounts a tmpfs: root only")

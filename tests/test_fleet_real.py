@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -94,17 +96,22 @@ def test_captures_land_on_their_host_s_worker_and_a_host_without_one_says_so(clu
 
 def test_a_host_limit_runs_captures_one_at_a_time(cluster, disk_domain, tmp_path, redis_client, prefix):
     """Two workers on one host, a limit of one: the second capture starts after the first ended."""
-    from workers.runtime import Runtime
-    from workers.settings import Settings
-
     target = tmp_path / "bk"
     target.mkdir()
-    env = {k: v for k, v in cluster.env.items() if k.startswith(("DOMCAPTURE_", "LIBVIRT_"))}
-    rt = Runtime(Settings.from_env(env))
-    rt.map_host("qemu:///system", "hv-sys")
     doms = [disk_domain(sizes_mib={"vda": 256}, fill_mib=64, random_mib=64) for _ in range(2)]
-    ids = [rt.captures.submit("direct-backup", d.name, "qemu:///system", {"target": str(target)},
-                              data={"limits": {"host": ["hv-sys", 1]}}).id for d in doms]
+    # limits come from policies: these two are submitted with one through the library, in a process of
+    # their own (RQ's key prefix is fixed per process, and this one may serve another deployment)
+    code = ("import json, sys\n"
+            "from workers.runtime import Runtime\n"
+            "from workers.settings import Settings\n"
+            "rt = Runtime(Settings.from_env())\n"
+            "rt.map_host('qemu:///system', 'hv-sys')\n"
+            "print(json.dumps([rt.captures.submit('direct-backup', n, 'qemu:///system', {'target': sys.argv[1]},\n"
+            "                  data={'limits': {'host': ['hv-sys', 1]}}).id for n in sys.argv[2:]]))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(target), *(d.name for d in doms)], env=cluster.env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    ids = json.loads(out.stdout)
     for _ in range(2):
         cluster.start_worker(host="hv-sys", uri="qemu:///system")
     ends = [cluster.wait_final(i) for i in ids]

@@ -106,7 +106,7 @@ READ_ONLY = frozenset({
     "read_save_image",
     # checkpoints and backups
     "list_checkpoints", "lookup_checkpoint", "get_backup_job", "get_completed_backup", "get_disk_capacity",
-    "get_inactive_xml", "lookup_domain_description", "open_backup_export",
+    "get_inactive_xml", "lookup_domain_description", "open_backup_export", "list_domains",
 })
 MUTATING = frozenset({
     "fs_freeze", "fs_thaw", "guest_exec", "snapshot_disk_only", "block_commit_active", "block_pivot", "block_job_abort",
