@@ -16,11 +16,12 @@ echo "[test] mypy"
 .venv/bin/mypy workflows workers
 .venv/bin/mypy tests
 echo "[test] pytest"
-# three test processes (pytest-xdist): the real-service tests mostly wait on QEMU and libvirt, so three
+# three test processes (pytest-xdist, a file to a process: some files share a domain across their tests in
+# order): the real-service tests mostly wait on QEMU and libvirt, so three
 # share two cores well; DOMCAPTURE_TEST_PROCESSES=0 runs them in this one process.  The tests marked
 # exclusive (the chaos run restarts libvirtd) run alone afterwards.
 rc=0
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -rfE -m "not exclusive" \
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -rfE -m "not exclusive" --dist loadfile \
     -n "${DOMCAPTURE_TEST_PROCESSES:-3}" "$@" || rc=$?
 echo "[test] pytest, exclusive"
 .venv/bin/python -m pytest -q -p no:cacheprovider -rfE -m exclusive "$@" || rc=$?
