@@ -17,12 +17,26 @@ import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Callable, cast
 
-from workflows.record import FINAL_STATUSES, STOPPED_STATUSES
+from workflows.record import FINAL_STATUSES, STOPPED_STATUSES, Record
+from workflows.store import Store
 
 #: the statuses a workflow stops in (partially_rolled_back included: waiting past it only times out)
 ENDED = FINAL_STATUSES + STOPPED_STATUSES
+
+def edit_record(store: Store, wf: str, holder: str, change: Callable[[Record], None], timeout: float = 30) -> None:
+    """Change a record as a test's own writer: take its lease (a worker that saved a final status
+    releases it just after), apply ``change``, save under the lease's epoch, release."""
+    deadline = time.monotonic() + timeout
+    while (lease := store.acquire_lease(wf, holder, 30)) is None:
+        assert time.monotonic() < deadline, f"the lease of {wf} is still held"
+        time.sleep(0.05)
+    rec = store.load(wf)
+    change(rec)
+    store.save(rec, holder, epoch=lease.epoch)
+    lease.release()
+
 
 VENV_BIN = Path(sys.executable).parent
 DOMCAPTURE = str(VENV_BIN / "domcapture")

@@ -25,11 +25,12 @@ from workflows.backups import CHAIN_INCOMPLETE, CONSOLIDATING, DELETED, GOOD, ca
 from workflows.checkpoints import COMMITTED, CheckpointStore
 from workflows.filecopy import sha256_file
 from workflows.hypervisor.fake import FakeHypervisor
-from workflows.record import SUCCEEDED
+from workflows.record import SUCCEEDED, Record
 from workflows.service import Captures
 from workflows.store import Store
 from workers import cli_backups
 
+from .realenv import edit_record
 from .crashkit import Crasher, drive_to_end, run_once
 from .test_direct_backup_fake import chain_bytes
 
@@ -41,12 +42,9 @@ DAYS = ["2024-01-01T01:00", "2024-01-02T01:00", "2024-01-08T01:00", "2024-01-09T
 
 
 def set_taken_at(store: Store, wf: str, iso: str) -> None:
-    lease = store.acquire_lease(wf, "test:clock", 30)
-    assert lease is not None
-    rec = store.load(wf)
-    rec.result["taken_at"] = datetime.fromisoformat(iso).replace(tzinfo=timezone.utc).timestamp()
-    store.save(rec, "test-clock", epoch=lease.epoch)
-    lease.release()
+    def stamp(rec: Record) -> None:
+        rec.result["taken_at"] = datetime.fromisoformat(iso).replace(tzinfo=timezone.utc).timestamp()
+    edit_record(store, wf, "test:clock", stamp)
 
 
 class Series:

@@ -30,7 +30,7 @@ import pytest
 from workflows.store import Store
 
 from .conftest import REDIS_URL
-from .realenv import ENDED, WorkerCluster, run
+from .realenv import ENDED, WorkerCluster, edit_record, run
 
 pytestmark = pytest.mark.real
 
@@ -379,12 +379,7 @@ def test_rolling_back_a_restore_cut_after_its_tpm_state_was_written_removes_it(w
 def test_a_capture_without_the_tpm_files_relative_paths_restores_with_a_fresh_tpm_and_says_so(w):
     doc = backup(w, "direct-backup")
     # a record written before the relative paths were recorded: its TPM copies, no tpm_files
-    lease = w.store.acquire_lease(doc["id"], "test-older-capture", 30)
-    assert lease is not None
-    rec = w.store.load(doc["id"])
-    del rec.result["firmware"]["tpm_files"]
-    w.store.save(rec, "test-older-capture", epoch=lease.epoch)
-    lease.release()
+    edit_record(w.store, doc["id"], "test-older-capture", lambda rec: rec.result["firmware"].pop("tpm_files"))
     assert any(k.startswith("tpm:") for k in w.store.load(doc["id"]).result["firmware"]["copies"])
     name = f"dctest-uefi-old-{uuid.uuid4().hex[:6]}"
     w.defined.append(name)
@@ -410,12 +405,8 @@ def test_a_capture_without_the_tpm_files_relative_paths_restores_with_a_fresh_tp
 
 def test_a_record_naming_a_tpm_path_outside_the_state_folder_is_refused(w):
     doc = backup(w, "direct-backup")
-    lease = w.store.acquire_lease(doc["id"], "test-forged", 30)
-    assert lease is not None
-    rec = w.store.load(doc["id"])
-    rec.result["firmware"]["tpm_files"] = {"tpm.tpm2_tpm2-00.permall": "../../../../etc/cron.d/x"}
-    w.store.save(rec, "test-forged", epoch=lease.epoch)
-    lease.release()
+    edit_record(w.store, doc["id"], "test-forged", lambda rec: rec.result["firmware"].update(
+        tpm_files={"tpm.tpm2_tpm2-00.permall": "../../../../etc/cron.d/x"}))
     keys = sorted(w.store.r.scan_iter(f"{w.store.prefix}:*"))
     name = f"dctest-uefi-forged-{uuid.uuid4().hex[:6]}"
     out = w.base / "restored-forged"
