@@ -298,11 +298,19 @@ def main() -> int:
                     help="extra PYTHONPATH for virtnbdbackup's dependencies")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--report", metavar="JSON", help="only print the table of a run saved with --json")
+    ap.add_argument("--only", default=",".join(GROUPS),
+                    help=f"comma-separated groups to run, of {', '.join(GROUPS)} (default: all; "
+                         "incremental needs pull)")
     args = ap.parse_args()
     if args.report:
         return reprint(args.report)
     if not 4 <= args.data_mib < args.disk_mib:
         print("bench_datapath: --data-mib must be at least 4 and below --disk-mib", file=sys.stderr)
+        return 2
+    only = {g.strip() for g in args.only.split(",") if g.strip()}
+    if not only or only - set(GROUPS) or ("incremental" in only and "pull" not in only):
+        print(f"bench_datapath: --only takes groups of {', '.join(GROUPS)} (incremental with pull)",
+              file=sys.stderr)
         return 2
 
     # the CLI's and the worker's modules byte-compiled, as an installed package is (pip compiles at install):
@@ -330,85 +338,16 @@ def main() -> int:
             (out / sub).mkdir(parents=True)
 
         # snapshot-backup vs qemu-img convert
-        rows.append(measure("qemu-img convert -U -m 8 -W -O qcow2",
-                            lambda: proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
-                                              str(out / "convert.qcow2")]), baseline_pids, data))
-        os.unlink(out / "convert.qcow2")
-        rows.append(measure("qemu-img convert, then fsync of the copy",
-                            lambda: (proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
-                                               str(out / "convert.qcow2")]), fsync(out / "convert.qcow2")),
-                            baseline_pids, data))
-        os.unlink(out / "convert.qcow2")
-        ours.fresh_worker()
-        rows.append(measure("domcapture snapshot-backup --quiesce off",
-                            lambda: ours.submit("snapshot-backup", dom.name, "--target", str(out / "sb"),
-                                                "--quiesce", "off"), ours.pids, os.path.getsize(image), ours.warm))
-
-        # push
-        rows.append(measure("bare push job (backup-begin, polled)",
-                            lambda: bare_push(vdom, disk, str(out / "push.qcow2")), lambda: [], data))
-        os.unlink(out / "push.qcow2")
-        rows.append(measure("bare push job, then fsync of its file",
-                            lambda: (bare_push(vdom, disk, str(out / "push.qcow2")), fsync(out / "push.qcow2")),
-                            lambda: [], data))
-        os.unlink(out / "push.qcow2")
-        ours.fresh_worker()
-        rows.append(measure("domcapture direct-backup --mode push",
-                            lambda: ours.submit("direct-backup", dom.name, "--target", str(out / "push"),
-                                                "--mode", "push", "--quiesce", "off"), ours.pids, data, ours.warm))
-
-        # pull baselines: one bare export, nbdcopy twice
-        sock, scratch = str(work / "bare.sock"), str(work / "bare.scratch")
-        bare_pull_begin(vdom, disk, sock, scratch)
-        try:
-            url = f"nbd+unix:///{disk}?socket={sock}"
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(out / "nbdcopy.qcow2"),
-                            str(args.disk_mib * MIB)], check=True)
-            rows.append(measure("nbdcopy bare pull export -> qcow2 (qemu-nbd)",
-                                lambda: proc.run(["nbdcopy", url, "--", "[", "qemu-nbd", "-f", "qcow2",
-                                                  str(out / "nbdcopy.qcow2"), "]"]), baseline_pids, data))
-            rows.append(measure("nbdcopy bare pull export -> raw",
-                                lambda: proc.run(["nbdcopy", url, str(out / "nbdcopy.raw")]), baseline_pids, data))
-        finally:
-            bare_pull_end(vdom)
-        for f in ("nbdcopy.qcow2", "nbdcopy.raw"):
-            os.unlink(out / f)
-        if args.virtnbdbackup:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (args.virtnbdbackup,
-                                                                          args.virtnbdbackup_pythonpath) if p)}
-            rows.append(measure("virtnbdbackup -l copy",
-                                lambda: proc.run([sys.executable, os.path.join(args.virtnbdbackup, "virtnbdbackup"),
-                                                  "-U", args.uri, "-d", dom.name, "-l", "copy",
-                                                  "-o", str(out / "virtnbdbackup")], env=env),
-                                baseline_pids, data))
-            shutil.rmtree(out / "virtnbdbackup", ignore_errors=True)
-        ours.fresh_worker()
-        rows.append(measure("domcapture direct-backup --mode pull (full)",
-                            lambda: ours.submit("direct-backup", dom.name, "--target", str(out / "pull"),
-                                                "--mode", "pull", "--quiesce", "off"), ours.pids, data, ours.warm))
-
-        # incrementals (pull), after nothing, 1 % and 10 % of the disk changed
-        for label, percent in (("nothing changed", 0.0), ("1 % changed", 1.0), ("10 % changed", 10.0)):
-            changed = guest_change(dom, disk, args.disk_mib, percent, 0x5A) if percent else 0
-            ours.fresh_worker()
-            rows.append(measure(f"domcapture pull incremental, {label}",
-                                lambda: ours.submit("direct-backup", dom.name, "--target", str(out / "pull"),
-                                                    "--mode", "pull", "--incremental", "--quiesce", "off"),
-                                ours.pids, changed, ours.warm))
-
-        # the options' cost: a compressed, then an encrypted full pull against the plain one
-        key = work / "bench.key"
-        key.write_text("bench passphrase")
-        for label, folder, extra in (("--compress zstd", "pull-zstd", ["--compress", "zstd"]),
-                                     ("--encrypt-key-file (LUKS)", "pull-luks", ["--encrypt-key-file", str(key)])):
-            ours.fresh_worker()
-            (out / folder).mkdir()
-            row = measure(f"domcapture direct-backup --mode pull (full) {label}",
-                          lambda folder=folder, extra=extra: ours.submit(
-                              "direct-backup", dom.name, "--target", str(out / folder), "--mode", "pull",
-                              "--quiesce", "off", *extra), ours.pids, data, ours.warm)
-            row["stored"] = sum(p.stat().st_blocks * 512 for p in (out / folder).rglob("*.qcow2"))
-            rows.append(row)
+        if "snapshot" in only:
+            snapshot_group(rows, proc, ours, dom, image, out, data, baseline_pids)
+        if "push" in only:
+            push_group(rows, ours, dom, vdom, disk, out, data)
+        if "pull" in only:
+            pull_group(rows, proc, ours, dom, vdom, disk, out, data, work, args, baseline_pids)
+        if "incremental" in only:
+            incremental_group(rows, ours, dom, disk, out, args)
+        if "options" in only:
+            options_group(rows, ours, dom, out, data, work)
     finally:
         ours.cleanup(args.redis_url)
         if dom is not None:
@@ -420,6 +359,115 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "cache": cache_mode, "rows": rows}, f, indent=1, default=str)
     return 0
+
+
+GROUPS = ("snapshot", "push", "pull", "incremental", "options")
+Row = dict[str, Any]
+
+
+def snapshot_group(rows: list[Row], proc: Proc, ours: Ours, dom: DiskDomain, image: str, out: Path, data: int,
+                   baseline_pids: Callable[[], list[int]]) -> None:
+    rows.append(measure("qemu-img convert -U -m 8 -W -O qcow2",
+                        lambda: proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
+                                          str(out / "convert.qcow2")]), baseline_pids, data))
+    os.unlink(out / "convert.qcow2")
+    rows.append(measure("qemu-img convert, then fsync of the copy",
+                        lambda: (proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
+                                           str(out / "convert.qcow2")]), fsync(out / "convert.qcow2")),
+                        baseline_pids, data))
+    os.unlink(out / "convert.qcow2")
+    ours.fresh_worker()
+    rows.append(measure("domcapture snapshot-backup --quiesce off",
+                        lambda: ours.submit("snapshot-backup", dom.name, "--target", str(out / "sb"),
+                                            "--quiesce", "off"), ours.pids, os.path.getsize(image), ours.warm))
+
+
+def push_group(rows: list[Row], ours: Ours, dom: DiskDomain, vdom: Any, disk: str, out: Path, data: int) -> None:
+    rows.append(measure("bare push job (backup-begin, polled)",
+                        lambda: bare_push(vdom, disk, str(out / "push.qcow2")), lambda: [], data))
+    os.unlink(out / "push.qcow2")
+    rows.append(measure("bare push job, then fsync of its file",
+                        lambda: (bare_push(vdom, disk, str(out / "push.qcow2")), fsync(out / "push.qcow2")),
+                        lambda: [], data))
+    os.unlink(out / "push.qcow2")
+    ours.fresh_worker()
+    rows.append(measure("domcapture direct-backup --mode push",
+                        lambda: ours.submit("direct-backup", dom.name, "--target", str(out / "push"),
+                                            "--mode", "push", "--quiesce", "off"), ours.pids, data, ours.warm))
+
+
+def pull_group(rows: list[Row], proc: Proc, ours: Ours, dom: DiskDomain, vdom: Any, disk: str, out: Path,
+               data: int, work: Path, args: argparse.Namespace, baseline_pids: Callable[[], list[int]]) -> None:
+    # baselines: one bare export, nbdcopy into qcow2 and raw, each also made durable
+    sock, scratch = str(work / "bare.sock"), str(work / "bare.scratch")
+    bare_pull_begin(vdom, disk, sock, scratch)
+    try:
+        url = f"nbd+unix:///{disk}?socket={sock}"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(out / "nbdcopy.qcow2"),
+                        str(args.disk_mib * MIB)], check=True)
+        rows.append(measure("nbdcopy bare pull export -> qcow2 (qemu-nbd)",
+                            lambda: proc.run(["nbdcopy", url, "--", "[", "qemu-nbd", "-f", "qcow2",
+                                              str(out / "nbdcopy.qcow2"), "]"]), baseline_pids, data))
+        os.unlink(out / "nbdcopy.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(out / "nbdcopy.qcow2"),
+                        str(args.disk_mib * MIB)], check=True)
+        rows.append(measure("nbdcopy bare pull export -> qcow2, flushed (--flush)",
+                            lambda: proc.run(["nbdcopy", "--flush", url, "--", "[", "qemu-nbd", "-f", "qcow2",
+                                              str(out / "nbdcopy.qcow2"), "]"]), baseline_pids, data))
+        rows.append(measure("nbdcopy bare pull export -> raw",
+                            lambda: proc.run(["nbdcopy", url, str(out / "nbdcopy.raw")]), baseline_pids, data))
+    finally:
+        bare_pull_end(vdom)
+    for f in ("nbdcopy.qcow2", "nbdcopy.raw"):
+        os.unlink(out / f)
+    if args.virtnbdbackup:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (args.virtnbdbackup,
+                                                                      args.virtnbdbackup_pythonpath) if p)}
+        rows.append(measure("virtnbdbackup -l copy",
+                            lambda: proc.run([sys.executable, os.path.join(args.virtnbdbackup, "virtnbdbackup"),
+                                              "-U", args.uri, "-d", dom.name, "-l", "copy",
+                                              "-o", str(out / "virtnbdbackup")], env=env),
+                            baseline_pids, data))
+        shutil.rmtree(out / "virtnbdbackup", ignore_errors=True)
+        rows.append(measure("virtnbdbackup -l copy, then fsync of its files",
+                            lambda: (proc.run([sys.executable, os.path.join(args.virtnbdbackup, "virtnbdbackup"),
+                                               "-U", args.uri, "-d", dom.name, "-l", "copy",
+                                               "-o", str(out / "virtnbdbackup")], env=env),
+                                     [fsync(p) for p in (out / "virtnbdbackup").rglob("*") if p.is_file()]),
+                            baseline_pids, data))
+        shutil.rmtree(out / "virtnbdbackup", ignore_errors=True)
+    ours.fresh_worker()
+    rows.append(measure("domcapture direct-backup --mode pull (full)",
+                        lambda: ours.submit("direct-backup", dom.name, "--target", str(out / "pull"),
+                                            "--mode", "pull", "--quiesce", "off"), ours.pids, data, ours.warm))
+
+
+def incremental_group(rows: list[Row], ours: Ours, dom: DiskDomain, disk: str, out: Path,
+                      args: argparse.Namespace) -> None:
+    # incrementals (pull), after nothing, 1 % and 10 % of the disk changed
+    for label, percent in (("nothing changed", 0.0), ("1 % changed", 1.0), ("10 % changed", 10.0)):
+        changed = guest_change(dom, disk, args.disk_mib, percent, 0x5A) if percent else 0
+        ours.fresh_worker()
+        rows.append(measure(f"domcapture pull incremental, {label}",
+                            lambda: ours.submit("direct-backup", dom.name, "--target", str(out / "pull"),
+                                                "--mode", "pull", "--incremental", "--quiesce", "off"),
+                            ours.pids, changed, ours.warm))
+
+
+def options_group(rows: list[Row], ours: Ours, dom: DiskDomain, out: Path, data: int, work: Path) -> None:
+    # the options' cost: a compressed, then an encrypted full pull against the plain one
+    key = work / "bench.key"
+    key.write_text("bench passphrase")
+    for label, folder, extra in (("--compress zstd", "pull-zstd", ["--compress", "zstd"]),
+                                 ("--encrypt-key-file (LUKS)", "pull-luks", ["--encrypt-key-file", str(key)])):
+        ours.fresh_worker()
+        (out / folder).mkdir()
+        row = measure(f"domcapture direct-backup --mode pull (full) {label}",
+                      lambda folder=folder, extra=extra: ours.submit(
+                          "direct-backup", dom.name, "--target", str(out / folder), "--mode", "pull",
+                          "--quiesce", "off", *extra), ours.pids, data, ours.warm)
+        row["stored"] = sum(p.stat().st_blocks * 512 for p in (out / folder).rglob("*.qcow2"))
+        rows.append(row)
 
 
 BASELINE = {
@@ -438,6 +486,7 @@ BASELINE = {
 DURABLE = {  # the same baseline with its output on disk, as ours is when it reports success
     "domcapture snapshot-backup --quiesce off": "qemu-img convert, then fsync of the copy",
     "domcapture direct-backup --mode push": "bare push job, then fsync of its file",
+    "domcapture direct-backup --mode pull (full)": "nbdcopy bare pull export -> qcow2, flushed (--flush)",
 }
 
 
@@ -447,6 +496,7 @@ SHORT = {
     "bare push job (backup-begin, polled)": "bare push job",
     "bare push job, then fsync of its file": "bare push job + fsync",
     "nbdcopy bare pull export -> qcow2 (qemu-nbd)": "nbdcopy -> qcow2",
+    "nbdcopy bare pull export -> qcow2, flushed (--flush)": "nbdcopy --flush -> qcow2",
     "nbdcopy bare pull export -> raw": "nbdcopy -> raw",
     "domcapture direct-backup --mode pull (full)": "the full pull",
 }
@@ -473,10 +523,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, cache_mode: str
         parts = [_vs(r, by.get(BASELINE.get(r["job"], ""))), _vs(r, by.get(DURABLE.get(r["job"], "")))]
         if r["job"] == "domcapture direct-backup --mode pull (full)":
             parts.append(_vs(r, by.get("nbdcopy bare pull export -> raw")))
-            vnb = by.get("virtnbdbackup -l copy")
-            parts.append(f"virtnbdbackup takes {vnb['seconds'] / r['seconds']:.2f}× ours "
-                         f"({vnb['seconds'] / r['engine_seconds']:.2f}× our engine time)" if vnb
-                         else "virtnbdbackup not run")
+            for label in ("virtnbdbackup -l copy", "virtnbdbackup -l copy, then fsync of its files"):
+                vnb = by.get(label)
+                parts.append(f"{label.replace('-l copy', 'copy')} takes {vnb['seconds'] / r['seconds']:.2f}× "
+                             f"ours ({vnb['seconds'] / r['engine_seconds']:.2f}× our engine time)" if vnb
+                             else "")
         engine = f"{r['engine_seconds']:.2f} s" if r.get("engine_seconds") is not None else ""
         share = f" ({100 * r['cache_share']:.0f} % of copied)" if r.get("cache_share") is not None else ""
         if "source_cached" in r:

@@ -105,8 +105,8 @@ from workflows import nbdio
 nbdio.REQUEST, nbdio.IN_FLIGHT, nbdio.DURABLE_INTERVAL = 256 * 1024, 2, 0.05
 export = nbdio.NbdExport({sock!r}, "vda")
 writer = nbdio.QcowWriter({partial!r}, export.size, compress={compress!r})
-nbdio.copy_extents(export, export.extents(False), writer, start=0, stats={{}}, check=lambda: time.sleep(0.05),
-                   on_progress=lambda d: None, on_durable=lambda pos, st: print(pos, flush=True),
+nbdio.copy_extents(export, export.extents(False), writer, start=0, stats={{}}, check=lambda: None,
+                   on_progress=lambda d: time.sleep(0.01), on_durable=lambda pos, st: print(pos, flush=True),
                    zero_writes=False)
 """
 
@@ -188,3 +188,47 @@ def test_the_bandwidth_limit_counts_bytes_read_and_never_waits_after_the_last_re
     # 5 MiB read at 1 MiB/s, in reads of at most 0.1 s each, the wait before each one: none after the last
     assert 4.9 <= now[0] < 5.0
     assert max(sleeps) <= 0.1 + 1e-9  # short sleeps: an abort is not held up
+
+
+def _zero_refcount_of_a_data_cluster(img: Path) -> int:
+    """What a host crash can leave behind a writer without ordering flushes: a cluster the L2 table
+    references whose refcount never reached the disk.  Returns that cluster's offset in the file."""
+    import json
+    import struct
+    raw = img.read_bytes()
+    cluster_bits = struct.unpack(">I", raw[20:24])[0]
+    refcount_table = struct.unpack(">Q", raw[48:56])[0]
+    refcount_order = struct.unpack(">I", raw[96:100])[0]
+    assert refcount_order == 4  # 16-bit refcounts
+    block = struct.unpack(">Q", raw[refcount_table:refcount_table + 8])[0]
+    mapped = json.loads(subprocess.run(["qemu-img", "map", "-U", "--output=json", str(img)], check=True,
+                                       capture_output=True, text=True).stdout)
+    data = next(e["offset"] for e in mapped if e.get("data") and "offset" in e)
+    entry = block + 2 * (data >> cluster_bits)
+    assert struct.unpack(">H", raw[entry:entry + 2])[0] == 1
+    with open(img, "r+b") as f:
+        f.seek(entry)
+        f.write(b"\0\0")
+    return int(data)
+
+
+def test_a_resumed_pull_first_repairs_refcounts_a_host_crash_left_behind(tmp_path: Path, served_image) -> None:
+    img, sock = served_image
+    partial = tmp_path / "backup.qcow2.partial"
+    cursor = run_until_cursor(PULL_CHILD.format(sock=sock, partial=str(partial), compress=False), 4 * MIB)
+    _zero_refcount_of_a_data_cluster(partial)
+    broken = subprocess.run(["qemu-img", "check", str(partial)], capture_output=True, text=True)
+    assert broken.returncode == 2 and "refcount=0 reference=1" in broken.stderr, broken.stderr
+    export = nbdio.NbdExport(sock, "vda")
+    try:
+        writer = nbdio.QcowWriter(str(partial))  # repairs first
+        try:
+            nbdio.copy_extents(export, export.extents(False), writer, start=cursor, stats={}, check=lambda: None,
+                               on_progress=lambda d: None, on_durable=lambda p, s: None, zero_writes=False)
+        finally:
+            writer.close()
+    finally:
+        export.close()
+    assert subprocess.run(["qemu-img", "check", "-q", str(partial)]).returncode == 0
+    out = subprocess.run(["qemu-img", "compare", "-U", str(img), str(partial)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -25,11 +25,12 @@ import os
 import select
 import subprocess
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, Callable, cast
 
 from .errors import InputError, OperationFailed
-from .filecopy import CheckCadence, drop_cache, opened_nofollow
+from .filecopy import CheckCadence, drop_cache
 from .hypervisor.backup_types import BLOCK_STATUS_DIRTY, BLOCK_STATUS_ZERO
 
 CHUNK = 2 * 1024 * 1024
@@ -38,9 +39,11 @@ REQUEST = 4 * 1024 * 1024  # bytes per NBD request in the parallel copy
 IN_FLIGHT = 12  # requests in flight at once (reads and writes together)
 CONNECTIONS = 4  # connections to an export that advertises multi-conn
 DURABLE_INTERVAL = 1.0  # seconds between flushes that make the cursor durable
-WRITER_OPTIONS = ["--cache=writeback"]  # measured faster than O_DIRECT here; flushed pages are dropped behind
+# QEMU's own flushes are no-ops in the writer: with --cache=writeback the qcow2 driver orders its metadata
+# writes with an fdatasync each (2 GiB: 10.9 s against 6.3 s here), so the copy makes the file durable itself
+# (QcowWriter.sync) at each durable cursor and at the end, and a resumed file is repaired first (repair_image)
+WRITER_OPTIONS = ["--cache=unsafe"]
 CHECK_INTERVAL = 0.05  # seconds between lease checks while requests are issued
-DROP_FLUSHED = True  # drop the written file's pages after each flush
 QEMU_IMG_TIMEOUT = 3600
 
 
@@ -189,7 +192,10 @@ class QcowWriter:
             if key:
                 options += f",encrypt.format=luks,encrypt.key-secret={SECRET_ID}"
             run_qemu_img("create", *secret_args(key), "-q", "-f", "qcow2", "-o", options, path, str(create_size))
+        elif os.path.exists(path):  # the file a killed copy left: its metadata made consistent first
+            repair_image(path, key)
         self.path, self.compress = path, compress
+        self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # for fdatasync and the page cache
         if compress:
             qcow = f"driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename={_opt(path)}"
         else:
@@ -202,6 +208,7 @@ class QcowWriter:
                                                       *(["--discard=unmap"] if compress else []),
                                                       "--image-opts", qcow])
         except nbd.Error as exc:
+            os.close(self._fd)
             raise OperationFailed(f"cannot open {path} for writing through qemu-nbd: {exc}",
                                   retryable=True) from exc
 
@@ -211,8 +218,19 @@ class QcowWriter:
     def zero(self, length: int, offset: int) -> None:
         self.h.zero(length, offset)  # no trim: a zeroed cluster is recorded as such
 
+    def sync(self) -> None:
+        """Make what qemu-nbd handed to the kernel durable (the server's flushes do not reach the disk), then
+        drop those now clean pages from the host's cache.  Safe on another thread than the handle's."""
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise OperationFailed(f"fdatasync of {self.path} failed: {exc}", retryable=True) from exc
+        drop_cache(self._fd)
+
     def flush(self) -> None:
+        """Everything written so far on disk: qemu-nbd's caches to the kernel, then ``sync``."""
         self.h.flush()
+        self.sync()
 
     def forget_from(self, offset: int, size: int) -> None:
         """Unallocate ``[offset, size)``: what a killed copy wrote past its cursor.
@@ -226,11 +244,14 @@ class QcowWriter:
             offset += n
 
     def close(self) -> None:
+        """qemu-nbd's caches handed to the kernel and the server stopped; the file is made durable by
+        whoever seals it (``datapath.seal`` fsyncs it)."""
         try:
             self.h.flush()
             self.h.shutdown()
         finally:
             del self.h
+            os.close(self._fd)
 
 
 def copy_extents(source: Any, extents: list[tuple[int, int]], writer: Any, *, start: int,
@@ -300,15 +321,6 @@ def whole_clusters(extents: list[tuple[int, int]], size: int | None) -> list[tup
     return merge(out)
 
 
-def drop_file_cache(path: str) -> None:
-    """Drop the clean cached pages of ``path`` (a hint; a file that is not there is skipped)."""
-    try:
-        with opened_nofollow(path) as fd:
-            drop_cache(fd)
-    except OSError:
-        return
-
-
 def _chunks(extents: list[tuple[int, int]], start: int) -> list[tuple[int, int]]:
     out = []
     for off, length in extents:
@@ -345,6 +357,8 @@ def _copy_parallel(source: NbdExport, extents: list[tuple[int, int]], writer: Qc
         h.set_pread_initialize(False)  # every byte of a buffer is overwritten by a successful read
     next_chunk = cursor = 0
     pending_flush: tuple[int, int, dict[str, int]] | None = None  # cookie, position, stats
+    pending_sync: tuple[Future[None], int, dict[str, int]] | None = None  # the fdatasync after that flush
+    syncer = ThreadPoolExecutor(1, thread_name_prefix="nbd-sync")  # the copy goes on while the disk catches up
     last_flush = time.monotonic()
     checks = CheckCadence(check, CHECK_INTERVAL)
     checks.due()
@@ -405,23 +419,27 @@ def _copy_parallel(source: NbdExport, extents: list[tuple[int, int]], writer: Qc
             stats["zeroed"] += zeroed
             cursor += 1
         on_progress(done)
+        if pending_sync is not None and pending_sync[0].done():
+            future, pos, at = pending_sync
+            future.result()  # an OperationFailed of the fdatasync
+            on_durable(pos, at)
+            pending_sync = None
         if pending_flush is not None:
             cookie, pos, at = pending_flush
             try:
                 flushed = w.aio_command_completed(cookie)
             except nbd.Error as exc:
                 raise OperationFailed(f"flush of {writer.path} failed: {exc}", retryable=True) from exc
-            if flushed:
-                on_durable(pos, at)
+            if flushed:  # qemu-nbd's caches are in the kernel: on disk once the fdatasync returns
+                pending_sync = (syncer.submit(writer.sync), pos, at)
                 pending_flush = None
-                if DROP_FLUSHED:
-                    drop_file_cache(writer.path)  # what the flush wrote is clean: out of the host's cache
-        elif time.monotonic() - last_flush >= DURABLE_INTERVAL and cursor < len(chunks):
+        elif pending_sync is None and time.monotonic() - last_flush >= DURABLE_INTERVAL and cursor < len(chunks):
             pending_flush = (w.aio_flush(), cursor_pos(), dict(stats))
             last_flush = time.monotonic()
     check()
     while pending_flush is not None and not w.aio_command_completed(pending_flush[0]):
         w.poll(-1)
+    syncer.shutdown(wait=True)
     writer.flush()
     return stats
 
@@ -487,6 +505,19 @@ def image_info(path: str) -> dict[str, Any]:
     """``qemu-img info`` of one file alone (its backing, if named, is not opened)."""
     info: dict[str, Any] = json.loads(run_qemu_img("info", "--output=json", "-U", chain_spec([path])))
     return info
+
+
+def repair_image(path: str, key: str | None = None) -> None:
+    """``qemu-img check -r all`` of a partial file before a copy goes on writing it.
+
+    The writer runs without QEMU's ordering flushes, so after a host crash
+    the file may hold an L2 entry whose cluster's refcount never reached the
+    disk; written again as it is, that cluster could be handed out twice.
+    The repair makes the refcounts match what the tables reference (after a
+    killed process, nothing to repair).  Raises OperationFailed when the
+    file cannot be repaired (the caller starts that disk over).
+    """
+    run_qemu_img("check", *secret_args(key), "-q", "-r", "all", chain_spec([path], key))
 
 
 def check_image(path: str, key: str | None = None) -> bool:
