@@ -33,7 +33,7 @@ POST_SNAPSHOT_WRITE = (8192, b"\xee" * 4096)
 
 
 class World:
-    def __init__(self, tmp_path, store, quiesce: str = "require") -> None:
+    def __init__(self, tmp_path, store, quiesce: str = "require", **params) -> None:
         self.store = store
         self.dir = tmp_path / "disks"
         self.dir.mkdir(parents=True)
@@ -52,7 +52,7 @@ class World:
         self.fake.hook = self._hv_hook
         self.captures = Captures(store, lambda uri: self.fake, lambda rec: None)
         self.rec = self.captures.submit("snapshot-backup", "dom", "fake:///default",
-                                        {"target": self.target, "quiesce": quiesce})
+                                        {"target": self.target, "quiesce": quiesce, **params})
 
     def _hv_hook(self, when: str, method: str) -> None:
         if (when, method) == ("after", "snapshot_disk_only"):
@@ -255,3 +255,44 @@ def test_lease_lost_is_raised_by_the_fence_before_any_effect(tmp_path, store):
     assert seen == [("before", "snapshot_disk_only"), ("after", "snapshot_disk_only")]
     assert {t: d.overlay for t, d in dom.disks.items()} == overlays
     assert all(os.path.exists(p) for p in overlays.values())
+
+
+def test_a_guest_frozen_past_its_deadline_is_thawed_once_by_the_watchdog_and_a_hung_thaw_keeps_the_lease(
+        tmp_path, store):
+    """The snapshot call hangs 3 s with the guest frozen and a 0.5 s deadline: the freeze watchdog
+    thaws it once, while the step still hangs, and records it; its own thaw hangs 2 s, longer than
+    the 1 s lease, and the lease is renewed all the same (a renewal that waited on the agent would
+    lose it, and the step's next fenced call would end the run as lease-lost)."""
+    import threading
+    import time
+
+    w = World(tmp_path / "w", store, freeze_deadline=0.5)
+    seen: list[tuple[str, str, str, bool]] = []
+    hung = {"snapshot": False, "thaw": False}
+
+    def hook(when: str, method: str) -> None:
+        seen.append((threading.current_thread().name, when, method, w.fake.domains["dom"].frozen))
+        if (when, method) == ("before", "snapshot_disk_only") and not hung["snapshot"]:
+            hung["snapshot"] = True
+            time.sleep(3.0)
+        if (when, method) == ("before", "fs_thaw") and not hung["thaw"]:
+            hung["thaw"] = True
+            time.sleep(2.0)
+        w._hv_hook(when, method)
+    w.fake.hook = hook
+
+    engine = Engine(store, strategies.DEFINITIONS, lambda uri: w.fake, "w1", lease_ttl=1.0,
+                    retry_delays=(0,), sleep=lambda s: None)
+    assert engine.run(w.rec.id) == SUCCEEDED  # never lease-lost, never recovered
+    thaws = [(thread, frozen) for thread, when, method, frozen in seen if (when, method) == ("before", "fs_thaw")]
+    assert thaws[0] == (f"freeze-watchdog-{w.rec.id}", True)  # the watchdog thawed a frozen guest ...
+    assert all(not frozen for _, frozen in thaws[1:])  # ... and nothing thawed a frozen guest again
+    done = store.load(w.rec.id).to_dict()
+    events = [e for e in store.history(w.rec.id) if e["event"] == "thawed-at-deadline"]
+    assert len(events) == 1 and events[0]["by"] == "freeze-watchdog" and events[0]["thawed_filesystems"] == 2
+    assert events[0]["frozen_seconds"] >= 0.5
+    assert done["data"]["freeze_broken"] == "thawed at its deadline by the freeze watchdog"
+    assert not [e for e in store.history(w.rec.id) if e["event"] in ("lease-lost", "recovered")]
+    assert w.frozen_at_snapshot is False  # thawed before the snapshot: the backup is not called quiesced
+    w.check_invariants(done)
+    assert done["result"]["quiesced"] is False

@@ -43,8 +43,8 @@ def subcommands() -> set[str]:
 def test_systemd_units_verify(tmp_path):
     assert shutil.which("systemd-analyze"), "systemd-analyze is missing (Debian package systemd)"
     names = sorted(p.name for p in UNITS.glob("*.service"))
-    assert names == ["domcapture-notifier.service", "domcapture-recovery.service", "domcapture-web.service",
-                     "domcapture-worker@.service"]
+    assert names == ["domcapture-notifier.service", "domcapture-recovery.service", "domcapture-scheduler.service",
+                     "domcapture-web.service", "domcapture-worker@.service"]
     for name in names:
         text = (UNITS / name).read_text()
         execs = re.findall(r"^ExecStart=(\S+) (\S+)", text, re.M)
@@ -94,6 +94,13 @@ def test_compose_services_start_outside_docker(redis_client, prefix, libvirt_uri
     queue = f"{prefix}-q"
     procs: dict[str, subprocess.Popen] = {}
     web_port = free_port()
+    # a stored policy, so the scheduler has something to look at (its domains match none: nothing is submitted)
+    policy = "compose"
+    (tmp_path / "bk").mkdir()
+    (tmp_path / "p.toml").write_text(f'name = "{policy}"\nstrategy = "direct-backup"\ntarget = "{tmp_path / "bk"}"\n'
+                                     'domains = ["dc-none-*"]\n[schedule]\ncron = "0 2 * * *"\n')
+    subprocess.run([DOMCAPTURE, "policy", "apply", str(tmp_path / "p.toml")], check=True, capture_output=True,
+                   env={**os.environ, "DOMCAPTURE_REDIS_URL": REDIS_URL, "DOMCAPTURE_PREFIX": prefix}, timeout=60)
     try:
         for name, svc in services.items():
             if "build" not in svc:
@@ -112,7 +119,7 @@ def test_compose_services_start_outside_docker(redis_client, prefix, libvirt_uri
             log = open(tmp_path / f"{name}.log", "w")
             procs[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True)
-        assert set(procs) == {"worker", "recovery", "web", "notifier"}
+        assert set(procs) == {"worker", "recovery", "scheduler", "web", "notifier"}
 
         r = wait_http(f"http://127.0.0.1:{web_port}/metrics", proc=procs["web"])
         assert r.status_code == 200
@@ -123,11 +130,13 @@ def test_compose_services_start_outside_docker(redis_client, prefix, libvirt_uri
             workers = list(redis_client.scan_iter(f"{prefix}:rq:worker:*"))  # RQ's keys, under the prefix
             notified = redis_client.exists(f"{prefix}:notify:since")
             swept = "recovery: sweeping every" in (tmp_path / "recovery.log").read_text()
-            if workers and notified and swept:
+            scheduled = redis_client.hexists(f"{prefix}:sched:{policy}", "cursor")  # its first sight of the policy
+            if workers and notified and swept and scheduled:
                 break
             for name, p in procs.items():
                 assert p.poll() is None, f"{name} exited: {(tmp_path / f'{name}.log').read_text()}"
-            assert time.time() < deadline, f"workers={workers} notifier={notified} recovery={swept}"
+            assert time.time() < deadline, (f"workers={workers} notifier={notified} recovery={swept} "
+                                            f"scheduler={scheduled}")
             time.sleep(0.2)
         assert len(workers) == 1
         assert all(p.poll() is None for p in procs.values())

@@ -18,6 +18,8 @@ import pytest
 from workflows.limits import Limits
 
 from .realenv import DiskDomain, libvirt_reachable
+from .test_metrics_real import scrape, value
+from .webenv import WebServer
 
 SESSION_URI = "qemu:///session"
 
@@ -82,6 +84,16 @@ def test_captures_land_on_their_host_s_worker_and_a_host_without_one_says_so(clu
     line = next(x for x in listed.splitlines() if x.startswith(waiting_id))
     assert "waiting for host hv-sess" in line
     assert waiting_id not in cluster.log_of(sys_worker)
+    # and /metrics shows the host's queue holding its one job, with no worker on it
+    queue = cluster.env["DOMCAPTURE_QUEUE"]
+    web = WebServer(cluster.env, tmp_path / "web")
+    try:
+        samples = scrape(web.url)[1]
+    finally:
+        web.stop()
+    assert value(samples, "domcapture_queue_depth", queue=f"{queue}.hv-sess") == 1
+    assert value(samples, "domcapture_workers", queue=f"{queue}.hv-sess") == 0
+    assert value(samples, "domcapture_workers", queue=f"{queue}.hv-sys") == 1
 
     sess_worker = cluster.start_worker(host="hv-sess", uri=SESSION_URI)
     done = cluster.wait_final(waiting_id)

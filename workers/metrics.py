@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
+from workflows import naming
 from workflows.errors import DomcaptureError
 from workflows.record import RUNNING, STATUSES, SUCCEEDED, Record
 from workflows.store import Store
@@ -239,7 +240,7 @@ class StoreCollector(Collector):
         for key in redis_call(self.store, self.store.r.smembers, Queue.redis_queues_keys):
             name = (key.decode() if isinstance(key, bytes) else str(key)).removeprefix(
                 Queue.redis_queue_namespace_prefix)
-            if name.startswith(f"{self.queue_name}-"):  # per-host queues: <queue>-<host>
+            if naming.host_of_queue(self.queue_name, name):  # per-host queues: <queue>.<host>
                 names.add(name)
         for name in sorted(names):
             q = Queue(name, connection=self.store.r, serializer=JSONSerializer)

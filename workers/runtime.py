@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from workflows import validate
+from workflows import naming, validate
 from workflows.errors import ConfigError, StoreError, StoreUnavailable
 from workflows.hypervisor.libvirt_adapter import LibvirtHypervisor
 from workflows.record import Record
@@ -107,7 +107,8 @@ class Runtime:
     # by ``worker --host``); ``P:host-workers:<host>`` holds the live workers of a host,
     # scored by the end of their announcement (renewed while they run).
     def host_queue(self, host: str) -> Any:
-        return self.rq.Queue(f"{self.settings.queue}.{host}", connection=self.store.r, serializer=self.serializer)
+        return self.rq.Queue(naming.host_queue(self.settings.queue, host), connection=self.store.r,
+                             serializer=self.serializer)
 
     def host_of(self, rec: Record) -> str | None:
         host = rec.data.get("host")

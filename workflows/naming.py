@@ -128,3 +128,14 @@ def mount_pidfile(wf_id: str) -> str:
 def instant_overlay(target_dir: str, domain: str, wf_id: str, target: str) -> str:
     """An instant restore's disk: first an overlay over the backup chain, in the end the whole disk."""
     return os.path.join(restore_dir(target_dir, domain, wf_id), f"{target}.qcow2")
+
+
+def host_queue(queue: str, host: str) -> str:
+    """The RQ queue of one libvirt host's workers (``worker --host``): ``<queue>.<host>``."""
+    return f"{queue}.{host}"
+
+
+def host_of_queue(queue: str, name: str) -> str | None:
+    """The host a per-host queue ``name`` of ``queue`` serves, or None when it is not one."""
+    head = host_queue(queue, "")
+    return name[len(head):] or None if name.startswith(head) else None
