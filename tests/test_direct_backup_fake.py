@@ -23,7 +23,7 @@ import pytest
 from workflows import nbdio
 from workflows.checkpoints import COMMITTED, CheckpointStore
 from workflows.hypervisor.fake import FakeHypervisor
-from workflows.record import ROLLED_BACK, SUCCEEDED
+from workflows.record import PARTIALLY_ROLLED_BACK, ROLLED_BACK, SUCCEEDED
 from workflows.service import Captures
 
 from .crashkit import Crasher, drive_to_end, run_once
@@ -351,6 +351,34 @@ def test_checkpoint_delete_with_children_and_redefine(tmp_path, store):
         [f"domcapture-{w.base.id}", f"domcapture-{w.rec.id}"])
     assert w.fake.list_checkpoints("dom") == [] and w.cps.all(w.uri, "dom") == []
     assert all(c["ok"] for c in w.captures.verify(wf))
+
+
+@pytest.mark.parametrize("cut", ["hv-before:checkpoint_delete", "hv-after:checkpoint_delete"])
+def test_rollback_of_a_checkpoint_delete_says_whether_the_delete_stands(tmp_path, store, cut):
+    """Cut before libvirt's delete: the rollback leaves everything as it was (rolled_back).  Cut
+    after it: the checkpoint and its bitmap are gone for good, and the workflow says so
+    (partially_rolled_back, the checkpoint named), never rolled_back."""
+    w = _two_backups(tmp_path, store)
+    name = f"domcapture-{w.base.id}"
+    wf = w.captures.submit("checkpoint", "dom", w.uri, {"action": "delete", "checkpoint": name}).id
+    crasher = Crasher((cut, 1))
+    w.fake.hook = crasher.hv_hook
+    assert run_once(store, w.fake, wf, crasher)
+    w.captures.recover(wf)
+    w.captures.rollback(wf)
+    assert not run_once(store, w.fake, wf, None)
+    rec = store.load(wf)
+    if cut == "hv-before:checkpoint_delete":
+        assert rec.status == ROLLED_BACK and not rec.data.get("effects_standing")
+        assert sorted(c.name for c in w.fake.list_checkpoints("dom")) == sorted([name, f"domcapture-{w.rec.id}"])
+        assert name in w.fake.bitmaps_of("dom", "vda")
+    else:
+        assert rec.status == PARTIALLY_ROLLED_BACK
+        (standing,) = rec.result["effects_standing"]
+        assert standing.startswith(f"checkpoint {name} ") and "was deleted" in standing
+        assert w.fake.lookup_checkpoint("dom", name) is None and name not in w.fake.bitmaps_of("dom", "vda")
+        assert [e["event"] for e in store.history(wf)].count("effect-stands") == 1
+    _store_mirrors_libvirt(w)
 
 
 def test_rollback_of_a_checkpoint_create_removes_it_everywhere(tmp_path, store):

@@ -142,13 +142,18 @@ class Apply(Step):
         return doomed + [n for n in self._doomed_in_store(ctx) if n not in doomed]
 
     def _delete(self, ctx: StepContext) -> None:
-        name, cps = ctx.params["checkpoint"], ctx.fx.checkpoints
+        name = ctx.params["checkpoint"]
         if "deleting" not in ctx.data:
             ctx.data["deleting"] = self._doomed(ctx)
             ctx.save("checkpoint-delete-intent", checkpoint=name, children=ctx.params["children"],
                      deleting=ctx.data["deleting"])
         if ctx.hv.lookup_checkpoint(ctx.domain, name) is not None:
             ctx.hv.checkpoint_delete(ctx.domain, name, children=ctx.params["children"])
+        self._forget_deleted(ctx)
+
+    def _forget_deleted(self, ctx: StepContext) -> None:
+        """Once libvirt's delete is done: our store drops the same checkpoints and follows the re-parenting."""
+        cps = ctx.fx.checkpoints
         doomed = set(ctx.data["deleting"]) | set(self._doomed_in_store(ctx))
         for cp in reversed(cps.all(ctx.rec.uri, ctx.domain)):  # children first
             if cp.name in doomed:
@@ -174,6 +179,7 @@ class Apply(Step):
             if "deleting" in ctx.data and ctx.hv.lookup_checkpoint(ctx.domain, name) is None:
                 ctx.effect_stands(f"checkpoint {name} (with {', '.join(ctx.data['deleting'])}) was deleted; "
                                   "a deleted checkpoint's bitmaps cannot be brought back")
+                self._forget_deleted(ctx)  # the store says what libvirt has: no entry for a deleted one
             return
         if action == "redefine":
             redefined = (ctx.data.get("chain") or {}).get("redefined") or []
