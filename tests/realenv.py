@@ -102,7 +102,7 @@ class DiskDomain(VirshDomain):
         sizes_mib = sizes_mib or {"vda": 64, "vdb": 32}
         for i, (target, size) in enumerate(sizes_mib.items()):
             img = workdir / f"{name}-{target}.{fmt}"
-            raw = workdir / f"{name}-{target}.raw"
+            raw = workdir / f"{name}-{target}.src.raw"
             pattern = 0x11 + 0x11 * i
             mib = 1024 * 1024
             with open(raw, "wb") as f:

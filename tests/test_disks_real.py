@@ -341,6 +341,58 @@ def test_direct_backup_takes_a_block_device_whole_and_the_qcow2_disk_incremental
         assert images_identical(path, refs[-1][disk]), f"the restored {disk} is not the disk at backup time"
 
 
+def test_raw_file_disks_snapshot_backup_resumes_and_direct_backup_takes_them_whole(cluster, made, libvirt_uri,
+                                                                                   tmp_path):
+    """Raw files, the commonest disk after qcow2: snapshot-backup SIGKILLed on our overlays resumes and
+    commits back into the raw images; direct-backup has no bitmap to keep on them, so every backup
+    (an --incremental too, and the record says why) holds them whole and restores to the disk."""
+    dom = DiskDomain.create(libvirt_uri, tmp_path / "raw", fmt="raw", random_mib=4)
+    made.append(dom)
+    target = tmp_path / "bk"
+    target.mkdir()
+    at_capture = {t: flattened(p, tmp_path / f"ref-{t}.qcow2") for t, p in dom.disks.items()}
+    doomed = cluster.start_worker(fault="kill-at:executed:copying")  # copies done, the disks on our overlays
+    cluster.start_recovery()
+    wf = submit(cluster, "snapshot-backup", dom, target, "--quiesce", "off")
+    doomed.wait(timeout=90)
+    assert doomed.returncode == -signal.SIGKILL
+    assert [chain_of(dom, t)[1] for t in dom.disks] == [str(p) for p in dom.disks.values()]  # on our overlays
+    dom.guest_write("vda", *WRITE_ON_OVERLAY)
+    cluster.start_worker()
+    doc = cluster.wait_final(wf)
+    assert doc["status"] == "succeeded", doc["error"]
+    assert {t: chain_of(dom, t) for t in dom.disks} == {t: [str(p)] for t, p in dom.disks.items()}
+    assert dom.block_jobs() == {} and dom.leftover_overlays() == []
+    assert image_has_pattern(dom.disks["vda"], *WRITE_ON_OVERLAY, fmt="raw"), "the write on the overlay was lost"
+    for t, ref in at_capture.items():
+        assert images_identical(doc["result"]["files"][t]["path"], ref), f"backup of {t} is not the disk"
+
+    for n, extra in enumerate([(), ("--incremental",)]):
+        dom.guest_write("vdb", 0x3C + n, 10 + n, 1)
+        refs = {t: flattened(p, tmp_path / f"ref{n}-{t}.qcow2") for t, p in dom.disks.items()}
+        wf = submit(cluster, "direct-backup", dom, target, "--quiesce", "off", "--mode", "push", *extra)
+        res = cluster.wait_final(wf)
+        assert res["status"] == "succeeded", res["error"]
+        result = res["result"]
+        assert result["kind"] == "full"
+        assert {t: f["kind"] for t, f in result["files"].items()} == {"vda": "full", "vdb": "full"}
+        assert checkpoint_disks(libvirt_uri, dom.name, result["checkpoint"]) == {"vda": "no", "vdb": "no"}
+        for t, ref in refs.items():
+            assert backing_of(result["files"][t]["path"]) is None
+            assert images_identical(result["files"][t]["path"], ref), f"backup {n} of {t} is not the disk"
+    assert result["fallback"] == ("incremental requested, taking a full backup: "
+                                  "no disk can hold a bitmap (raw, block or network disks only)")
+    out = tmp_path / "restored"
+    out.mkdir()
+    rid = json.loads(cluster.cli("submit", "restore", "--domain", dom.name, "--from", wf, "--target", str(out),
+                                 "--json").stdout)["id"]
+    rdoc = cluster.wait_final(rid)
+    assert rdoc["status"] == "succeeded", rdoc["error"]
+    for t, ref in refs.items():
+        restored = rdoc["result"]["files"][t]
+        assert images_identical(restored["path"] if isinstance(restored, dict) else restored, ref)
+
+
 def test_direct_backup_of_a_shut_off_domain_refuses_a_block_device_in_one_line(cluster, made, libvirt_uri,
                                                                              tmp_path, loop_device):
     dom = block_domain(libvirt_uri, tmp_path, made, loop_device[0])
