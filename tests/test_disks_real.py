@@ -496,7 +496,7 @@ def test_direct_backup_takes_an_nbd_disk_whole_beside_an_incremental_qcow2_disk(
     made.append(dom)
     target = tmp_path / "bk"
     target.mkdir()
-    cluster.start_worker()
+    worker = cluster.start_worker()
     cluster.start_recovery()
     full = submit(cluster, "direct-backup", dom, target, "--quiesce", "off", "--mode", "pull")
     doc = cluster.wait_final(full)
@@ -505,7 +505,12 @@ def test_direct_backup_takes_an_nbd_disk_whole_beside_an_incremental_qcow2_disk(
     dom.guest_write("vda", 0x5A, 4, 1)
     dom.guest_write("vdb", 0x5B, 20, 1)
     refs = {"vda": flattened(vda, tmp_path / "ref-vda.qcow2"), "vdb": flattened(image, tmp_path / "ref-vdb.qcow2")}
+    cluster.kill(worker)  # idle: the doomed worker alone takes the job
+    doomed = cluster.start_worker(fault="kill-at:saved:step-started:transferring")  # QEMU's push job running
     inc = submit(cluster, "direct-backup", dom, target, "--quiesce", "off", "--incremental")
+    doomed.wait(timeout=90)
+    assert doomed.returncode == -signal.SIGKILL
+    cluster.start_worker()
     idoc = cluster.wait_final(inc)
     assert idoc["status"] == "succeeded", idoc["error"]
     assert idoc["result"]["kind"] == "incremental", idoc["result"].get("fallback")
