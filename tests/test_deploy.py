@@ -97,10 +97,13 @@ def test_compose_services_start_outside_docker(redis_client, prefix, libvirt_uri
     # a stored policy, so the scheduler has something to look at (its domains match none: nothing is submitted)
     policy = "compose"
     (tmp_path / "bk").mkdir()
-    (tmp_path / "p.toml").write_text(f'name = "{policy}"\nstrategy = "direct-backup"\ntarget = "{tmp_path / "bk"}"\n'
-                                     'domains = ["dc-none-*"]\n[schedule]\ncron = "0 2 * * *"\n')
+    (tmp_path / "p.toml").write_text(f'name = "{policy}"\nstrategy = "direct-backup"\n'
+                                     f'target = "{tmp_path / "bk"}"\ndomains = ["dc-none-*"]\n'
+                                     f'[hosts]\nhere = "{libvirt_uri}"\n'
+                                     '[schedule]\ncron = "0 2 * * *"\ntimezone = "UTC"\n')
     subprocess.run([DOMCAPTURE, "policy", "apply", str(tmp_path / "p.toml")], check=True, capture_output=True,
-                   env={**os.environ, "DOMCAPTURE_REDIS_URL": REDIS_URL, "DOMCAPTURE_PREFIX": prefix}, timeout=60)
+                   text=True, env={**os.environ, "DOMCAPTURE_REDIS_URL": REDIS_URL, "DOMCAPTURE_PREFIX": prefix},
+                   timeout=60)
     try:
         for name, svc in services.items():
             if "build" not in svc:

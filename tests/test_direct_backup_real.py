@@ -273,6 +273,18 @@ def test_pull_encrypted_with_luks_needs_its_key_to_be_read_and_restored(w, redis
                                     "--target", str(w.target), *extra, check=False)
             assert refused.returncode == 2 and fragment in refused.stderr, refused.stderr
             assert len(refused.stderr.strip().splitlines()) == 1 and not refused.stdout
+        # mount and instant-restore read a backup in place, without a key: refused in one line
+        folder = w.target / "mnt"
+        folder.mkdir()
+        for what, argv in (("mount", ["mount", full["id"], "--disk", "vdb", str(folder)]),
+                           ("instant-restore", ["submit", "instant-restore", "--domain", w.guest.name, "--from",
+                                                full["id"], "--define", f"{w.guest.name}-ir", "--target",
+                                                str(w.target)])):
+            refused = w.cluster.cli(*argv, check=False)
+            assert refused.returncode == 2, (argv, refused.stderr)
+            assert f"backup {full['id']} is encrypted; {what} reads only unencrypted backups" in refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1 and not refused.stdout
+        assert not os.path.ismount(folder) and list(folder.iterdir()) == []
         rdoc = restore(w, full["id"], "--encrypt-key-file", str(key))
         same = run("qemu-img", "compare", "-U", rdoc["result"]["files"]["vdb"]["path"],
                    str(w.guest.disks["vdb"]), check=False)

@@ -85,3 +85,27 @@ def test_a_failing_pre_freeze_hook_with_quiesce_require_rolls_back(cluster, gues
     assert doc["data"]["hooks"]["post_thaw"]["ok"] is True  # the post-thaw hook ran in the rollback
     assert guest.sh("cat /mnt/vdb/post2").strip() == "ran"
     assert not guest.frozen() and list(target.iterdir()) == []
+
+
+def test_host_hooks_around_a_direct_backup_freeze_see_the_workflow(cluster, guest_domain, tmp_path):
+    """``--hooks-on host`` with direct-backup: both commands run on the worker's host, in order around
+    the freeze, with the domain, the workflow and the phase in their environment."""
+    guest = guest_domain()
+    guest.wait_agent()
+    target = tmp_path / "backups"
+    target.mkdir()
+    log = tmp_path / "hooks.log"
+    line = f'echo "$DOMCAPTURE_PHASE $DOMCAPTURE_WORKFLOW $DOMCAPTURE_DOMAIN" >> {log}'
+    cluster.start_worker()
+    out = cluster.cli("submit", "direct-backup", "--domain", guest.name, "--target", str(target), "--json",
+                      "--quiesce", "require", "--hooks-on", "host", "--pre-freeze", line, "--post-thaw", line)
+    wf = str(json.loads(out.stdout)["id"])
+    doc = cluster.wait_final(wf)
+    assert doc["status"] == "succeeded", doc["error"]
+    assert log.read_text().splitlines() == [f"pre-freeze {wf} {guest.name}", f"post-thaw {wf} {guest.name}"]
+    hooks = doc["data"]["hooks"]
+    assert hooks["pre_freeze"]["ok"] and hooks["post_thaw"]["ok"] and hooks["pre_freeze"]["where"] == "host"
+    assert doc["result"]["quiesced"] is True
+    events = [e["event"] for e in doc["history"]]
+    assert events.index("pre-freeze-done") < events.index("freeze-intent") < events.index("post-thaw-intent")
+    assert not guest.frozen()

@@ -101,7 +101,16 @@ def test_prune_keeps_exactly_the_retention_and_survives_sigkill(world, point):
             c.kill(p)
             c.workers.remove(p)
         doomed = c.start_worker(fault=f"kill-at:{point}")
-    wf = submit(c, "prune", "--domain", dom.name, "--keep-weekly", "2")
+    if point is None:  # the retention of a stored policy, as the scheduler's prunes use it
+        policy = tmp / "policy.toml"
+        policy.write_text(f'name = "weekly-{dom.name}"\nstrategy = "direct-backup"\ntarget = "{target}"\n'
+                          f'domains = ["{dom.name}"]\n[hosts]\nhere = "{dom.uri}"\n'
+                          '[schedule]\ncron = "0 1 * * *"\ntimezone = "UTC"\n[retention]\nkeep_weekly = 2\n')
+        c.cli("policy", "apply", str(policy))  # maps the URI to host "here": its jobs go to its queue
+        c.start_worker(host="here", uri=dom.uri)
+        wf = submit(c, "prune", "--domain", dom.name, "--policy", f"weekly-{dom.name}")
+    else:
+        wf = submit(c, "prune", "--domain", dom.name, "--keep-weekly", "2")
     if point:
         doomed.wait(timeout=120)
         assert doomed.returncode == -signal.SIGKILL

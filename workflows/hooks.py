@@ -49,7 +49,7 @@ def _run(ctx: StepContext, phase: str, command: str) -> dict[str, Any]:
         if where == "host":
             outcome = ctx.fx.host.run(["/bin/sh", "-c", command], timeout=timeout,
                                       env={"DOMCAPTURE_DOMAIN": ctx.domain, "DOMCAPTURE_WORKFLOW": ctx.rec.id,
-                                           "DOMCAPTURE_PHASE": phase})
+                                           "DOMCAPTURE_PHASE": phase.replace("_", "-")})
         else:
             outcome = ctx.hv.guest_exec(ctx.domain, ["/bin/sh", "-c", command], timeout)
     except DomcaptureError as exc:
