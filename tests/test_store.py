@@ -87,6 +87,47 @@ def test_local_clock_notices_a_stopped_process(store):
         lease.check()
 
 
+def test_the_lease_clock_starts_when_the_renewal_is_sent(store):
+    """A renewal whose answer is slow: the local clock counts from the moment it was sent (the TTL
+    runs in Redis from an instant after that), never from the answer."""
+    rec = make()
+    store.create(rec)
+    lease = store.acquire_lease(rec.id, "w1", 5)
+    real = store.renew_lease
+
+    def slow(*args, **kw):
+        time.sleep(0.3)
+        return real(*args, **kw)
+    store.renew_lease = slow  # type: ignore[method-assign]
+    before = time.monotonic()
+    assert lease.renew()
+    after = time.monotonic()
+    assert after - before >= 0.3
+    assert before <= lease.renewed_at < before + 0.1 < after
+
+
+def test_a_redis_that_never_answers_fails_a_call_within_the_lease_ttl():
+    """Every socket wait is shorter than the lease TTL: a worker blocked on a silent Redis gets an
+    error before its lease could have been taken over."""
+    import socket
+
+    import redis
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the connection; nothing ever answers
+    try:
+        ttl = 3.0
+        store = Store.from_url(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", "dc-silent", lease_ttl=ttl)
+        started = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            store.r.get("dc-silent:anything")
+        elapsed = time.monotonic() - started
+        assert ttl * 0.7 <= elapsed < ttl, elapsed
+    finally:
+        silent.close()
+
+
 def test_one_workflow_per_domain_until_final(store):
     first = make("busy-dom")
     store.create(first)
