@@ -588,7 +588,11 @@ class Chaos:
             self.note("faults stopped; draining")
             self.drain(self.args.drain_timeout)
             rows = self.check()
-            return self.report(rows)
+            violations = self.report(rows)
+            if violations:  # keep the logs and Redis' AOF of a failed run, to read what happened
+                self.args.keep = True
+                print(f"violations found: the work folder {self.workdir} is kept")
+            return violations
         finally:
             self.teardown()
 
