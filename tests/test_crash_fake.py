@@ -16,6 +16,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+import threading
+import time
 
 import pytest
 
@@ -263,9 +265,6 @@ def test_a_guest_frozen_past_its_deadline_is_thawed_once_by_the_watchdog_and_a_h
     thaws it once, while the step still hangs, and records it; its own thaw hangs 2 s, longer than
     the 1 s lease, and the lease is renewed all the same (a renewal that waited on the agent would
     lose it, and the step's next fenced call would end the run as lease-lost)."""
-    import threading
-    import time
-
     w = World(tmp_path / "w", store, freeze_deadline=0.5)
     seen: list[tuple[str, str, str, bool]] = []
     hung = {"snapshot": False, "thaw": False}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
+import redis
 
 from workflows.errors import ConflictError, DomainBusy, LeaseLost, RecordNotFound, RecordUnreadable
 from workflows.record import SCHEMA_VERSION, Record, new_id
@@ -109,10 +111,6 @@ def test_the_lease_clock_starts_when_the_renewal_is_sent(store):
 def test_a_redis_that_never_answers_fails_a_call_within_the_lease_ttl():
     """Every socket wait is shorter than the lease TTL: a worker blocked on a silent Redis gets an
     error before its lease could have been taken over."""
-    import socket
-
-    import redis
-
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)  # the kernel completes the connection; nothing ever answers

@@ -43,13 +43,14 @@ def _run(ctx: StepContext, phase: str, command: str) -> dict[str, Any]:
     where = ctx.params.get("hooks_on") or "guest"
     hooks = _state(ctx)
     hooks[phase] = {"command": command, "where": where, "started_at": time.time()}
-    ctx.save(f"{phase.replace('_', '-')}-intent", command=command, where=where)
+    label = phase.replace("_", "-")  # the flag's name: pre-freeze, post-thaw
+    ctx.save(f"{label}-intent", command=command, where=where)
     started = time.monotonic()
     try:
         if where == "host":
             outcome = ctx.fx.host.run(["/bin/sh", "-c", command], timeout=timeout,
                                       env={"DOMCAPTURE_DOMAIN": ctx.domain, "DOMCAPTURE_WORKFLOW": ctx.rec.id,
-                                           "DOMCAPTURE_PHASE": phase.replace("_", "-")})
+                                           "DOMCAPTURE_PHASE": label})
         else:
             outcome = ctx.hv.guest_exec(ctx.domain, ["/bin/sh", "-c", command], timeout)
     except DomcaptureError as exc:
@@ -57,7 +58,7 @@ def _run(ctx: StepContext, phase: str, command: str) -> dict[str, Any]:
     outcome["seconds"] = round(time.monotonic() - started, 3)
     outcome["ok"] = outcome.get("exitcode") == 0 and not outcome.get("timed_out")
     hooks[phase].update(outcome)
-    ctx.save(f"{phase.replace('_', '-')}-done", ok=outcome["ok"], exitcode=outcome.get("exitcode"),
+    ctx.save(f"{label}-done", ok=outcome["ok"], exitcode=outcome.get("exitcode"),
              timed_out=bool(outcome.get("timed_out")))
     return outcome
 

@@ -138,4 +138,6 @@ def host_queue(queue: str, host: str) -> str:
 def host_of_queue(queue: str, name: str) -> str | None:
     """The host a per-host queue ``name`` of ``queue`` serves, or None when it is not one."""
     head = host_queue(queue, "")
-    return name[len(head):] or None if name.startswith(head) else None
+    if not name.startswith(head) or name == head:
+        return None
+    return name[len(head):]
