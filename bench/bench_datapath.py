@@ -155,7 +155,8 @@ def measure(name: str, fn: Callable[[], Any], roots: Callable[[], list[int]], co
         row.update(extra)
     print(f"  {name}: {seconds:.2f} s, page cache {grown / MIB:+.0f} MiB ({source / MIB:.0f} MiB of it the disk "
           f"image), peak RSS {rss.peak / MIB:.0f} MiB"
-          + (f", engine {row['engine_seconds']:.2f} s: {row['states']}" if "states" in row else ""),
+          + (f", engine {row['engine_seconds']:.2f} s: {row['states']}" if "states" in row else "")
+          + (f"; in transferring: {row['transfer_events']}" if row.get("transfer_events") else ""),
           file=sys.stderr, flush=True)
     return row
 
@@ -256,7 +257,8 @@ class Ours:
                                f"{out.stderr[-500:]}")
         result = doc.get("result") or {}
         return {"engine_seconds": round(doc["updated_at"] - doc["created_at"], 3),
-                "bytes_read": result.get("bytes_read"), "states": self.state_times(doc["id"]), "result": result}
+                "bytes_read": result.get("bytes_read"), "states": self.state_times(doc["id"]), "result": result,
+                "transfer_events": self.event_times(doc["id"], "transferring")}
 
     def state_times(self, wf_id: str) -> dict[str, float]:
         """Seconds spent in each state, from the record's history (where the engine's time goes)."""
@@ -264,6 +266,19 @@ class Ours:
         out: dict[str, float] = {}
         for ev, nxt in zip(history, history[1:], strict=False):
             out[ev["state"]] = round(out.get(ev["state"], 0.0) + nxt["ts"] - ev["ts"], 3)
+        return out
+
+    def event_times(self, wf_id: str, state: str) -> list[tuple[str, float]]:
+        """The events recorded inside ``state``, each with the seconds since the one before it."""
+        history = self.cluster.show(wf_id)["history"]
+        out: list[tuple[str, float]] = []
+        prev: float | None = None
+        for ev in history:
+            if ev["state"] != state:
+                continue
+            if prev is not None:
+                out.append((str(ev.get("event") or ev.get("trigger") or "?"), round(ev["ts"] - prev, 3)))
+            prev = ev["ts"]
         return out
 
     def cleanup(self, redis_url: str) -> None:
@@ -297,6 +312,9 @@ def main() -> int:
     ap.add_argument("--virtnbdbackup-pythonpath", default="",
                     help="extra PYTHONPATH for virtnbdbackup's dependencies")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each full job (and its baselines, in turn) this many times; the median is shown")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (images, backups, workers' logs)")
     ap.add_argument("--report", metavar="JSON", help="only print the table of a run saved with --json")
     ap.add_argument("--only", default=",".join(GROUPS),
                     help=f"comma-separated groups to run, of {', '.join(GROUPS)} (default: all; "
@@ -306,6 +324,9 @@ def main() -> int:
         return reprint(args.report)
     if not 4 <= args.data_mib < args.disk_mib:
         print("bench_datapath: --data-mib must be at least 4 and below --disk-mib", file=sys.stderr)
+        return 2
+    if args.repeat < 1:
+        print("bench_datapath: --repeat must be at least 1", file=sys.stderr)
         return 2
     only = {g.strip() for g in args.only.split(",") if g.strip()}
     if not only or only - set(GROUPS) or ("incremental" in only and "pull" not in only):
@@ -334,14 +355,14 @@ def main() -> int:
         data = args.data_mib * MIB
         vdom = libvirt_dom(args.uri, dom.name)
         out = work / "out"
-        for sub in ("sb", "push", "pull"):
+        for sub in ("pull", *(f"{kind}{i}" for kind in ("sb", "push") for i in range(args.repeat))):
             (out / sub).mkdir(parents=True)
 
         # snapshot-backup vs qemu-img convert
         if "snapshot" in only:
-            snapshot_group(rows, proc, ours, dom, image, out, data, baseline_pids)
+            snapshot_group(rows, proc, ours, dom, image, out, data, baseline_pids, args.repeat)
         if "push" in only:
-            push_group(rows, ours, dom, vdom, disk, out, data)
+            push_group(rows, ours, dom, vdom, disk, out, data, args.repeat)
         if "pull" in only:
             pull_group(rows, proc, ours, dom, vdom, disk, out, data, work, args, baseline_pids)
         if "incremental" in only:
@@ -352,7 +373,10 @@ def main() -> int:
         ours.cleanup(args.redis_url)
         if dom is not None:
             dom.destroy()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work} (the workers' logs in {work / 'logs'})", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     report(rows, args, cache_mode)
     if args.json:
@@ -365,35 +389,72 @@ GROUPS = ("snapshot", "push", "pull", "incremental", "options")
 Row = dict[str, Any]
 
 
+def median_rows(runs: list[Row]) -> Row:
+    """Rows of one job run several times: the median run's row, with every run's time beside it."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    row = dict(ordered[len(ordered) // 2])
+    if len(runs) > 1:
+        row["runs"] = [r["seconds"] for r in ordered]
+        if all(r.get("engine_seconds") is not None for r in runs):
+            row["engine_runs"] = sorted(r["engine_seconds"] for r in runs)
+    return row
+
+
+def interleaved(rows: list[Row], repeat: int, jobs: list[tuple[str, Callable[[int], Row]]]) -> None:
+    """Run ``jobs`` in turn ``repeat`` times (a baseline and ours see the same disk's moods), add medians."""
+    runs: dict[str, list[Row]] = {name: [] for name, _ in jobs}
+    for i in range(repeat):
+        for name, job in jobs:
+            runs[name].append(job(i))
+    rows.extend(median_rows(runs[name]) for name, _ in jobs)
+
+
 def snapshot_group(rows: list[Row], proc: Proc, ours: Ours, dom: DiskDomain, image: str, out: Path, data: int,
-                   baseline_pids: Callable[[], list[int]]) -> None:
-    rows.append(measure("qemu-img convert -U -m 8 -W -O qcow2",
-                        lambda: proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
-                                          str(out / "convert.qcow2")]), baseline_pids, data))
-    os.unlink(out / "convert.qcow2")
-    rows.append(measure("qemu-img convert, then fsync of the copy",
-                        lambda: (proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
-                                           str(out / "convert.qcow2")]), fsync(out / "convert.qcow2")),
-                        baseline_pids, data))
-    os.unlink(out / "convert.qcow2")
-    ours.fresh_worker()
-    rows.append(measure("domcapture snapshot-backup --quiesce off",
-                        lambda: ours.submit("snapshot-backup", dom.name, "--target", str(out / "sb"),
-                                            "--quiesce", "off"), ours.pids, os.path.getsize(image), ours.warm))
+                   baseline_pids: Callable[[], list[int]], repeat: int) -> None:
+    def convert(_i: int) -> Row:
+        row = measure("qemu-img convert -U -m 8 -W -O qcow2",
+                      lambda: proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
+                                        str(out / "convert.qcow2")]), baseline_pids, data)
+        os.unlink(out / "convert.qcow2")
+        return row
+
+    def convert_fsync(_i: int) -> Row:
+        row = measure("qemu-img convert, then fsync of the copy",
+                      lambda: (proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
+                                         str(out / "convert.qcow2")]), fsync(out / "convert.qcow2")),
+                      baseline_pids, data)
+        os.unlink(out / "convert.qcow2")
+        return row
+
+    def snapshot_backup(i: int) -> Row:
+        ours.fresh_worker()
+        return measure("domcapture snapshot-backup --quiesce off",
+                       lambda: ours.submit("snapshot-backup", dom.name, "--target", str(out / f"sb{i}"),
+                                           "--quiesce", "off"), ours.pids, os.path.getsize(image), ours.warm)
+    interleaved(rows, repeat, [("convert", convert), ("convert+fsync", convert_fsync), ("ours", snapshot_backup)])
 
 
-def push_group(rows: list[Row], ours: Ours, dom: DiskDomain, vdom: Any, disk: str, out: Path, data: int) -> None:
-    rows.append(measure("bare push job (backup-begin, polled)",
-                        lambda: bare_push(vdom, disk, str(out / "push.qcow2")), lambda: [], data))
-    os.unlink(out / "push.qcow2")
-    rows.append(measure("bare push job, then fsync of its file",
-                        lambda: (bare_push(vdom, disk, str(out / "push.qcow2")), fsync(out / "push.qcow2")),
-                        lambda: [], data))
-    os.unlink(out / "push.qcow2")
-    ours.fresh_worker()
-    rows.append(measure("domcapture direct-backup --mode push",
-                        lambda: ours.submit("direct-backup", dom.name, "--target", str(out / "push"),
-                                            "--mode", "push", "--quiesce", "off"), ours.pids, data, ours.warm))
+def push_group(rows: list[Row], ours: Ours, dom: DiskDomain, vdom: Any, disk: str, out: Path, data: int,
+               repeat: int) -> None:
+    def bare(_i: int) -> Row:
+        row = measure("bare push job (backup-begin, polled)",
+                      lambda: bare_push(vdom, disk, str(out / "push.qcow2")), lambda: [], data)
+        os.unlink(out / "push.qcow2")
+        return row
+
+    def bare_fsync(_i: int) -> Row:
+        row = measure("bare push job, then fsync of its file",
+                      lambda: (bare_push(vdom, disk, str(out / "push.qcow2")), fsync(out / "push.qcow2")),
+                      lambda: [], data)
+        os.unlink(out / "push.qcow2")
+        return row
+
+    def push(i: int) -> Row:
+        ours.fresh_worker()
+        return measure("domcapture direct-backup --mode push",
+                       lambda: ours.submit("direct-backup", dom.name, "--target", str(out / f"push{i}"),
+                                           "--mode", "push", "--quiesce", "off"), ours.pids, data, ours.warm)
+    interleaved(rows, repeat, [("bare", bare), ("bare+fsync", bare_fsync), ("ours", push)])
 
 
 def pull_group(rows: list[Row], proc: Proc, ours: Ours, dom: DiskDomain, vdom: Any, disk: str, out: Path,

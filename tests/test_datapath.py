@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from workflows import nbdio
+from workflows import nbdio, qcow2
 from workflows.errors import OperationFailed
 from workflows.filecopy import copy_resumable
 
@@ -101,7 +101,7 @@ def test_a_leftover_partial_is_replaced_and_a_symlink_is_never_followed(tmp_path
 
 PULL_CHILD = """
 import time
-from workflows import nbdio
+from workflows import nbdio, qcow2
 nbdio.REQUEST, nbdio.IN_FLIGHT, nbdio.DURABLE_INTERVAL = 256 * 1024, 2, 0.05
 export = nbdio.NbdExport({sock!r}, "vda")
 writer = nbdio.QcowWriter({partial!r}, export.size, compress={compress!r})
@@ -162,6 +162,74 @@ def test_a_killed_pull_resumes_from_its_cursor_to_identical_data(tmp_path: Path,
         assert partial.stat().st_blocks * 512 < os.stat(img).st_blocks * 512 * 0.6
     else:
         assert partial.stat().st_blocks * 512 >= os.stat(img).st_blocks * 512 * 0.9
+
+
+PULL_LAID_OUT_CHILD = """
+import time
+from workflows import nbdio, qcow2
+nbdio.REQUEST, nbdio.IN_FLIGHT, nbdio.DURABLE_INTERVAL = 256 * 1024, 2, 0.05
+export = nbdio.NbdExport({sock!r}, "vda")
+layout = qcow2.Layout(export.size, qcow2.widen(export.extents(False), export.size), {backing!r})
+open({partial!r}, "x").close()
+out = qcow2.LaidOutFile({partial!r}, layout, fresh=True)
+nbdio.copy_laid_out(export, out, start=0, stats={{}}, check=lambda: None,
+                    on_progress=lambda d: time.sleep(0.01), on_durable=lambda pos, st: print(pos, flush=True))
+"""
+
+
+def test_a_killed_pull_of_our_own_layout_resumes_to_identical_data_and_a_true_checksum(
+        tmp_path: Path, served_image) -> None:
+    """The file is written by our layout (no qemu-nbd) and hashed on the way: after a SIGKILL and a resume
+    from the durable cursor, the checksum it reports is the sha256 of the file's bytes on disk, the file
+    passes qemu-img check and holds the disk.  Its header names a backing file from the start."""
+    img, sock = served_image
+    partial = tmp_path / "backup.qcow2.partial"
+    cursor = run_until_cursor(PULL_LAID_OUT_CHILD.format(sock=sock, partial=str(partial), backing=None), 4 * MIB)
+    export = nbdio.NbdExport(sock, "vda")
+    try:
+        layout = qcow2.Layout(export.size, qcow2.widen(export.extents(False), export.size))
+        assert 0 < cursor < layout.extents[-1][0] + layout.extents[-1][1]
+        out = qcow2.LaidOutFile(str(partial), layout, fresh=False)
+        try:
+            out.resume_at(cursor)
+            stats = nbdio.copy_laid_out(export, out, start=cursor, stats={}, check=lambda: None,
+                                        on_progress=lambda d: None, on_durable=lambda p, s: None)
+            checksum = out.finish()
+        finally:
+            out.close()
+    finally:
+        export.close()
+    assert stats["read"] == sum(max(0, off + n - max(off, cursor)) for off, n in layout.extents)
+    assert checksum == "sha256:" + hashlib.sha256(partial.read_bytes()).hexdigest()
+    assert os.path.getsize(partial) == layout.file_size
+    nbdio.check_image(str(partial))
+    out_cmp = subprocess.run(["qemu-img", "compare", "-U", str(img), str(partial)], capture_output=True, text=True)
+    assert out_cmp.returncode == 0, out_cmp.stdout + out_cmp.stderr
+    assert nbdio.allocated_bytes(str(partial)) == sum(n for _, n in layout.extents)  # every extent, no more
+
+
+def test_our_layout_names_its_backing_and_refuses_a_file_that_is_not_its_own(tmp_path: Path,
+                                                                               served_image) -> None:
+    img, sock = served_image
+    partial = tmp_path / "inc.qcow2.partial"
+    run_until_cursor(PULL_LAID_OUT_CHILD.format(sock=sock, partial=str(partial), backing="../base/vda.qcow2"),
+                     1 << 62, timeout=60)  # runs to the end
+    info = nbdio.image_info(str(partial))
+    assert info["backing-filename"] == "../base/vda.qcow2" and info["backing-filename-format"] == "qcow2"
+    export = nbdio.NbdExport(sock, "vda")
+    try:
+        layout = qcow2.Layout(export.size, qcow2.widen(export.extents(False), export.size), "../base/vda.qcow2")
+        other = qcow2.Layout(export.size, layout.extents[1:], "../base/vda.qcow2")  # another extent list
+    finally:
+        export.close()
+    qcow2.LaidOutFile(str(partial), layout, fresh=False).close()  # its own: accepted
+    with pytest.raises(OperationFailed, match="not its layout's|not the size"):
+        qcow2.LaidOutFile(str(partial), other, fresh=False)
+    with open(partial, "r+b") as f:  # one byte of its L1 table changed
+        f.seek(layout.l1_offset + 7)
+        f.write(b"\xff")
+    with pytest.raises(OperationFailed, match="not its layout's"):
+        qcow2.LaidOutFile(str(partial), layout, fresh=False)
 
 
 def test_the_bandwidth_limit_counts_bytes_read_and_never_waits_after_the_last_read(tmp_path: Path) -> None:

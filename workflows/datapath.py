@@ -12,16 +12,20 @@ for the hash, which drops the pages it read from the host's page cache.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 from . import nbdio
 from .errors import StepFailed
 from .filecopy import drop_cache, fsync_dir, opened_nofollow, sha256_file, start_writeback
 
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 WRITE_BEHIND_INTERVAL = 0.5
 _last_write_behind: dict[str, float] = {}
@@ -67,29 +71,43 @@ def _replace(partial: str, path: str) -> None:
 
 
 def seal(partial: str, path: str, virtual_size: int,
-         rename: Callable[[str, str], None] = _replace, key: str | None = None) -> Sealed:
+         rename: Callable[[str, str], None] = _replace, key: str | None = None,
+         checksum: str | None = None) -> Sealed:
     """Check, fsync, hash and measure ``partial`` at once; then rename it to ``path``.
 
     Raises (and leaves ``partial`` in place) when ``qemu-img check`` fails or
     the virtual size is not ``virtual_size``.  ``key``: the key file of an
-    encrypted backup (check and map must unlock it).  Called again after a crash
-    that followed the rename, it only hashes and measures ``path``.
+    encrypted backup (check and map must unlock it).  ``checksum``: the
+    file's sha256 as its writer hashed it on the way (``qcow2.LaidOutFile``),
+    so the file is not read again.  Called again after a crash that followed
+    the rename, it only hashes and measures ``path``.
     """
     if os.path.exists(path):
         with ThreadPoolExecutor(2) as pool:
             digest = pool.submit(sha256_file, path)
             allocated = pool.submit(nbdio.allocated_bytes, path, key)
             return Sealed(f"sha256:{digest.result()}", os.path.getsize(path), allocated.result())
+    t0 = time.monotonic()
+    took: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[..., _T], *args: object) -> _T:
+        try:
+            return fn(*args)
+        finally:
+            took[name] = round(time.monotonic() - t0, 3)
     with ThreadPoolExecutor(5) as pool:
-        checked = pool.submit(nbdio.check_image, partial, key)
-        info = pool.submit(nbdio.image_info, partial)
-        digest = pool.submit(sha256_file, partial)
-        allocated = pool.submit(nbdio.allocated_bytes, partial, key)
-        synced = pool.submit(_fsync, partial)
+        checked = pool.submit(timed, "check", nbdio.check_image, partial, key)
+        info = pool.submit(timed, "info", nbdio.image_info, partial)
+        hashing: Future[str] | None = \
+            pool.submit(timed, "hash", sha256_file, partial) if checksum is None else None
+        allocated = pool.submit(timed, "map", nbdio.allocated_bytes, partial, key)
+        synced = pool.submit(timed, "fsync", _fsync, partial)
         repaired = checked.result()  # a repair of leaks rewrites the file: hashed again below
         got = info.result()["virtual-size"]
         synced.result()
-        hexdigest, held = digest.result(), allocated.result()
+        hexdigest = hashing.result() if hashing is not None else (checksum or "").removeprefix("sha256:")
+        held = allocated.result()
+    log.info("sealed %s: each part done after (s) %s", partial, took)
     if got != virtual_size:
         raise StepFailed(f"the backup in {partial} has {got} bytes, the disk {virtual_size}")
     if repaired:

@@ -32,6 +32,7 @@ from typing import Any, Callable, cast
 from .errors import InputError, OperationFailed
 from .filecopy import CheckCadence, drop_cache
 from .hypervisor.backup_types import BLOCK_STATUS_DIRTY, BLOCK_STATUS_ZERO
+from .qcow2 import LaidOutFile
 
 CHUNK = 2 * 1024 * 1024
 DURABLE_EVERY = 16 * 1024 * 1024
@@ -441,6 +442,120 @@ def _copy_parallel(source: NbdExport, extents: list[tuple[int, int]], writer: Qc
         w.poll(-1)
     syncer.shutdown(wait=True)
     writer.flush()
+    return stats
+
+
+def copy_laid_out(source: NbdExport, out: LaidOutFile, *, start: int, stats: dict[str, int],
+                  check: Callable[[], None], on_progress: Callable[[int], None],
+                  on_durable: Callable[[int, dict[str, int]], None]) -> dict[str, int]:
+    """Copy the layout's extents from ``source`` into ``out`` from disk offset ``start``; like ``_copy_parallel``.
+
+    Each chunk is read on one of the source connections into its own buffer
+    and written from it into its place in the file as soon as it arrives
+    (any order); the hash thread is fed the chunks in disk order as the
+    cursor passes them (an all-zero chunk stays a hole and is fed as
+    zeroes), and a buffer is reused once hashed.  ``on_durable`` gets the
+    cursor once an fdatasync issued after the writes below it returned.
+    """
+    chunks = _chunks(out.layout.extents, start)
+    done = sum(max(0, min(off + ln, start) - off) for off, ln in out.layout.extents)
+    stats = {"read": 0, "written": 0, "zeroed": 0, **stats}
+    if not isinstance(source, NbdExport):  # an export without libnbd's handles (the in-memory hypervisor's)
+        since = time.monotonic()
+        for off, n in chunks:
+            check()
+            data = source.pread(n, off)
+            zero = data.count(0) == n
+            if not zero:
+                out.pwrite(data, off)
+            out.feed(data).result()
+            stats["read"] += n
+            stats["zeroed" if zero else "written"] += n
+            done += n
+            on_progress(done)
+            if time.monotonic() - since >= DURABLE_INTERVAL:
+                out.sync()
+                on_durable(off + n, dict(stats))
+                since = time.monotonic()
+        check()
+        return stats
+    nbd = _nbd()
+    sources = source.connections(CONNECTIONS)
+    fds = {h.aio_get_fd(): h for h in sources}
+    for h in sources:
+        h.set_pread_initialize(False)  # every byte of a buffer is overwritten by a successful read
+    per_chunk: list[tuple[Any, bool] | None] = [None] * len(chunks)  # (buffer, all zero) once written
+    inflight: dict[int, tuple[Any, int, Any]] = {}  # chunk index -> (handle, cookie, buffer)
+    hashing: list[tuple[Future[None], Any]] = []  # buffers queued for the hash, oldest first
+    free: list[Any] = []
+    zeros = memoryview(bytes(REQUEST))
+    next_chunk = cursor = 0
+    pending_sync: tuple[Future[None], int, dict[str, int]] | None = None
+    syncer = ThreadPoolExecutor(1, thread_name_prefix="qcow2-sync")  # the copy goes on while the disk catches up
+    last_sync = time.monotonic()
+    checks = CheckCadence(check, CHECK_INTERVAL)
+    checks.due()
+
+    def cursor_pos() -> int:
+        return chunks[cursor][0] if cursor < len(chunks) else (chunks[-1][0] + chunks[-1][1] if chunks else start)
+
+    try:
+        while cursor < len(chunks):
+            while hashing and hashing[0][0].done():
+                future, buf = hashing.pop(0)
+                future.result()
+                if buf is not None and buf.size() == REQUEST:  # a shorter one (an extent's tail) is dropped
+                    free.append(buf)
+            while next_chunk < len(chunks) and len(inflight) < IN_FLIGHT and len(hashing) < 2 * IN_FLIGHT:
+                checks.due()
+                off, n = chunks[next_chunk]
+                buf = free.pop() if free and n == REQUEST else nbd.Buffer(n)
+                h = sources[next_chunk % len(sources)]
+                inflight[next_chunk] = (h, h.aio_pread(buf, off), buf)
+                next_chunk += 1
+            readable = [h.aio_get_fd() for h in sources if h.aio_get_direction() & nbd.AIO_DIRECTION_READ]
+            writable = [h.aio_get_fd() for h in sources if h.aio_get_direction() & nbd.AIO_DIRECTION_WRITE]
+            r, wr, _ = select.select(readable, writable, [], 0.05 if hashing else 5.0)
+            for fd in r:
+                fds[fd].aio_notify_read()
+            for fd in wr:
+                fds[fd].aio_notify_write()
+            for i, (h, cookie, buf) in list(inflight.items()):
+                try:
+                    if not h.aio_command_completed(cookie):
+                        continue
+                except nbd.Error as exc:
+                    raise OperationFailed(f"read from the export at offset {chunks[i][0]} failed: {exc}",
+                                          retryable=True) from exc
+                del inflight[i]
+                off, n = chunks[i]
+                zero = buf.is_zero()
+                if not zero:
+                    out.pwrite(buf.to_buffer(), off)
+                per_chunk[i] = (buf, zero)
+                done += n
+            while cursor < len(chunks) and per_chunk[cursor] is not None:
+                buf, zero = per_chunk[cursor]  # type: ignore[misc]
+                per_chunk[cursor] = None
+                n = chunks[cursor][1]
+                hashing.append((out.feed(zeros[:n] if zero else buf.to_buffer()), buf))
+                stats["read"] += n
+                stats["zeroed" if zero else "written"] += n
+                cursor += 1
+            on_progress(done)
+            if pending_sync is not None and pending_sync[0].done():
+                future, pos, at = pending_sync
+                future.result()  # an OperationFailed of the fdatasync
+                on_durable(pos, at)
+                pending_sync = None
+            elif pending_sync is None and time.monotonic() - last_sync >= DURABLE_INTERVAL and cursor < len(chunks):
+                pending_sync = (syncer.submit(out.sync), cursor_pos(), dict(stats))
+                last_sync = time.monotonic()
+        check()
+        for future, _ in hashing:
+            future.result()
+    finally:
+        syncer.shutdown(wait=True)
     return stats
 
 

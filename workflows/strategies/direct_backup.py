@@ -21,7 +21,7 @@ import os
 import time
 from typing import Any, Callable, cast
 
-from .. import datapath, hooks, naming, nbdio
+from .. import datapath, hooks, naming, nbdio, qcow2
 from ..checkpoints import COMMITTED, KIND_BACKUP, PENDING, Checkpoint, backup_base, owned_pending, restore_chain
 from ..definition import RESUME, Definition, Option
 from ..errors import (CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, DomainNotRunning, InputError,
@@ -148,6 +148,14 @@ def _bitmap_targets(ctx: StepContext) -> list[str]:
 def disk_kind(ctx: StepContext, disk: str) -> str:
     """How this backup holds ``disk``: "full", or "incremental" over the parent backup's file."""
     return "incremental" if ctx.data["kind"] == "incremental" and disk not in _whole_targets(ctx) else "full"
+
+
+def _backing_name(ctx: StepContext, art: dict[str, Any]) -> str | None:
+    """The name an incremental file's header gives its parent backup's file (relative); None for a whole disk."""
+    base = ctx.data.get("base")
+    if not base or disk_kind(ctx, art["disk"]) != "incremental":
+        return None
+    return os.path.relpath(str(base["files"][art["disk"]]), os.path.dirname(art["path"]))
 
 
 def _manifest(ctx: StepContext) -> str:
@@ -403,6 +411,11 @@ class Transfer(Step):
         export = open_export(disk)
         try:
             extents = export.extents(dirty)
+            if not compress and not key:  # a plain file: laid out and written by us, hashed on the way
+                stats = self._pull_laid_out(ctx, export, art, extents, cur, before, total)
+                cur.update(offset=export.size, stats=stats, done=stats["read"])
+                ctx.save("pulled", disk=disk, **stats)
+                return
             ctx.save("transfer-intent", disk=disk, offset=cur["offset"], extents=len(extents),
                      bytes=sum(n for _, n in extents))
             if cur["offset"] == 0:
@@ -438,22 +451,59 @@ class Transfer(Step):
         cur.update(offset=export.size, stats=stats, done=stats["read"])
         ctx.save("pulled", disk=disk, **stats)
 
+    def _pull_laid_out(self, ctx: StepContext, export: Any, art: dict[str, Any], extents: list[tuple[int, int]],
+                       cur: dict[str, Any], before: int, total: int) -> dict[str, int]:
+        """One disk into a qcow2 file of our own layout (``workflows/qcow2.py``); its checksum in the cursor."""
+        disk, partial = art["disk"], art["partial"]
+        layout = qcow2.Layout(export.size, qcow2.widen(extents, export.size), _backing_name(ctx, art))
+        ctx.save("transfer-intent", disk=disk, offset=cur["offset"], extents=len(layout.extents),
+                 bytes=sum(n for _, n in layout.extents), layout="ours")
+        out = None
+        if cur["offset"]:
+            try:
+                out = qcow2.LaidOutFile(partial, layout, fresh=False)
+                out.resume_at(cur["offset"])
+            except (OperationFailed, OSError):
+                if out is not None:
+                    out.close()
+                out = None
+                bc.remove_ours(ctx, [partial])  # not the file this layout gives: this disk starts over
+                cur.update(offset=0, done=0, stats={})
+                ctx.save("transfer-restart", disk=disk)
+        if out is None:
+            ctx.fx.files.prepare_for_writer(partial)  # 0600, exclusive
+            out = qcow2.LaidOutFile(partial, layout, fresh=True)
+        try:
+            def durable(pos: int, stats: dict[str, int]) -> None:
+                cur.update(offset=pos, stats=stats, done=stats["read"])
+                ctx.save(None)
+
+            def progress(done: int) -> None:
+                ctx.progress("transfer", before + done, total, disk=disk)
+
+            stats = nbdio.copy_laid_out(export, out, start=cur["offset"], stats=cur["stats"], check=ctx.guard,
+                                        on_progress=progress, on_durable=durable)
+            cur.update(checksum=out.finish(), laid_out=True)  # the file's sha256, hashed as it was written
+        finally:
+            out.close()
+        return stats
+
     # -- both -----------------------------------------------------------------------------------------
     def _finish(self, ctx: StepContext, art: dict[str, Any]) -> None:
         """Check a written file, name its parent backup, fsync and rename it; record its checksum."""
         path, partial, disk = art["path"], art["partial"], art["disk"]
+        cur = ctx.data.get("cursor", {}).get(disk, {})  # a pulled file's own checksum, when it has one
         if not os.path.exists(path):
             if not os.path.exists(partial):
                 raise StepFailed(f"the backup of {disk} left no file ({partial})")
             ctx.guard()
-            base = ctx.data.get("base")
-            if base and disk_kind(ctx, disk) == "incremental":  # the header names the parent backup's file,
-                # so qemu-img can read the chain; a disk taken whole stands alone
-                nbdio.set_backing(partial, os.path.relpath(base["files"][disk], os.path.dirname(path)),
-                                  ctx.params.get("encrypt_key_file"))
+            backing = _backing_name(ctx, art)
+            if backing and not cur.get("laid_out"):  # the header names the parent backup's file, so
+                # qemu-img can read the chain (a file of our layout has it from the start)
+                nbdio.set_backing(partial, backing, ctx.params.get("encrypt_key_file"))
         want = next(d["virtual_size"] for d in ctx.data["disks"] if d["target"] == disk)
         sealed = datapath.seal(partial, path, want, rename=ctx.fx.files.rename,  # check, fsync, hash; rename
-                               key=ctx.params.get("encrypt_key_file"))
+                               key=ctx.params.get("encrypt_key_file"), checksum=cur.get("checksum"))
         ctx.rec.set_artifact(f"backup:{disk}", status="present", checksum=sealed.checksum, size=sealed.size,
                              allocated=sealed.allocated)
         ctx.save("transferred", disk=disk)
