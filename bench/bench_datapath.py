@@ -152,7 +152,10 @@ def measure(name: str, fn: Callable[[], Any], roots: Callable[[], list[int]], co
            "source_cached": source,
            "other_share": round((grown - source) / copied, 3) if copied else None}
     if isinstance(extra, dict):
+        after = extra.pop("_after", None)
         row.update(extra)
+        if after is not None:
+            row.update(after())
     print(f"  {name}: {seconds:.2f} s, page cache {grown / MIB:+.0f} MiB ({source / MIB:.0f} MiB of it the disk "
           f"image), peak RSS {rss.peak / MIB:.0f} MiB"
           + (f", engine {row['engine_seconds']:.2f} s: {row['states']}" if "states" in row else "")
@@ -257,8 +260,10 @@ class Ours:
                                f"{out.stderr[-500:]}")
         result = doc.get("result") or {}
         return {"engine_seconds": round(doc["updated_at"] - doc["created_at"], 3),
-                "bytes_read": result.get("bytes_read"), "states": self.state_times(doc["id"]), "result": result,
-                "transfer_events": self.event_times(doc["id"], "transferring")}
+                "bytes_read": result.get("bytes_read"), "result": result,
+                # read once the clock stopped (each is a CLI run of its own)
+                "_after": lambda: {"states": self.state_times(doc["id"]),
+                                   "transfer_events": self.event_times(doc["id"], "transferring")}}
 
     def state_times(self, wf_id: str) -> dict[str, float]:
         """Seconds spent in each state, from the record's history (where the engine's time goes)."""
@@ -459,48 +464,56 @@ def push_group(rows: list[Row], ours: Ours, dom: DiskDomain, vdom: Any, disk: st
 
 def pull_group(rows: list[Row], proc: Proc, ours: Ours, dom: DiskDomain, vdom: Any, disk: str, out: Path,
                data: int, work: Path, args: argparse.Namespace, baseline_pids: Callable[[], list[int]]) -> None:
-    # baselines: one bare export, nbdcopy into qcow2 and raw, each also made durable
-    sock, scratch = str(work / "bare.sock"), str(work / "bare.scratch")
-    bare_pull_begin(vdom, disk, sock, scratch)
-    try:
-        url = f"nbd+unix:///{disk}?socket={sock}"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(out / "nbdcopy.qcow2"),
-                        str(args.disk_mib * MIB)], check=True)
-        rows.append(measure("nbdcopy bare pull export -> qcow2 (qemu-nbd)",
+    runs: dict[str, list[Row]] = {}
+
+    def add(row: Row) -> None:
+        runs.setdefault(row["job"], []).append(row)
+
+    def one_round(i: int) -> None:
+            # baselines: one bare export, nbdcopy into qcow2 and raw, each also made durable
+            sock, scratch = str(work / "bare.sock"), str(work / "bare.scratch")
+            bare_pull_begin(vdom, disk, sock, scratch)
+            try:
+                url = f"nbd+unix:///{disk}?socket={sock}"
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(out / "nbdcopy.qcow2"),
+                                str(args.disk_mib * MIB)], check=True)
+                add(measure("nbdcopy bare pull export -> qcow2 (qemu-nbd)",
                             lambda: proc.run(["nbdcopy", url, "--", "[", "qemu-nbd", "-f", "qcow2",
                                               str(out / "nbdcopy.qcow2"), "]"]), baseline_pids, data))
-        os.unlink(out / "nbdcopy.qcow2")
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(out / "nbdcopy.qcow2"),
-                        str(args.disk_mib * MIB)], check=True)
-        rows.append(measure("nbdcopy bare pull export -> qcow2, flushed (--flush)",
+                os.unlink(out / "nbdcopy.qcow2")
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(out / "nbdcopy.qcow2"),
+                                str(args.disk_mib * MIB)], check=True)
+                add(measure("nbdcopy bare pull export -> qcow2, flushed (--flush)",
                             lambda: proc.run(["nbdcopy", "--flush", url, "--", "[", "qemu-nbd", "-f", "qcow2",
                                               str(out / "nbdcopy.qcow2"), "]"]), baseline_pids, data))
-        rows.append(measure("nbdcopy bare pull export -> raw",
+                add(measure("nbdcopy bare pull export -> raw",
                             lambda: proc.run(["nbdcopy", url, str(out / "nbdcopy.raw")]), baseline_pids, data))
-    finally:
-        bare_pull_end(vdom)
-    for f in ("nbdcopy.qcow2", "nbdcopy.raw"):
-        os.unlink(out / f)
-    if args.virtnbdbackup:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (args.virtnbdbackup,
-                                                                      args.virtnbdbackup_pythonpath) if p)}
-        rows.append(measure("virtnbdbackup -l copy",
-                            lambda: proc.run([sys.executable, os.path.join(args.virtnbdbackup, "virtnbdbackup"),
-                                              "-U", args.uri, "-d", dom.name, "-l", "copy",
-                                              "-o", str(out / "virtnbdbackup")], env=env),
-                            baseline_pids, data))
-        shutil.rmtree(out / "virtnbdbackup", ignore_errors=True)
-        rows.append(measure("virtnbdbackup -l copy, then fsync of its files",
-                            lambda: (proc.run([sys.executable, os.path.join(args.virtnbdbackup, "virtnbdbackup"),
-                                               "-U", args.uri, "-d", dom.name, "-l", "copy",
-                                               "-o", str(out / "virtnbdbackup")], env=env),
+            finally:
+                bare_pull_end(vdom)
+            for f in ("nbdcopy.qcow2", "nbdcopy.raw"):
+                os.unlink(out / f)
+            if args.virtnbdbackup:
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (args.virtnbdbackup,
+                                                                              args.virtnbdbackup_pythonpath) if p)}
+                vnb = [sys.executable, os.path.join(args.virtnbdbackup, "virtnbdbackup"), "-U", args.uri,
+                       "-d", dom.name, "-l", "copy", "-o", str(out / "virtnbdbackup")]
+                add(measure("virtnbdbackup -l copy", lambda: proc.run(vnb, env=env), baseline_pids, data))
+                shutil.rmtree(out / "virtnbdbackup", ignore_errors=True)
+                add(measure("virtnbdbackup -l copy, then fsync of its files",
+                            lambda: (proc.run(vnb, env=env),
                                      [fsync(p) for p in (out / "virtnbdbackup").rglob("*") if p.is_file()]),
                             baseline_pids, data))
-        shutil.rmtree(out / "virtnbdbackup", ignore_errors=True)
-    ours.fresh_worker()
-    rows.append(measure("domcapture direct-backup --mode pull (full)",
-                        lambda: ours.submit("direct-backup", dom.name, "--target", str(out / "pull"),
-                                            "--mode", "pull", "--quiesce", "off"), ours.pids, data, ours.warm))
+                shutil.rmtree(out / "virtnbdbackup", ignore_errors=True)
+            ours.fresh_worker()
+            folder = out / ("pull" if i == args.repeat - 1 else f"pull-r{i}")  # the last one: the incrementals' base
+            folder.mkdir(exist_ok=True)
+            add(measure("domcapture direct-backup --mode pull (full)",
+                        lambda: ours.submit("direct-backup", dom.name, "--target", str(folder), "--mode", "pull",
+                                            "--quiesce", "off"), ours.pids, data, ours.warm))
+
+    for i in range(args.repeat):
+        one_round(i)
+    rows.extend(median_rows(r) for r in runs.values())
 
 
 def incremental_group(rows: list[Row], ours: Ours, dom: DiskDomain, disk: str, out: Path,

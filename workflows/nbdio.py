@@ -506,7 +506,7 @@ def copy_laid_out(source: NbdExport, out: LaidOutFile, *, start: int, stats: dic
                 future.result()
                 if buf is not None and buf.size() == REQUEST:  # a shorter one (an extent's tail) is dropped
                     free.append(buf)
-            while next_chunk < len(chunks) and len(inflight) < IN_FLIGHT and len(hashing) < 2 * IN_FLIGHT:
+            while next_chunk < len(chunks) and len(inflight) < IN_FLIGHT and len(hashing) < IN_FLIGHT:
                 checks.due()
                 off, n = chunks[next_chunk]
                 buf = free.pop() if free and n == REQUEST else nbd.Buffer(n)
