@@ -609,7 +609,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, cache_mode: str
             other = f"{(r['cache_growth'] - r['source_cached']) / MIB:+.0f} MiB{oshare}"
         else:
             other = "not measured"
-        print(f"| {r['job']} | {r['seconds']:.2f} s | {engine} | {'; '.join(p for p in parts if p)} | "
+        spread = f" ({r['runs'][0]:.2f}–{r['runs'][-1]:.2f})" if r.get("runs") else ""
+        print(f"| {r['job']} | {r['seconds']:.2f} s{spread} | {engine} | {'; '.join(p for p in parts if p)} | "
               f"{r['cache_growth'] / MIB:+.0f} MiB{share} | {other} | {r['peak_rss'] / MIB:.0f} MiB |")
     plain = next((r for r in rows if r["job"] == "domcapture direct-backup --mode pull (full)"), None)
     for r in rows:
