@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,6 +80,53 @@ def test_a_killed_copy_resumes_from_its_cursor_to_identical_bytes(tmp_path: Path
     assert checksum == hashlib.sha256(data).hexdigest()
     assert durable[-1] == len(data) and not partial.exists()
     assert final.stat().st_blocks * 512 < len(data)  # holes and zero chunks stayed holes
+
+
+def test_a_copier_that_wakes_after_another_finished_its_file_leaves_the_backup_as_it_is(tmp_path: Path) -> None:
+    """A copier stopped right after a passing lease check (SIGSTOP, a paused VM) wakes after another
+    worker resumed the same partial file from the cursor and renamed it into place.  Before its next
+    check fails it may still write the chunk it holds (the source's bytes, at their offset) and reach a
+    durable point: that must never cut the finished file short."""
+    src, partial, final = tmp_path / "src.img", tmp_path / "out.img.partial", tmp_path / "out.img"
+    src.write_bytes(os.urandom(64 * MIB))
+    durable: list[int] = []
+    paused, resume, lease_lost = threading.Event(), threading.Event(), threading.Event()
+
+    def zombie_check() -> None:
+        if lease_lost.is_set():
+            raise OperationFailed("lease lost")
+        if len(durable) >= 2 and not paused.is_set():  # passes, then the process "stops" for a while
+            paused.set()
+            resume.wait(timeout=60)
+            time.sleep(1.5)  # longer than the cadence's longest interval
+
+    def zombie_durable(pos: int) -> None:  # a worker records its cursor with a fenced save
+        if lease_lost.is_set():
+            raise OperationFailed("lease lost")
+        durable.append(pos)
+    errors: list[BaseException] = []
+
+    def zombie() -> None:
+        try:
+            copy_resumable(str(src), str(partial), str(final), offset=0, on_progress=lambda p, t: None,
+                           on_durable=zombie_durable, check=zombie_check, durable_interval=0, check_interval=0)
+        except BaseException as exc:  # noqa: BLE001 - the fenced-out end is the expected one
+            errors.append(exc)
+    t = threading.Thread(target=zombie)
+    t.start()
+    assert paused.wait(timeout=60)
+    cursor = durable[-1]
+    assert 0 < cursor < 64 * MIB
+    # the next owner resumes the same partial file from the durable cursor and finishes it
+    copy_resumable(str(src), str(partial), str(final), offset=cursor, on_progress=lambda p, t: None,
+                   on_durable=lambda p: None, check=lambda: None)
+    finished = final.read_bytes()
+    assert finished == src.read_bytes()
+    lease_lost.set()
+    resume.set()  # the stopped copier wakes
+    t.join(timeout=60)
+    assert not t.is_alive() and errors and "lease lost" in str(errors[0])
+    assert final.read_bytes() == finished and not partial.exists()
 
 
 def test_a_leftover_partial_is_replaced_and_a_symlink_is_never_followed(tmp_path: Path) -> None:

@@ -91,10 +91,14 @@ def test_list_open_watch_progress_abort_rolled_back(cluster, disk_domain, web, p
 
     # an action without its CSRF token is refused, and changes nothing
     page.on("dialog", lambda d: d.accept())
-    page.evaluate("document.querySelectorAll('form[action$=\"/action/abort\"] input[name=csrf]')"
-                  ".forEach(e => e.remove())")
     with page.expect_response(lambda r: r.url.endswith("/action/abort")) as refused:
-        page.click("#action-abort")
+        # removed and submitted in one script: the live fragment re-renders the form (a fresh token)
+        # every poll, so a removal followed by a separate click could submit a restored form
+        page.evaluate("""() => {
+            const form = document.querySelector('form[action$="/action/abort"]');
+            form.querySelectorAll('input[name=csrf]').forEach(e => e.remove());
+            form.requestSubmit(document.querySelector('#action-abort'));
+        }""")
     assert refused.value.status == 403
     expect(page.locator("body")).to_contain_text("CSRF token is missing or wrong")
     # the same refusal with a wrong token, from the same logged-in browser session

@@ -435,6 +435,10 @@ class CheckCadence:
             self.check()
             self.last = time.monotonic()
             took = self.last - now
+            if took > CHECK_LONGEST:  # a stall (a stopped process, a paused VM) inside the check: what it
+                self.check()  # answered may be stale by now, so it is asked again before anything is written
+                self.last = time.monotonic()
+                took = self.base
             self.interval = min(max(self.base, CHECK_SHARE * took), max(self.base, CHECK_LONGEST))
 
 
@@ -451,6 +455,20 @@ def _write_sparse(fd: int, buf: bytearray, at: int, n: int) -> None:
             run_start = i
     if run_start >= 0:
         os.pwrite(fd, view[run_start:n], at + run_start)
+
+
+def _extend(fd: int, size: int) -> None:
+    """Make the file at least ``size`` bytes long (a trailing hole counts), never shorter.
+
+    Not ``ftruncate``: a copier stopped (SIGSTOP, a VM pause) between its
+    lease check and this call may wake after another worker resumed the
+    same partial file from the cursor and renamed it into place; its
+    ``ftruncate`` to its own, older position would cut the finished backup
+    short.  ``fallocate`` of the last byte only ever grows the file, and the
+    bytes such a copier writes are the source's, at their own offsets.
+    """
+    if size > 0:
+        os.posix_fallocate(fd, size - 1, 1)
 
 
 def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Hash", *,
@@ -471,6 +489,7 @@ def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Has
             if item is None:
                 break
             at, n, buf = item
+            checks.due()  # again after the wait for the chunk: a stop there is seen before the write
             if buf is not None and not buf.startswith(_ZERO_VIEW[:n]):
                 _write_sparse(fd_out, buf, at, n)
                 _writeback(fd_out, at, n, wait=False)
@@ -481,7 +500,7 @@ def _copy_from(fd_in: int, fd_out: int, start: int, total: int, h: "hashlib._Has
             pos = at + n
             now = time.monotonic()
             if now - last_durable >= durable_interval:
-                os.ftruncate(fd_out, pos)
+                _extend(fd_out, pos)
                 os.fdatasync(fd_out)
                 on_durable(pos)
                 last_durable = time.monotonic()
