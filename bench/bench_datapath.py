@@ -24,7 +24,10 @@ tree (sampled every 50 ms; for ours the worker and its children).
 Usage (root; qemu:///system, Redis):
   PYTHONPATH=$PWD .venv/bin/python bench/bench_datapath.py [--disk-mib 2048] [--data-mib 1024]
       [--virtnbdbackup /path/to/virtnbdbackup/checkout] [--workdir /var/tmp] [--json out.json]
-The issue's figures used --disk-mib 4096 --data-mib 2048.
+      [--repeat N] [--keep] [--only snapshot,push,pull,incremental,options]
+The issue's figures used --disk-mib 4096 --data-mib 2048.  ``--repeat N`` runs the
+snapshot, push and pull groups N times, each group's jobs in turn, and shows the
+median with the spread; ``--keep`` keeps the work folder with the workers' logs.
 """
 
 from __future__ import annotations
