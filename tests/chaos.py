@@ -28,6 +28,7 @@ import collections
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -189,6 +190,7 @@ class Chaos:
         self.subjects: list[Subject] = []
         self.faults: collections.Counter = collections.Counter()
         self.workflows: dict[str, dict] = {}  # id -> {"strategy", "subject", "reference"}
+        self.operator: dict[str, dict] = {}  # needs_attention id -> {"command", "reason", "outcome"}
         self.verified: dict[str, list[str]] = {}  # backups checked before their target was cleared
         self.stop_faults = threading.Event()
         self.lock = threading.Lock()
@@ -413,6 +415,30 @@ class Chaos:
                 return
             time.sleep(0.5)
 
+    def operator_acts(self, timeout: float) -> None:
+        """The faults over, an operator runs the command each ``needs_attention`` workflow suggests (once),
+        as it is written there; ``check`` then says whether that ended it."""
+        for wf in self.workflows:
+            doc = self.status(wf)
+            if not doc or doc["status"] != "needs_attention":
+                continue
+            command = (doc.get("attention") or {}).get("command") or ""
+            argv = shlex.split(command)
+            self.operator[wf] = {"command": command, "reason": (doc.get("attention") or {}).get("reason")}
+            if argv[:1] != ["domcapture"]:
+                self.operator[wf]["outcome"] = "no domcapture command suggested"
+                continue
+            out = self.cli(*argv[1:])
+            self.note(f"operator: {command} -> {out.returncode} {(out.stdout + out.stderr).strip()[-200:]}")
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                self.supervise()
+                doc = self.status(wf)
+                if doc and doc["status"] not in ("running", "queued"):
+                    break
+                time.sleep(0.5)
+            self.operator[wf]["outcome"] = doc["status"] if doc else "LOST"
+
     def check(self) -> list[tuple[str, int, list[str]]]:
         """Every invariant, with the number of subjects checked and what violated it."""
         rows = []
@@ -422,6 +448,11 @@ class Chaos:
                if not d or d["status"] not in ("succeeded", "rolled_back", "partially_rolled_back", "needs_attention")
                or (d["status"] == "needs_attention" and not (d.get("attention") or {}).get("reason"))]
         rows.append(("every workflow terminal (none lost, none running)", len(docs), bad))
+
+        bad = [f"{wf}: `{o['command']}` (for: {o['reason']}) left it {o.get('outcome')}"
+               for wf, o in self.operator.items()
+               if o.get("outcome") not in ("rolled_back", "partially_rolled_back", "succeeded")]
+        rows.append(("the command a needs_attention workflow suggests ends it", len(self.operator), bad))
 
         bad = []
         for s in self.subjects:
@@ -587,6 +618,7 @@ class Chaos:
             injector.join(timeout=30)
             self.note("faults stopped; draining")
             self.drain(self.args.drain_timeout)
+            self.operator_acts(self.args.drain_timeout)
             rows = self.check()
             violations = self.report(rows)
             if violations:  # keep the logs and Redis' AOF of a failed run, to read what happened
