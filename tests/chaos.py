@@ -382,11 +382,16 @@ class Chaos:
         state = s.dom.state()
         if state == "paused":
             s.dom.virsh("resume", name, check=False)
-        elif state == "shut off":
+        elif state == "shut off" and not self.shut_off_by_us(s):
             for _ in range(50):  # a managed save or a capture may hold it a moment
                 if s.dom.virsh("start", name, check=False) or s.dom.state() == "running":
                     break
                 time.sleep(0.2)
+
+    def shut_off_by_us(self, s: "Subject") -> bool:
+        """Whether a managed save of ours holds the domain shut off: starting it would consume the saved
+        state (libvirt restores from the image), which no operator bringing back a crashed guest would do."""
+        return "Managed save:   yes" in s.dom.virsh("dominfo", s.dom.name, check=False)
 
     def fault_loop(self) -> None:
         while not self.stop_faults.wait(self.rng.uniform(*self.args.fault_interval)):
@@ -468,7 +473,16 @@ class Chaos:
                     bad.append(f"{s.dom.name}/{t} has a backing file: a snapshot applied twice?")
         rows.append(("no domain on an overlay of ours, no overlay file, no backing chain", len(self.subjects), bad))
 
-        bad = [s.dom.name for s in self.subjects if s.kind == "guest" and cast(GuestDomain, s.dom).frozen()]
+        bad = []
+        for s in self.subjects:
+            if s.kind != "guest":
+                continue
+            try:
+                if cast(GuestDomain, s.dom).frozen():
+                    bad.append(s.dom.name)
+            except subprocess.CalledProcessError as exc:  # no agent answer: the state cannot be told
+                bad.append(f"{s.dom.name}: the guest agent did not answer ({s.dom.state()}): "
+                           f"{(exc.stderr or '').strip()[:120]}")
         rows.append(("no guest filesystem frozen", sum(s.kind == "guest" for s in self.subjects), bad))
 
         bad = []
