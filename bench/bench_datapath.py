@@ -417,52 +417,51 @@ def interleaved(rows: list[Row], repeat: int, jobs: list[tuple[str, Callable[[in
     rows.extend(median_rows(runs[name]) for name, _ in jobs)
 
 
+def baseline_job(name: str, run: Callable[[], object], made: Path, roots: Callable[[], list[int]], data: int,
+                 then_fsync: bool) -> Callable[[int], Row]:
+    """One baseline run (the file it makes fsynced after it, when ``then_fsync``), its file removed after."""
+    def job(_i: int) -> Row:
+        row = measure(name, (lambda: (run(), fsync(made))) if then_fsync else run, roots, data)
+        os.unlink(made)
+        return row
+    return job
+
+
 def snapshot_group(rows: list[Row], proc: Proc, ours: Ours, dom: DiskDomain, image: str, out: Path, data: int,
                    baseline_pids: Callable[[], list[int]], repeat: int) -> None:
-    def convert(_i: int) -> Row:
-        row = measure("qemu-img convert -U -m 8 -W -O qcow2",
-                      lambda: proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
-                                        str(out / "convert.qcow2")]), baseline_pids, data)
-        os.unlink(out / "convert.qcow2")
-        return row
+    copy = out / "convert.qcow2"
 
-    def convert_fsync(_i: int) -> Row:
-        row = measure("qemu-img convert, then fsync of the copy",
-                      lambda: (proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image,
-                                         str(out / "convert.qcow2")]), fsync(out / "convert.qcow2")),
-                      baseline_pids, data)
-        os.unlink(out / "convert.qcow2")
-        return row
+    def convert() -> object:
+        return proc.run(["qemu-img", "convert", "-U", "-m", "8", "-W", "-O", "qcow2", image, str(copy)])
 
     def snapshot_backup(i: int) -> Row:
         ours.fresh_worker()
         return measure("domcapture snapshot-backup --quiesce off",
                        lambda: ours.submit("snapshot-backup", dom.name, "--target", str(out / f"sb{i}"),
                                            "--quiesce", "off"), ours.pids, os.path.getsize(image), ours.warm)
-    interleaved(rows, repeat, [("convert", convert), ("convert+fsync", convert_fsync), ("ours", snapshot_backup)])
+    interleaved(rows, repeat, [
+        ("convert", baseline_job("qemu-img convert -U -m 8 -W -O qcow2", convert, copy, baseline_pids, data,
+                                 False)),
+        ("convert+fsync", baseline_job("qemu-img convert, then fsync of the copy", convert, copy, baseline_pids,
+                                       data, True)),
+        ("ours", snapshot_backup)])
 
 
 def push_group(rows: list[Row], ours: Ours, dom: DiskDomain, vdom: Any, disk: str, out: Path, data: int,
                repeat: int) -> None:
-    def bare(_i: int) -> Row:
-        row = measure("bare push job (backup-begin, polled)",
-                      lambda: bare_push(vdom, disk, str(out / "push.qcow2")), lambda: [], data)
-        os.unlink(out / "push.qcow2")
-        return row
-
-    def bare_fsync(_i: int) -> Row:
-        row = measure("bare push job, then fsync of its file",
-                      lambda: (bare_push(vdom, disk, str(out / "push.qcow2")), fsync(out / "push.qcow2")),
-                      lambda: [], data)
-        os.unlink(out / "push.qcow2")
-        return row
+    target = out / "push.qcow2"
 
     def push(i: int) -> Row:
         ours.fresh_worker()
         return measure("domcapture direct-backup --mode push",
                        lambda: ours.submit("direct-backup", dom.name, "--target", str(out / f"push{i}"),
                                            "--mode", "push", "--quiesce", "off"), ours.pids, data, ours.warm)
-    interleaved(rows, repeat, [("bare", bare), ("bare+fsync", bare_fsync), ("ours", push)])
+    interleaved(rows, repeat, [
+        ("bare", baseline_job("bare push job (backup-begin, polled)", lambda: bare_push(vdom, disk, str(target)),
+                              target, lambda: [], data, False)),
+        ("bare+fsync", baseline_job("bare push job, then fsync of its file",
+                                    lambda: bare_push(vdom, disk, str(target)), target, lambda: [], data, True)),
+        ("ours", push)])
 
 
 def pull_group(rows: list[Row], proc: Proc, ours: Ours, dom: DiskDomain, vdom: Any, disk: str, out: Path,

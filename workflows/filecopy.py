@@ -104,6 +104,15 @@ def drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
         pass
 
 
+def sync_and_drop(fd: int, path: str) -> None:
+    """``fdatasync`` of ``fd`` (``path`` names it in the error), then its now clean pages leave the cache."""
+    try:
+        os.fdatasync(fd)
+    except OSError as exc:
+        raise OperationFailed(f"fdatasync of {path} failed: {exc}", retryable=True) from exc
+    drop_cache(fd)
+
+
 @contextlib.contextmanager
 def opened_nofollow(path: str) -> Iterator[int]:
     """A read-only descriptor of ``path``, never opened through a symlink; closed on leaving."""

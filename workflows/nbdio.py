@@ -30,7 +30,7 @@ from types import ModuleType
 from typing import Any, Callable, cast
 
 from .errors import InputError, OperationFailed
-from .filecopy import CheckCadence, drop_cache
+from .filecopy import CheckCadence, sync_and_drop
 from .hypervisor.backup_types import BLOCK_STATUS_DIRTY, BLOCK_STATUS_ZERO
 from .qcow2 import LaidOutFile
 
@@ -222,11 +222,7 @@ class QcowWriter:
     def sync(self) -> None:
         """Make what qemu-nbd handed to the kernel durable (the server's flushes do not reach the disk), then
         drop those now clean pages from the host's cache.  Safe on another thread than the handle's."""
-        try:
-            os.fdatasync(self._fd)
-        except OSError as exc:
-            raise OperationFailed(f"fdatasync of {self.path} failed: {exc}", retryable=True) from exc
-        drop_cache(self._fd)
+        sync_and_drop(self._fd, self.path)
 
     def flush(self) -> None:
         """Everything written so far on disk: qemu-nbd's caches to the kernel, then ``sync``."""
@@ -333,6 +329,19 @@ def _chunks(extents: list[tuple[int, int]], start: int) -> list[tuple[int, int]]
     return out
 
 
+def _cursor_pos(chunks: list[tuple[int, int]], cursor: int, start: int) -> int:
+    """The disk offset of chunk ``cursor`` (the first not yet done): the end of the last one when all are."""
+    return chunks[cursor][0] if cursor < len(chunks) else (chunks[-1][0] + chunks[-1][1] if chunks else start)
+
+
+def _readers(source: NbdExport) -> list[Any]:
+    """The source's connections for a parallel copy, each reading into buffers it need not zero first."""
+    sources = source.connections(CONNECTIONS)
+    for h in sources:
+        h.set_pread_initialize(False)  # every byte of a buffer is overwritten by a successful read
+    return sources
+
+
 def _copy_parallel(source: NbdExport, extents: list[tuple[int, int]], writer: QcowWriter, *, start: int,
                    stats: dict[str, int], check: Callable[[], None], on_progress: Callable[[int], None],
                    on_durable: Callable[[int, dict[str, int]], None], zero_writes: bool) -> dict[str, int]:
@@ -347,15 +356,13 @@ def _copy_parallel(source: NbdExport, extents: list[tuple[int, int]], writer: Qc
     nbd = _nbd()
     chunks = _chunks(extents, start)
     done = sum(max(0, min(off + ln, start) - off) for off, ln in extents)
-    sources = source.connections(CONNECTIONS)
+    sources = _readers(source)
     w = writer.h
     handles = [*sources, w]
     fds = {h.aio_get_fd(): h for h in handles}
     per_chunk: list[tuple[int, int, int] | None] = [None] * len(chunks)  # (read, written, zeroed) when done
     inflight: dict[int, tuple[str, Any, int, Any]] = {}  # chunk index -> (stage, handle, cookie, buffer)
     free: list[Any] = []  # buffers back from a finished chunk: reused, their pages already mapped
-    for h in sources:
-        h.set_pread_initialize(False)  # every byte of a buffer is overwritten by a successful read
     next_chunk = cursor = 0
     pending_flush: tuple[int, int, dict[str, int]] | None = None  # cookie, position, stats
     pending_sync: tuple[Future[None], int, dict[str, int]] | None = None  # the fdatasync after that flush
@@ -365,7 +372,7 @@ def _copy_parallel(source: NbdExport, extents: list[tuple[int, int]], writer: Qc
     checks.due()
 
     def cursor_pos() -> int:
-        return chunks[cursor][0] if cursor < len(chunks) else (chunks[-1][0] + chunks[-1][1] if chunks else start)
+        return _cursor_pos(chunks, cursor, start)
 
     while cursor < len(chunks):
         while next_chunk < len(chunks) and len(inflight) < IN_FLIGHT:
@@ -480,10 +487,8 @@ def copy_laid_out(source: NbdExport, out: LaidOutFile, *, start: int, stats: dic
         check()
         return stats
     nbd = _nbd()
-    sources = source.connections(CONNECTIONS)
+    sources = _readers(source)
     fds = {h.aio_get_fd(): h for h in sources}
-    for h in sources:
-        h.set_pread_initialize(False)  # every byte of a buffer is overwritten by a successful read
     per_chunk: list[tuple[Any, bool] | None] = [None] * len(chunks)  # (buffer, all zero) once written
     inflight: dict[int, tuple[Any, int, Any]] = {}  # chunk index -> (handle, cookie, buffer)
     hashing: list[tuple[Future[None], Any]] = []  # buffers queued for the hash, oldest first
@@ -497,7 +502,7 @@ def copy_laid_out(source: NbdExport, out: LaidOutFile, *, start: int, stats: dic
     checks.due()
 
     def cursor_pos() -> int:
-        return chunks[cursor][0] if cursor < len(chunks) else (chunks[-1][0] + chunks[-1][1] if chunks else start)
+        return _cursor_pos(chunks, cursor, start)
 
     try:
         while cursor < len(chunks):

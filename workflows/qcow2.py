@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .errors import OperationFailed
-from .filecopy import drop_cache
+from .filecopy import drop_cache, sync_and_drop
 
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
@@ -143,10 +143,13 @@ class Layout:
     def _l2(self, table: int) -> bytes:
         entries = [0] * L2_ENTRIES
         lo, hi = table * L2_SPAN, (table + 1) * L2_SPAN
-        for off, length in self.extents:
+        for off, length in self.extents[max(0, bisect.bisect_right(self._starts, lo) - 1):]:
+            if off >= hi:
+                break
             start, end = max(off, lo), min(off + length, hi)
-            for g in range(start, end, CLUSTER):
-                entries[(g - lo) // CLUSTER] = self.file_offset(g) | COPIED
+            at = self.file_offset(start) | COPIED  # an extent's clusters lie one after the other in the file
+            for k in range(_ceil(end - start, CLUSTER)):
+                entries[(start - lo) // CLUSTER + k] = at + k * CLUSTER
         return struct.pack(f">{L2_ENTRIES}Q", *entries)
 
 
@@ -173,27 +176,19 @@ class LaidOutFile:
             if fresh:
                 os.ftruncate(self.fd, 0)
                 os.ftruncate(self.fd, layout.file_size)
-                pos = 0
-                for part in layout.metadata():
+            elif os.fstat(self.fd).st_size != layout.file_size:
+                raise OperationFailed(f"{path} is not the size its layout gives: starting it over")
+            pos = 0
+            for part in layout.metadata():  # written (fresh) or compared (resumed), and hashed, in one pass
+                if fresh:
                     os.pwrite(self.fd, part, pos)
-                    pos += len(part)
-                self._feed_metadata()
-            else:
-                if os.fstat(self.fd).st_size != layout.file_size:
-                    raise OperationFailed(f"{path} is not the size its layout gives: starting it over")
-                pos = 0
-                for part in layout.metadata():
-                    if os.pread(self.fd, len(part), pos) != part:
-                        raise OperationFailed(f"the tables in {path} are not its layout's: starting it over")
-                    pos += len(part)
-                self._feed_metadata()
+                elif os.pread(self.fd, len(part), pos) != part:
+                    raise OperationFailed(f"the tables in {path} are not its layout's: starting it over")
+                self.feed(part)
+                pos += len(part)
         except BaseException:
             self.close()
             raise
-
-    def _feed_metadata(self) -> None:
-        for part in self.layout.metadata():
-            self.feed(part)
 
     def feed(self, data: Any) -> Future[None]:
         """Queue the next bytes of the file (in file order) for the hash."""
@@ -222,11 +217,7 @@ class LaidOutFile:
 
     def sync(self) -> None:
         """What was written is on disk; its (clean) pages leave the host's cache."""
-        try:
-            os.fdatasync(self.fd)
-        except OSError as exc:
-            raise OperationFailed(f"fdatasync of {self.path} failed: {exc}", retryable=True) from exc
-        drop_cache(self.fd)
+        sync_and_drop(self.fd, self.path)
 
     def finish(self) -> str:
         """Hash the rest of the file (zeroes: the tail of a last partial cluster) and return its checksum."""

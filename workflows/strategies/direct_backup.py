@@ -408,51 +408,58 @@ class Transfer(Step):
             bc.remove_ours(ctx, [partial])
             cur.update(offset=0, done=0, stats={})
         compress, key = bool(ctx.params.get("compress")), ctx.params.get("encrypt_key_file")
+
+        def durable(pos: int, stats: dict[str, int]) -> None:
+            cur.update(offset=pos, stats=stats, done=stats["read"])
+            ctx.save(None)
+
+        def progress(done: int) -> None:
+            ctx.progress("transfer", before + done, total, disk=disk)
         export = open_export(disk)
         try:
             extents = export.extents(dirty)
             if not compress and not key:  # a plain file: laid out and written by us, hashed on the way
-                stats = self._pull_laid_out(ctx, export, art, extents, cur, before, total)
-                cur.update(offset=export.size, stats=stats, done=stats["read"])
-                ctx.save("pulled", disk=disk, **stats)
-                return
-            ctx.save("transfer-intent", disk=disk, offset=cur["offset"], extents=len(extents),
-                     bytes=sum(n for _, n in extents))
-            if cur["offset"] == 0:
-                ctx.fx.files.prepare_for_writer(partial)  # 0600, exclusive: qemu-img formats it in place
-            try:
-                writer = nbdio.QcowWriter(partial, export.size if cur["offset"] == 0 else None,
-                                          compress=compress, key=key)
-            except OperationFailed:
-                if cur["offset"] == 0:
-                    raise
-                bc.remove_ours(ctx, [partial])  # the partial file cannot be opened: start this disk over
-                ctx.fx.files.prepare_for_writer(partial)
-                cur.update(offset=0, done=0, stats={})
-                ctx.save("transfer-restart", disk=disk)
-                writer = nbdio.QcowWriter(partial, export.size, compress=compress, key=key)
-            try:
-                def durable(pos: int, stats: dict[str, int]) -> None:
-                    cur.update(offset=pos, stats=stats, done=stats["read"])
-                    ctx.save(None)
-
-                def progress(done: int) -> None:
-                    ctx.progress("transfer", before + done, total, disk=disk)
-
-                def check() -> None:  # qemu-nbd writes the chunks: the lease is checked before each
-                    ctx.guard()  # the lease and, going forward, the cancel flag
-                stats = nbdio.copy_extents(export, extents, writer, start=cur["offset"], stats=cur["stats"],
-                                           check=check, on_progress=progress, on_durable=durable,
-                                           zero_writes=dirty)
-            finally:
-                writer.close()
+                stats = self._pull_laid_out(ctx, export, art, extents, cur, progress, durable)
+            else:
+                stats = self._pull_through_qemu_nbd(ctx, export, art, extents, cur, dirty, progress, durable)
         finally:
             export.close()
         cur.update(offset=export.size, stats=stats, done=stats["read"])
         ctx.save("pulled", disk=disk, **stats)
 
+    def _pull_through_qemu_nbd(self, ctx: StepContext, export: Any, art: dict[str, Any],
+                               extents: list[tuple[int, int]], cur: dict[str, Any], dirty: bool,
+                               progress: Callable[[int], None],
+                               durable: Callable[[int, dict[str, int]], None]) -> dict[str, int]:
+        """One disk into a qcow2 file written by a private qemu-nbd (compressed or encrypted)."""
+        disk, partial = art["disk"], art["partial"]
+        compress, key = bool(ctx.params.get("compress")), ctx.params.get("encrypt_key_file")
+        ctx.save("transfer-intent", disk=disk, offset=cur["offset"], extents=len(extents),
+                 bytes=sum(n for _, n in extents))
+        if cur["offset"] == 0:
+            ctx.fx.files.prepare_for_writer(partial)  # 0600, exclusive: qemu-img formats it in place
+        try:
+            writer = nbdio.QcowWriter(partial, export.size if cur["offset"] == 0 else None,
+                                      compress=compress, key=key)
+        except OperationFailed:
+            if cur["offset"] == 0:
+                raise
+            bc.remove_ours(ctx, [partial])  # the partial file cannot be opened: start this disk over
+            ctx.fx.files.prepare_for_writer(partial)
+            cur.update(offset=0, done=0, stats={})
+            ctx.save("transfer-restart", disk=disk)
+            writer = nbdio.QcowWriter(partial, export.size, compress=compress, key=key)
+        try:
+            # qemu-nbd writes the chunks: the lease (and, going forward, the cancel flag) is checked before each
+            return nbdio.copy_extents(export, extents, writer, start=cur["offset"], stats=cur["stats"],
+                                      check=ctx.guard, on_progress=progress, on_durable=durable,
+                                      zero_writes=dirty)
+        finally:
+            writer.close()
+
     def _pull_laid_out(self, ctx: StepContext, export: Any, art: dict[str, Any], extents: list[tuple[int, int]],
-                       cur: dict[str, Any], before: int, total: int) -> dict[str, int]:
+                       cur: dict[str, Any], progress: Callable[[int], None],
+                       durable: Callable[[int, dict[str, int]], None]) -> dict[str, int]:
         """One disk into a qcow2 file of our own layout (``workflows/qcow2.py``); its checksum in the cursor."""
         disk, partial = art["disk"], art["partial"]
         layout = qcow2.Layout(export.size, qcow2.widen(extents, export.size), _backing_name(ctx, art))
@@ -474,13 +481,6 @@ class Transfer(Step):
             ctx.fx.files.prepare_for_writer(partial)  # 0600, exclusive
             out = qcow2.LaidOutFile(partial, layout, fresh=True)
         try:
-            def durable(pos: int, stats: dict[str, int]) -> None:
-                cur.update(offset=pos, stats=stats, done=stats["read"])
-                ctx.save(None)
-
-            def progress(done: int) -> None:
-                ctx.progress("transfer", before + done, total, disk=disk)
-
             stats = nbdio.copy_laid_out(export, out, start=cur["offset"], stats=cur["stats"], check=ctx.guard,
                                         on_progress=progress, on_durable=durable)
             cur.update(checksum=out.finish(), laid_out=True)  # the file's sha256, hashed as it was written
