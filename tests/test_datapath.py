@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from workflows import nbdio, qcow2
+from workflows import filecopy, nbdio, qcow2
 from workflows.errors import OperationFailed
 from workflows.filecopy import copy_resumable
 
@@ -388,3 +388,17 @@ def test_a_resumed_pull_first_repairs_refcounts_a_host_crash_left_behind(tmp_pat
     assert subprocess.run(["qemu-img", "check", "-q", str(partial)]).returncode == 0
     out = subprocess.run(["qemu-img", "compare", "-U", str(img), str(partial)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("size", [0, 1, filecopy.CHUNK - 1, filecopy.CHUNK, filecopy.CHUNK + 1,
+                                  3 * filecopy.CHUNK + 17])
+def test_the_file_hash_is_the_sha256_of_the_bytes_whatever_the_size(tmp_path: Path, size: int) -> None:
+    # small files take one read, large ones the read-ahead thread: both give sha256sum's answer,
+    # for the whole file and for a prefix
+    path = tmp_path / "f"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    assert filecopy.sha256_file(str(path)) == hashlib.sha256(data).hexdigest()
+    assert filecopy.sha256_file(str(path), limit=size // 2) == hashlib.sha256(data[:size // 2]).hexdigest()
+    assert subprocess.run(["sha256sum", str(path)], capture_output=True, text=True,
+                          check=True).stdout.split()[0] == hashlib.sha256(data).hexdigest()

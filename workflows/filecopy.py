@@ -150,6 +150,18 @@ def _hash_fd(fd: int, h: "hashlib._Hash", limit: int | None) -> int:
     longer of the read and the hash, not their sum; the pages read are
     dropped behind it.
     """
+    if (limit if limit is not None else os.fstat(fd).st_size) < CHUNK:
+        # a small file (a manifest's domain XML, an empty incremental): one read, no reader
+        # thread and no read-ahead buffers, which cost more than the hash
+        pos = 0
+        while limit is None or pos < limit:
+            data = os.pread(fd, CHUNK if limit is None else limit - pos, pos)
+            if not data:
+                break
+            h.update(data)
+            pos += len(data)
+        drop_cache(fd, 0, pos)
+        return pos
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     except OSError:
@@ -192,7 +204,7 @@ def _hash_fd(fd: int, h: "hashlib._Hash", limit: int | None) -> int:
             pos += got
     finally:
         stop.set()
-        free.put(bytearray(CHUNK))  # unblock a reader waiting for a buffer
+        free.put(bytearray(0))  # unblock a reader waiting for a buffer (an empty read ends it)
         reader.join()
     return pos
 

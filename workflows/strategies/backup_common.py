@@ -69,6 +69,7 @@ def end_our_job(ctx: StepContext, timeout: float = JOB_END_TIMEOUT) -> bool:
     except OperationFailed:
         pass  # it ended meanwhile (or an abort is already under way): the wait below decides
     deadline = time.time() + timeout
+    wait = 0.005  # a pull job is usually gone within milliseconds: look again soon, then back off to POLL
     while True:
         job = ctx.hv.get_backup_job(ctx.domain)
         if job is None or not job.mentions(ctx.rec.id):
@@ -76,7 +77,8 @@ def end_our_job(ctx: StepContext, timeout: float = JOB_END_TIMEOUT) -> bool:
         if time.time() > deadline:
             raise DeadlineExceeded(f"the backup job on {ctx.domain} did not end {timeout:.0f}s after it was "
                                    "aborted", retryable=True)
-        ctx.sleep(POLL)
+        ctx.sleep(wait)
+        wait = min(POLL, wait * 2)
 
 
 def read_manifest(path: str | None) -> dict[str, Any] | None:
