@@ -192,6 +192,28 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def drop_file_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+PUSH_READ = "bare push job, fsync, then one read of its file from the disk (dd, O_DIRECT)"
+PUSH_SHA = "bare push job, then sha256 of its file from the page cache (openssl)"
+
+
+def read_direct(path: Path) -> None:
+    """The least any proof of a file's bytes costs once they left the cache: one read at the disk's speed."""
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=8M", "iflag=direct", "status=none"], check=True)
+
+
+def sha256_cached(path: Path) -> None:
+    """sha256 at the CPU's speed (OpenSSL uses SHA-NI; coreutils' sha256sum does not, and is 7× slower)."""
+    subprocess.run(["openssl", "dgst", "-sha256", str(path)], check=True, stdout=subprocess.DEVNULL)
+
+
 def libvirt_dom(uri: str, name: str) -> Any:
     import libvirt
     return libvirt.open(uri).lookupByName(name)
@@ -418,10 +440,11 @@ def interleaved(rows: list[Row], repeat: int, jobs: list[tuple[str, Callable[[in
 
 
 def baseline_job(name: str, run: Callable[[], object], made: Path, roots: Callable[[], list[int]], data: int,
-                 then_fsync: bool) -> Callable[[int], Row]:
-    """One baseline run (the file it makes fsynced after it, when ``then_fsync``), its file removed after."""
+                 then_fsync: bool, then: Callable[[Path], object] | None = None) -> Callable[[int], Row]:
+    """One baseline run (the file it makes fsynced after it, when ``then_fsync``; then ``then(file)``),
+    its file removed after."""
     def job(_i: int) -> Row:
-        row = measure(name, (lambda: (run(), fsync(made))) if then_fsync else run, roots, data)
+        row = measure(name, lambda: (run(), then_fsync and fsync(made), then and then(made)), roots, data)
         os.unlink(made)
         return row
     return job
@@ -461,6 +484,13 @@ def push_group(rows: list[Row], ours: Ours, dom: DiskDomain, vdom: Any, disk: st
                               target, lambda: [], data, False)),
         ("bare+fsync", baseline_job("bare push job, then fsync of its file",
                                     lambda: bare_push(vdom, disk, str(target)), target, lambda: [], data, True)),
+        # what any proof of the bytes QEMU wrote costs: one read of the file, from the disk when the
+        # backup must not stay in the host's page cache, from the cache when it may
+        ("bare+fsync+read", baseline_job(
+            PUSH_READ, lambda: bare_push(vdom, disk, str(target)), target, lambda: [], data, True,
+            lambda f: (drop_file_cache(f), read_direct(f)))),
+        ("bare+sha256", baseline_job(
+            PUSH_SHA, lambda: bare_push(vdom, disk, str(target)), target, lambda: [], data, False, sha256_cached)),
         ("ours", push)])
 
 
@@ -571,6 +601,8 @@ SHORT = {
     "qemu-img convert, then fsync of the copy": "qemu-img convert + fsync",
     "bare push job (backup-begin, polled)": "bare push job",
     "bare push job, then fsync of its file": "bare push job + fsync",
+    PUSH_READ: "bare push job + fsync + one read from the disk",
+    PUSH_SHA: "bare push job + sha256 from the cache",
     "nbdcopy bare pull export -> qcow2 (qemu-nbd)": "nbdcopy -> qcow2",
     "nbdcopy bare pull export -> qcow2, flushed (--flush)": "nbdcopy --flush -> qcow2",
     "nbdcopy bare pull export -> raw": "nbdcopy -> raw",
@@ -597,6 +629,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, cache_mode: str
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for r in rows:
         parts = [_vs(r, by.get(BASELINE.get(r["job"], ""))), _vs(r, by.get(DURABLE.get(r["job"], "")))]
+        if r["job"] == "domcapture direct-backup --mode push":  # against the job plus a proof of its bytes
+            parts += [_vs(r, by.get(PUSH_READ)), _vs(r, by.get(PUSH_SHA))]
         if r["job"] == "domcapture direct-backup --mode pull (full)":
             parts.append(_vs(r, by.get("nbdcopy bare pull export -> raw")))
             for label in ("virtnbdbackup -l copy", "virtnbdbackup -l copy, then fsync of its files"):
