@@ -24,6 +24,7 @@ import json
 import os
 import select
 import subprocess
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import ModuleType
@@ -500,6 +501,9 @@ def copy_laid_out(source: NbdExport, out: LaidOutFile, *, start: int, stats: dic
     last_sync = time.monotonic()
     checks = CheckCadence(check, CHECK_INTERVAL)
     checks.due()
+    # a hashed chunk frees a slot for the next read: the hash thread wakes the select below, so a
+    # copy whose reads all arrived does not sleep out the select's timeout
+    waker = _Waker()
 
     def cursor_pos() -> int:
         return _cursor_pos(chunks, cursor, start)
@@ -520,9 +524,12 @@ def copy_laid_out(source: NbdExport, out: LaidOutFile, *, start: int, stats: dic
                 next_chunk += 1
             readable = [h.aio_get_fd() for h in sources if h.aio_get_direction() & nbd.AIO_DIRECTION_READ]
             writable = [h.aio_get_fd() for h in sources if h.aio_get_direction() & nbd.AIO_DIRECTION_WRITE]
-            r, wr, _ = select.select(readable, writable, [], 0.05 if hashing else 5.0)
+            r, wr, _ = select.select([*readable, waker.fd], writable, [], 0.05 if hashing else 5.0)
             for fd in r:
-                fds[fd].aio_notify_read()
+                if fd == waker.fd:
+                    waker.drain()
+                else:
+                    fds[fd].aio_notify_read()
             for fd in wr:
                 fds[fd].aio_notify_write()
             for i, (h, cookie, buf) in list(inflight.items()):
@@ -543,7 +550,9 @@ def copy_laid_out(source: NbdExport, out: LaidOutFile, *, start: int, stats: dic
                 buf, zero = per_chunk[cursor]  # type: ignore[misc]
                 per_chunk[cursor] = None
                 n = chunks[cursor][1]
-                hashing.append((out.feed(zeros[:n] if zero else buf.to_buffer()), buf))
+                fed = out.feed(zeros[:n] if zero else buf.to_buffer())
+                fed.add_done_callback(waker.wake)
+                hashing.append((fed, buf))
                 stats["read"] += n
                 stats["zeroed" if zero else "written"] += n
                 cursor += 1
@@ -561,7 +570,39 @@ def copy_laid_out(source: NbdExport, out: LaidOutFile, *, start: int, stats: dic
             future.result()
     finally:
         syncer.shutdown(wait=True)
+        waker.close()
     return stats
+
+
+class _Waker:
+    """A pipe that other threads write a byte to, to wake a ``select``; closed once, never written after."""
+
+    def __init__(self) -> None:
+        self.fd, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def wake(self, _future: object = None) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._w, b"\0")
+            except BlockingIOError:  # full: the reader is awake anyway
+                pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            os.close(self.fd)
+            os.close(self._w)
 
 
 # -- qemu-img ------------------------------------------------------------------------------

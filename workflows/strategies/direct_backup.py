@@ -17,6 +17,7 @@ libvirt checkpoint we created and its pending entry in our store, and thaws.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Callable, cast
@@ -33,6 +34,8 @@ from ..record import Artifact
 from ..steps import Step, StepContext
 from . import backup_common as bc
 from . import common, direct_offline, evidence
+
+log = logging.getLogger(__name__)
 
 NAME = "direct-backup"
 VERSION = 1
@@ -462,6 +465,7 @@ class Transfer(Step):
                        durable: Callable[[int, dict[str, int]], None]) -> dict[str, int]:
         """One disk into a qcow2 file of our own layout (``workflows/qcow2.py``); its checksum in the cursor."""
         disk, partial = art["disk"], art["partial"]
+        t0 = time.monotonic()
         layout = qcow2.Layout(export.size, qcow2.widen(extents, export.size), _backing_name(ctx, art))
         ctx.save("transfer-intent", disk=disk, offset=cur["offset"], extents=len(layout.extents),
                  bytes=sum(n for _, n in layout.extents), layout="ours")
@@ -480,12 +484,17 @@ class Transfer(Step):
         if out is None:
             ctx.fx.files.prepare_for_writer(partial)  # 0600, exclusive
             out = qcow2.LaidOutFile(partial, layout, fresh=True)
+        took = {"opened": time.monotonic() - t0}
         try:
             stats = nbdio.copy_laid_out(export, out, start=cur["offset"], stats=cur["stats"], check=ctx.guard,
                                         on_progress=progress, on_durable=durable)
+            took["copied"] = time.monotonic() - t0
             cur.update(checksum=out.finish(), laid_out=True)  # the file's sha256, hashed as it was written
+            took["finished"] = time.monotonic() - t0
         finally:
             out.close()
+        log.info("pulled %s into our layout (%d extents, %d bytes): each part done after (s) %s", disk,
+                 len(layout.extents), sum(n for _, n in layout.extents), {k: round(v, 3) for k, v in took.items()})
         return stats
 
     # -- both -----------------------------------------------------------------------------------------
