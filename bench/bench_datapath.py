@@ -443,8 +443,15 @@ def baseline_job(name: str, run: Callable[[], object], made: Path, roots: Callab
                  then_fsync: bool, then: Callable[[Path], object] | None = None) -> Callable[[int], Row]:
     """One baseline run (the file it makes fsynced after it, when ``then_fsync``; then ``then(file)``),
     its file removed after."""
+    def work() -> None:
+        run()
+        if then_fsync:
+            fsync(made)
+        if then is not None:
+            then(made)
+
     def job(_i: int) -> Row:
-        row = measure(name, lambda: (run(), then_fsync and fsync(made), then and then(made)), roots, data)
+        row = measure(name, work, roots, data)
         os.unlink(made)
         return row
     return job

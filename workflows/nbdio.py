@@ -575,34 +575,28 @@ def copy_laid_out(source: NbdExport, out: LaidOutFile, *, start: int, stats: dic
 
 
 class _Waker:
-    """A pipe that other threads write a byte to, to wake a ``select``; closed once, never written after."""
+    """An eventfd that other threads signal to wake a ``select``; closed once, never signalled after."""
 
     def __init__(self) -> None:
-        self.fd, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._lock = threading.Lock()
         self._closed = False
 
     def wake(self, _future: object = None) -> None:
         with self._lock:
-            if self._closed:
-                return
-            try:
-                os.write(self._w, b"\0")
-            except BlockingIOError:  # full: the reader is awake anyway
-                pass
+            if not self._closed:
+                os.eventfd_write(self.fd, 1)
 
     def drain(self) -> None:
         try:
-            while os.read(self.fd, 4096):
-                pass
-        except BlockingIOError:
+            os.eventfd_read(self.fd)  # reads the counter back to zero
+        except BlockingIOError:  # already drained
             pass
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             os.close(self.fd)
-            os.close(self._w)
 
 
 # -- qemu-img ------------------------------------------------------------------------------

@@ -467,8 +467,9 @@ class Transfer(Step):
         disk, partial = art["disk"], art["partial"]
         t0 = time.monotonic()
         layout = qcow2.Layout(export.size, qcow2.widen(extents, export.size), _backing_name(ctx, art))
-        ctx.save("transfer-intent", disk=disk, offset=cur["offset"], extents=len(layout.extents),
-                 bytes=sum(n for _, n in layout.extents), layout="ours")
+        stored = sum(n for _, n in layout.extents)
+        ctx.save("transfer-intent", disk=disk, offset=cur["offset"], extents=len(layout.extents), bytes=stored,
+                 layout="ours")
         out = None
         if cur["offset"]:
             try:
@@ -494,7 +495,7 @@ class Transfer(Step):
         finally:
             out.close()
         log.info("pulled %s into our layout (%d extents, %d bytes): each part done after (s) %s", disk,
-                 len(layout.extents), sum(n for _, n in layout.extents), {k: round(v, 3) for k, v in took.items()})
+                 len(layout.extents), stored, {k: round(v, 3) for k, v in took.items()})
         return stats
 
     # -- both -----------------------------------------------------------------------------------------
