@@ -96,6 +96,8 @@ class DiskDomain(VirshDomain):
     @classmethod
     def create(cls, uri: str, workdir: Path, *, sizes_mib: dict[str, int] | None = None,
                fill_mib: int = 4, random_mib: int = 0, fmt: str = "qcow2") -> "DiskDomain":
+        """Disks named ``sdX`` go on a virtio-scsi controller: those can be plugged and unplugged live
+        with no guest OS to answer (a virtio disk on this machine type cannot)."""
         workdir.mkdir(parents=True, exist_ok=True)
         name = f"dctest-{uuid.uuid4().hex[:8]}"
         dom = cls(uri, name, workdir)
@@ -120,11 +122,13 @@ class DiskDomain(VirshDomain):
             dom.references[target] = ref
         disks_xml = "".join(
             f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
-            f"<source file='{img}'/><target dev='{t}' bus='virtio'/></disk>" for t, img in dom.disks.items())
+            f"<source file='{img}'/><target dev='{t}' bus='{'scsi' if t.startswith('sd') else 'virtio'}'/></disk>"
+            for t, img in dom.disks.items())
+        scsi = "<controller type='scsi' model='virtio-scsi'/>" if any(t.startswith("sd") for t in dom.disks) else ""
         vtype = "kvm" if kvm_usable() else "qemu"
         xml = (f"<domain type='{vtype}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
                "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
-               f"<devices>{disks_xml}<controller type='usb' model='none'/><memballoon model='none'/>"
+               f"<devices>{disks_xml}{scsi}<controller type='usb' model='none'/><memballoon model='none'/>"
                "</devices></domain>")
         xml_path = workdir / f"{name}.xml"
         xml_path.write_text(xml)
@@ -157,7 +161,7 @@ class DiskDomain(VirshDomain):
 
     def guest_write(self, target: str, pattern: int, offset_mib: int, length_mib: int) -> None:
         """Write through QEMU as the guest would: lands on whatever layer is active."""
-        qdev = f"/machine/peripheral/{self.alias(target)}/virtio-backend"
+        qdev = f"/machine/peripheral/{self.alias(target)}" + ("" if target.startswith("sd") else "/virtio-backend")
         cmd = f'qemu-io -d {qdev} "write -P {pattern} {offset_mib}M {length_mib}M"'
         out = self.virsh("qemu-monitor-command", self.name, "--hmp", cmd).strip()
         assert "error" not in out.lower(), out

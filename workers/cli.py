@@ -134,6 +134,10 @@ def _describe(rt: Runtime, rec: Record, history: bool = True) -> str:
         out.append(f"waiting:   {waiting}")
     if rec.progress:
         out.append(f"progress:  {progress_line(rec)}")
+    for disk, w in sorted((rec.data.get("waiting_on") or {}).items()):
+        out.append(f"blocked:   disk {disk}: a {w.get('job')} job of {w.get('owner', 'another tool')} since "
+                   f"{_ts(w.get('since'))} ({time.time() - float(w.get('since') or 0):.0f} s); not ours, so "
+                   "not touched")
     if rec.error:
         out.append(f"error:     {rec.error.get('type')}: {rec.error.get('message')} (in {rec.error.get('state')})")
     if rec.attention:

@@ -11,6 +11,7 @@ re-reads only the histories of workflows that changed.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -139,8 +140,15 @@ class StoreCollector(Collector):
         progress = GaugeMetricFamily("domcapture_workflow_progress_ratio",
                                      "copy progress of a running workflow (0..1)",
                                      labels=["workflow", "strategy", "domain", "state"])
+        blocked = GaugeMetricFamily("domcapture_foreign_job_wait_seconds",
+                                    "how long a running workflow has waited on another tool's block job on a disk",
+                                    labels=["workflow", "strategy", "domain", "disk", "job"])
         for rec in records:
             by_status[(rec.strategy, rec.status, host_of(rec.uri))] += 1
+            if rec.status == RUNNING:
+                for disk, w in (rec.data.get("waiting_on") or {}).items():
+                    blocked.add_metric([rec.id, rec.strategy, rec.domain, disk, str(w.get("job"))],
+                                       max(0.0, time.time() - float(w.get("since") or 0)))
             stats = self._stats(rec)
             for state, seconds in stats.state_durations:
                 durations[(rec.strategy, state)].append(seconds)
@@ -186,7 +194,7 @@ class StoreCollector(Collector):
                                 labels=["strategy"])
         for strategy, n in sorted(copied.items()):
             c.add_metric([strategy], float(n))
-        out += [c, rate, progress]
+        out += [c, rate, progress, blocked]
 
         out.append(_histogram("domcapture_guest_freeze_seconds",
                               "guest filesystem freeze windows (fsfreeze to thaw)", ["strategy"],

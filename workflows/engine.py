@@ -26,7 +26,8 @@ from .backups import BackupRecords
 from .checkpoints import CheckpointStore
 from .definition import ROLLING_BACK, SUCCEEDED, Definition
 from .effects import Effects, HostCommands, OfflineImages, OwnedFiles
-from .errors import AgentUnavailable, Cancelled, DomcaptureError, LeaseLost, RecordUnreadable, StepFailed
+from .errors import (AgentUnavailable, Cancelled, DomcaptureError, LeaseLost, NeedsAttention, RecordUnreadable,
+                     StepFailed)
 from .hypervisor.base import CANCEL_EXEMPT, Hypervisor, fenced
 from .record import (FAILED, FINAL_STATUSES, FORWARD, NEEDS_ATTENTION, PARTIALLY_ROLLED_BACK, QUEUED, ROLLBACK,
                      ROLLED_BACK, RUNNING, STOPPED_STATUSES, Record)
@@ -305,6 +306,8 @@ class Engine:
             raise
         except Cancelled as exc:
             self._begin_rollback(defn, rec, ctx, lease, exc, state)
+        except NeedsAttention as exc:
+            self._stop_for_attention(rec, ctx, lease, exc, state)
         except DomcaptureError as exc:
             if exc.retryable and rec.attempts.get(state, 0) <= len(self.retry_delays):
                 delay = self.retry_delays[rec.attempts[state] - 1]
@@ -328,6 +331,17 @@ class Engine:
             self._save(rec, lease, "failed", step=state, error=str(exc))
             return
         self._begin_rollback(defn, rec, ctx, lease, exc, state)
+
+    def _stop_for_attention(self, rec: Record, ctx: StepContext, lease: Lease, exc: NeedsAttention,
+                            state: str) -> None:
+        """Someone else's change stands in the way: keep the state, thaw, stop with the reason and command."""
+        self._thaw_if_frozen(rec, ctx, lease)
+        rec.error = error_dict(exc, state)
+        rec.status = NEEDS_ATTENTION
+        rec.attempts.pop(state, None)  # a resume starts the state afresh
+        rec.attention = {"reason": f"{state}: {exc}", "command": f"domcapture {exc.command} {rec.id}",
+                         "hint": exc.hint or "remove the cause shown in 'reason', then run the command"}
+        self._save(rec, lease, "needs-attention", step=state, error=str(exc))
 
     def _thaw_if_frozen(self, rec: Record, ctx: StepContext, lease: Lease) -> None:
         if quiesce.frozen_info(rec):

@@ -141,6 +141,19 @@ class DeadlineExceeded(StepFailed):
     pass
 
 
+class NeedsAttention(StepFailed):
+    """Nothing automatic may move the workflow on: someone else's change stands in its way.
+
+    The engine neither retries nor rolls back: it thaws a frozen guest, keeps the state, and stops the
+    workflow ``needs_attention`` with this reason and ``command`` (what to run once the cause is gone).
+    """
+
+    def __init__(self, message: str, *, command: str = "resume", hint: str | None = None) -> None:
+        super().__init__(message)
+        self.command = command  # "resume" or "rollback": the engine writes the full command line
+        self.hint = hint
+
+
 class Cancelled(DomcaptureError):
     """An operator asked the workflow to stop."""
 

@@ -29,6 +29,7 @@ class Disk:
     backing: list[str] = field(default_factory=list)  # backing chain, top first
     mirror_job: str | None = None  # e.g. active-commit
     mirror_ready: bool = False
+    mirror_source: str | None = None  # where a mirroring job writes (an active commit: its base)
     readonly: bool = False  # <readonly/>
     shareable: bool = False  # <shareable/>
     url: str | None = None  # a network disk's address as qemu-img opens it (nbd://host:port/name...)
@@ -99,6 +100,7 @@ class BlockJob:
 # each MUTATING call; READ_ONLY calls pass; anything else cannot be called.
 READ_ONLY = frozenset({
     "canonical_uri", "domain_state", "disks", "domain_xml", "firmware", "block_job", "fs_frozen", "close",
+    "chain_users",
     # snapshots
     "is_domain_busy", "lookup_snapshot", "list_snapshot_names", "get_current_snapshot", "get_library_version",
     # save
@@ -109,12 +111,13 @@ READ_ONLY = frozenset({
     "get_inactive_xml", "lookup_domain_description", "open_backup_export", "list_domains",
 })
 MUTATING = frozenset({
-    "fs_freeze", "fs_thaw", "guest_exec", "snapshot_disk_only", "block_commit_active", "block_pivot", "block_job_abort",
+    "fs_freeze", "fs_thaw", "guest_exec", "snapshot_disk_only", "block_commit_active", "block_commit_intermediate",
+    "block_pivot", "block_job_abort",
     "create_snapshot", "revert_to_snapshot", "delete_snapshot",
     "managed_save", "start", "save", "restore", "destroy", "resume",
     "checkpoint_create", "checkpoint_redefine", "checkpoint_delete", "backup_begin", "backup_abort",
     "define_restored_domain", "undefine_restored_domain",
-    "commit_offline", "define_disk_sources", "block_pull",
+    "commit_offline", "commit_image", "define_disk_sources", "block_pull",
 })
 #: safety calls that run even after an abort was requested (a cancelled capture must still thaw)
 CANCEL_EXEMPT = frozenset({"fs_thaw", "block_job_abort", "backup_abort"})
@@ -132,6 +135,9 @@ class DomainReads(Protocol):
     def domain_xml(self, name: str) -> str: ...
     def firmware(self, name: str) -> Firmware: ...
     def block_job(self, name: str, target: str) -> BlockJob | None: ...
+    def chain_users(self, paths: Collection[str]) -> dict[str, list[str]]:
+        """path -> the domains (with disk, running or defined) whose chain holds it, over every domain."""
+        ...
     def fs_frozen(self, name: str) -> bool: ...
     def close(self) -> None: ...
 
@@ -149,7 +155,11 @@ class BlockOps(Protocol):
     """The guide's first sequence: temporary external snapshot, active commit, pivot."""
 
     def snapshot_disk_only(self, name: str, overlays: dict[str, str], quiesce: bool = False) -> None: ...
-    def block_commit_active(self, name: str, target: str) -> None: ...
+    def block_commit_active(self, name: str, target: str, top: str | None = None,
+                            base: str | None = None) -> None: ...
+    def block_commit_intermediate(self, name: str, target: str, top: str, base: str) -> None:
+        """Commit ``top`` (a layer below the active one) into ``base``; the layer above ``top`` is then
+        backed by ``base``.  The job ends by itself (no pivot)."""
     def block_pivot(self, name: str, target: str) -> None: ...
     def block_job_abort(self, name: str, target: str) -> None: ...
     def block_pull(self, name: str, target: str) -> None:
@@ -157,10 +167,14 @@ class BlockOps(Protocol):
         domain runs; when the job ends the image stands alone (no backing) and no job remains."""
     def commit_offline(self, name: str, overlay: str, base: str) -> None:
         """``qemu-img commit`` of ``overlay`` into ``base`` while the domain is shut off."""
-    def define_disk_sources(self, name: str, sources: dict[str, dict[str, str]]) -> None:
+    def commit_image(self, overlay: str, base: str) -> None:
+        """``qemu-img commit`` of ``overlay`` into ``base`` whatever any domain's state: for images no
+        running domain holds (a disk unplugged, a domain gone).  qemu-img takes the images' locks, so it
+        refuses an image a QEMU still has open."""
+    def define_disk_sources(self, name: str, sources: dict[str, dict[str, str]], running_ok: bool = False) -> None:
         """Point the persistent definition's disks (target -> {"path", "format", "type": file | block})
-        at these images,
-        with no backing chain; only for a shut-off domain."""
+        at these images, with no backing chain; only for a shut-off domain, unless ``running_ok``: then
+        only the definition the next start uses changes (for a disk the running domain no longer has)."""
 
 
 class SnapshotOps(Protocol):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Collection, TypeVar
 
 from ..errors import AgentUnavailable, DomainNotFound, NotReady, OperationFailed
 from .base import BlockJob, Disk, Firmware, parse_firmware
@@ -134,10 +134,12 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
         out = []
         for d in self._dom(name).disks.values():
             ready = d.job_polls is not None and d.job_polls >= READY_AFTER_POLLS
+            mirroring = d.job_polls is not None and d.job_type != "pull"
             out.append(Disk(target=d.target, source=d.overlay or d.base, format=d.fmt, type=d.type,
                             backing=[d.base] if d.overlay else [],
-                            mirror_job=d.job_type if d.job_polls is not None and d.job_type != "pull" else None,
-                            mirror_ready=ready, device=d.device, readonly=d.readonly, shareable=d.shareable))
+                            mirror_job=d.job_type if mirroring else None, mirror_ready=ready, device=d.device,
+                            mirror_source=d.base if mirroring else None, readonly=d.readonly,
+                            shareable=d.shareable))
         return out
 
     def block_job(self, name: str, target: str) -> BlockJob | None:
@@ -210,8 +212,27 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
                 dom.disks[target].overlay = path
         self._effect("snapshot_disk_only", create)
 
-    def block_commit_active(self, name: str, target: str) -> None:
+    def chain_users(self, paths: Collection[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {p: [] for p in paths}
+        for dom in self.domains.values():
+            how = "running" if dom.state in ("running", "paused") else "defined"
+            for d in dom.disks.values():
+                for p in paths:
+                    if p in (d.overlay, d.base):
+                        out[p].append(f"{dom.name} ({d.target}, {how})")
+        return out
+
+    def block_commit_intermediate(self, name: str, target: str, top: str, base: str) -> None:
         d = self._running(name).disks[target]
+        # one overlay at most here: a layer below the active one does not exist in this fake
+        raise OperationFailed(f"blockcommit of {top} into {base} on {name}/{target}: {top} not in the chain "
+                              f"of {target} below its active layer {d.overlay or d.base}")
+
+    def block_commit_active(self, name: str, target: str, top: str | None = None, base: str | None = None) -> None:
+        d = self._running(name).disks[target]
+        if top is not None and (top != d.overlay or base != d.base):
+            raise OperationFailed(f"active blockcommit of {name}/{target}: {top} is not the active layer over "
+                                  f"{base}")
         if d.overlay is None:
             raise OperationFailed(f"active blockcommit of {name}/{target}: top '{d.base}' in chain for "
                                   f"'{target}' has no backing file")
@@ -278,9 +299,16 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
                     _pwrite(base, offset, bytes.fromhex(hexdata))
         self._effect("commit_offline", commit)
 
-    def define_disk_sources(self, name: str, sources: dict[str, dict[str, str]]) -> None:
+    def commit_image(self, overlay: str, base: str) -> None:
+        def commit() -> None:
+            with open(overlay) as f:
+                for offset, hexdata in json.load(f)["writes"]:
+                    _pwrite(base, offset, bytes.fromhex(hexdata))
+        self._effect("commit_image", commit)
+
+    def define_disk_sources(self, name: str, sources: dict[str, dict[str, str]], running_ok: bool = False) -> None:
         dom = self._dom(name)
-        if dom.state != "shutoff":
+        if dom.state != "shutoff" and not running_ok:
             raise OperationFailed(f"redefinition of {name}'s disks: the domain is running")
 
         def define() -> None:

@@ -10,12 +10,13 @@ import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Collection, TypeVar
 
 import libvirt
 
 from ..errors import (AgentUnavailable, CheckpointInconsistent, CheckpointNotFound, DomainNotFound, DomcaptureError,
                       HypervisorError, HypervisorUnavailable, NotReady, OperationFailed)
+from . import chains
 from .base import BlockJob, Disk, Firmware, parse_firmware
 from .libvirt_backup import LibvirtBackupOps
 from .libvirt_save import LibvirtSaveOps
@@ -52,6 +53,7 @@ _JOB_TYPES = {
     libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
     libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
     libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active-commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP: "backup",
 }
 
 _STATES = {
@@ -94,6 +96,40 @@ def network_url(src: ET.Element) -> str | None:
     return None
 
 
+def chain_layers(xml: str, how: str) -> list[tuple[set[str], str]]:
+    """Every disk's layers (a mirror's destination included; a defined domain's chain followed down the
+    qcow2 headers), with a label naming the disk: [({paths}, "vda, running"), ...]."""
+    out = []
+    for d in parse_disks(xml):
+        layers = [p for p in (d.source, *d.backing, d.mirror_source) if p]
+        if how == "defined" and d.type == "file" and d.source:
+            layers += chains.follow(d.backing[-1] if d.backing else d.source)[1:]
+        out.append((set(layers), f"{d.target}, {how}"))
+    return out
+
+
+def chain_refs(xml: str, target: str) -> dict[str, str]:
+    """Each layer of ``target``'s chain in a live XML: path -> libvirt's name for exactly that image
+    (``vda[3]``: an index names one image for as long as the domain runs, wherever it moves in the chain)."""
+    refs: dict[str, str] = {}
+    for d in ET.fromstring(xml).findall("./devices/disk"):
+        t = d.find("target")
+        if t is None or t.get("dev") != target:
+            continue
+        src = d.find("source")
+        if src is not None:
+            path = src.get("file") or src.get("dev") or src.get("name")
+            if path:
+                refs[path] = f"{target}[{src.get('index')}]" if src.get("index") else path
+        bs = d.find("backingStore")
+        while bs is not None and (bsrc := bs.find("source")) is not None:
+            path = bsrc.get("file") or bsrc.get("dev") or bsrc.get("name")
+            if path:
+                refs[path] = f"{target}[{bs.get('index')}]" if bs.get("index") else path
+            bs = bs.find("backingStore")
+    return refs
+
+
 def parse_disks(xml: str) -> list[Disk]:
     root = ET.fromstring(xml)
     disks = []
@@ -112,13 +148,17 @@ def parse_disks(xml: str) -> list[Disk]:
             chain.append(bsrc.get("file") or bsrc.get("dev") or bsrc.get("name") or "")
             bs = bs.find("backingStore")
         mirror = d.find("mirror")
+        msrc = mirror.find("source") if mirror is not None else None
+        mirror_source = (msrc.get("file") or msrc.get("dev") or msrc.get("name")) if msrc is not None else None
+        if mirror is not None and mirror_source is None:
+            mirror_source = mirror.get("file")  # the older form: <mirror file=...>
         url = network_url(src) if d.get("type") == "network" and src is not None else None
         disks.append(Disk(
             target=target.get("dev", ""), source=path,
             format=drv.get("type") if drv is not None else None,
             type=d.get("type", "file"), device=d.get("device", "disk"), backing=chain,
             mirror_job=mirror.get("job") if mirror is not None else None,
-            mirror_ready=(mirror is not None and mirror.get("ready") == "yes"),
+            mirror_ready=(mirror is not None and mirror.get("ready") == "yes"), mirror_source=mirror_source,
             readonly=d.find("readonly") is not None, shareable=d.find("shareable") is not None, url=url,
         ))
     return disks
@@ -199,6 +239,30 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
     def firmware(self, name: str) -> Firmware:
         return parse_firmware(self.domain_xml(name))
 
+    def chain_users(self, paths: Collection[str]) -> dict[str, list[str]]:
+        """Which domain on this connection may open each of ``paths``: every domain, running (its live
+        chain, mirrors included) or only defined (its definition's chain, followed down the image headers)."""
+        def scan(c: libvirt.virConnect) -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {p: [] for p in paths}
+            for dom in c.listAllDomains():
+                try:
+                    xmls = [("running", dom.XMLDesc(0))] if dom.isActive() else []
+                    if dom.isPersistent():
+                        xmls.append(("defined", dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+                    name = dom.name()
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        continue  # gone while we looked: it opens nothing
+                    raise
+                for how, xml in xmls:
+                    for users, label in chain_layers(xml, how):
+                        for p in paths:
+                            if p in users:
+                                out[p].append(f"{name} ({label})")
+            return out
+        users: dict[str, list[str]] = self._call("chains of every domain", scan)
+        return users
+
     def block_job(self, name: str, target: str) -> BlockJob | None:
         info = self._call(f"block job on {name}/{target}",
                           lambda c: self._dom(c, name).blockJobInfo(target, 0))
@@ -275,12 +339,33 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
             dom.snapshotCreateXML(xml, flags)
         self._call(f"disk-only snapshot of {name}", create)
 
-    def block_commit_active(self, name: str, target: str) -> None:
-        # shallow: the overlay goes into its immediate backing file (the disk's own image), never further
-        # down a chain the disk was created over (a template's shared base)
-        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
-        self._call(f"active blockcommit of {name}/{target}",
-                   lambda c: self._dom(c, name).blockCommit(target, None, None, 0, flags))
+    def block_commit_active(self, name: str, target: str, top: str | None = None, base: str | None = None) -> None:
+        """Active commit.  With ``top`` and ``base`` (paths in the disk's chain) exactly those layers, by
+        their libvirt index: libvirt refuses it when ``top`` is no longer the active layer (someone put a
+        layer above it), so a commit can never take another tool's layer down with ours."""
+        if top is None or base is None:
+            # shallow: the overlay goes into its immediate backing file (the disk's own image), never further
+            # down a chain the disk was created over (a template's shared base)
+            flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
+            self._call(f"active blockcommit of {name}/{target}",
+                       lambda c: self._dom(c, name).blockCommit(target, None, None, 0, flags))
+            return
+        self._commit_layers(name, target, top, base, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
+
+    def block_commit_intermediate(self, name: str, target: str, top: str, base: str) -> None:
+        self._commit_layers(name, target, top, base, 0)
+
+    def _commit_layers(self, name: str, target: str, top: str, base: str, flags: int) -> None:
+        what = f"{'active ' if flags else ''}blockcommit of {top} into {base} on {name}/{target}"
+
+        def commit(c: libvirt.virConnect) -> None:
+            dom = self._dom(c, name)
+            refs = chain_refs(dom.XMLDesc(0), target)
+            missing = [p for p in (top, base) if p not in refs]
+            if missing:
+                raise OperationFailed(f"{what}: {', '.join(missing)} not in the chain of {target}")
+            dom.blockCommit(target, refs[base], refs[top], 0, flags)
+        self._call(what, commit)
 
     def block_pivot(self, name: str, target: str) -> None:
         flags = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
@@ -299,10 +384,17 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
             raise OperationFailed(f"qemu-img commit of {overlay} into {base} failed: "
                                   f"{(out.stderr or out.stdout).strip()}")
 
-    def define_disk_sources(self, name: str, sources: dict[str, dict[str, str]]) -> None:
+    def commit_image(self, overlay: str, base: str) -> None:
+        out = subprocess.run(["qemu-img", "commit", "-q", "-f", "qcow2", "-b", base, overlay],
+                             capture_output=True, text=True, timeout=24 * 3600)
+        if out.returncode != 0:
+            raise OperationFailed(f"qemu-img commit of {overlay} into {base} failed: "
+                                  f"{(out.stderr or out.stdout).strip()}")
+
+    def define_disk_sources(self, name: str, sources: dict[str, dict[str, str]], running_ok: bool = False) -> None:
         def define(c: libvirt.virConnect) -> None:
             dom = self._dom(c, name)
-            if dom.isActive():
+            if dom.isActive() and not running_ok:
                 raise OperationFailed(f"redefinition of {name}'s disks: the domain is running")
             if not dom.isPersistent():
                 return

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import time
 from typing import Any
 
 from .. import hooks, naming, quiesce, validate
-from ..errors import (DeadlineExceeded, InputError, DomainNotRunning, DomcaptureError, InvalidTarget,
-                      OperationFailed, StepFailed, UnsupportedDisk)
+from ..errors import (InputError, DomainNotRunning, DomcaptureError, InvalidTarget,
+                      StepFailed, UnsupportedDisk)
 from ..definition import Option
 from ..hypervisor.base import Disk, Hypervisor
 from ..record import Artifact
@@ -18,8 +17,6 @@ from ..steps import Step, StepContext
 
 QUIESCE_MODES = ("off", "try", "require")
 DEFAULT_FREEZE_DEADLINE = 10.0
-DEFAULT_COMMIT_TIMEOUT = 600.0
-POLL = 0.2
 
 OPT_TARGET = Option("target", "directory the capture is written to")
 OPT_QUIESCE = Option("quiesce", "freeze guest filesystems through the agent: off | try | require (default try)",
@@ -367,146 +364,6 @@ class Thaw(Step):
 def needs_refreeze(ctx: StepContext) -> bool:
     """A quiesced capture whose freeze was lost (recovery thawed) must freeze again."""
     return bool(ctx.data.get("quiesced")) and not quiesce.frozen_info(ctx.rec)
-
-
-# -- block jobs ------------------------------------------------------------------------
-def disk_map(ctx: StepContext) -> dict[str, Disk]:
-    return {d.target: d for d in ctx.hv.disks(ctx.domain)}
-
-
-def overlays(ctx: StepContext) -> dict[str, str]:
-    """target -> overlay path, as planned in the record."""
-    return {a["disk"]: a["path"] for a in ctx.rec.artifacts_of("overlay")}
-
-
-def originals(ctx: StepContext) -> dict[str, str]:
-    return {d["target"]: d["source"] for d in ctx.data["disks"]}
-
-
-ACTIVE = ("running", "paused")
-
-
-def commit_offline(ctx: StepContext) -> None:
-    """The domain went down on our overlays (powered off, its QEMU killed): commit each overlay into
-    its original image with qemu-img, then point the persistent definition back at the originals.
-
-    Every guest write since the snapshot is in the overlay, so none is lost; a re-run after a crash
-    commits the same data again.
-    """
-    planned, original = overlays(ctx), originals(ctx)
-    formats = {d["target"]: d.get("format") or "raw" for d in ctx.data["disks"]}
-    types = {d["target"]: d.get("type") or "file" for d in ctx.data["disks"]}
-    on = on_overlay(ctx)
-    network = [t for t in on if types[t] == "network"]
-    if network:  # qemu-img commit needs the base by name; a network disk's base is no local path
-        raise StepFailed(f"{ctx.domain} went down on our overlays of network disks {network}; nothing is lost "
-                         f"(the guest's writes are in {[planned[t] for t in network]}): commit them by hand "
-                         "(qemu-img commit) or start the domain and resume")
-    for target in on:
-        ctx.save("offline-commit-intent", disk=target)
-        ctx.hv.commit_offline(ctx.domain, planned[target], original[target])
-    if on:
-        ctx.data["offline_commit"] = {"disks": on, "at": time.time()}
-        ctx.save("redefine-intent", disks=on)
-        ctx.hv.define_disk_sources(ctx.domain, {t: {"path": original[t], "format": formats[t], "type": types[t]}
-                                             for t in on})
-
-
-def start_commits(ctx: StepContext) -> None:
-    """Active blockcommit of every disk still on our overlay and without a job (offline if it is down)."""
-    if ctx.hv.domain_state(ctx.domain) not in ACTIVE:
-        commit_offline(ctx)
-        return
-    planned = overlays(ctx)
-    for target, disk in disk_map(ctx).items():
-        if target in planned and disk.source == planned[target] and disk.mirror_job is None:
-            if ctx.hv.block_job(ctx.domain, target) is None:
-                ctx.data.setdefault("commits", {})[target] = {"started_at": time.time()}
-                ctx.save("commit-intent", disk=target)
-                ctx.hv.block_commit_active(ctx.domain, target)
-
-
-def wait_ready(ctx: StepContext, deadline: float) -> list[str]:
-    """Poll until every disk on our overlay has a commit job ready to pivot.
-
-    Returns the disks whose job vanished while they were still on the
-    overlay: a vanished job is never taken as success.
-    """
-    planned = overlays(ctx)
-    while True:
-        ctx.check_cancel()
-        ctx.guard()
-        pending, vanished, done, total = [], [], 0, 0
-        for target, disk in disk_map(ctx).items():
-            if target not in planned or disk.source != planned[target]:
-                continue  # pivoted already (or never snapshotted)
-            job = ctx.hv.block_job(ctx.domain, target)
-            if job is not None:
-                done, total = done + job.cur, total + job.end
-            if disk.mirror_job and disk.mirror_ready:
-                continue
-            if job is None and not disk.mirror_job:
-                vanished.append(target)
-            else:
-                pending.append(target)
-        ctx.progress("commit", done, total)
-        if not pending:
-            return vanished
-        if time.time() > deadline:
-            raise DeadlineExceeded(f"block commit of {', '.join(pending)} not ready by its deadline")
-        ctx.sleep(POLL)
-
-
-def pivot_all(ctx: StepContext) -> None:
-    """Pivot every disk still on our overlay; a domain that went down meanwhile is committed offline."""
-    planned, original = overlays(ctx), originals(ctx)
-    for target, disk in disk_map(ctx).items():
-        if target in planned and disk.source == planned[target]:
-            if ctx.hv.domain_state(ctx.domain) not in ACTIVE:
-                commit_offline(ctx)
-                break
-            ctx.save("pivot-intent", disk=target)
-            try:
-                ctx.hv.block_pivot(ctx.domain, target)
-            except OperationFailed:
-                if ctx.hv.domain_state(ctx.domain) in ACTIVE:
-                    raise
-                commit_offline(ctx)  # it died under the pivot
-                break
-    still = [t for t, d in disk_map(ctx).items() if t in original and d.source != original[t]]
-    if still:
-        raise StepFailed(f"after pivot, disks {still} are not on their original images")
-
-
-def on_overlay(ctx: StepContext) -> list[str]:
-    planned = overlays(ctx)
-    return [t for t, d in disk_map(ctx).items() if t in planned and d.source == planned[t]]
-
-
-def remove_overlays(ctx: StepContext) -> None:
-    """Delete our overlay files that no disk uses any more."""
-    using = {d.source for d in ctx.hv.disks(ctx.domain)}
-    for art in ctx.rec.artifacts_of("overlay"):
-        if art["path"] in using:
-            raise StepFailed(f"overlay {art['path']} is still in use by {ctx.domain}")
-        ctx.fx.files.remove_owned(art["path"])
-        art["status"] = "deleted"
-
-
-def get_off_overlays(ctx: StepContext) -> None:
-    """Bring every disk back onto its original image: commit, wait, pivot, delete."""
-    if on_overlay(ctx):
-        start_commits(ctx)
-        timeout = float(ctx.params.get("commit_timeout", DEFAULT_COMMIT_TIMEOUT))
-        for _ in range(3):
-            vanished = wait_ready(ctx, time.time() + timeout)
-            if not vanished:
-                break
-            start_commits(ctx)
-        pivot_all(ctx)
-    remove_overlays(ctx)
-    ctx.save("overlays-removed")
-
 
 
 # -- disk copies into the target ----------------------------------------------------------

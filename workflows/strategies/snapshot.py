@@ -28,6 +28,7 @@ from ..record import Artifact, Record
 from ..steps import Step, StepContext
 from ..verify import verify_files
 from . import common, snapshot_common
+from . import overlays as ovl
 
 NAME = "snapshot"
 VERSION = 1
@@ -82,7 +83,7 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
         "freeze_deadline": common.parse_seconds("freeze_deadline", params.get("freeze_deadline"),
                                                 common.DEFAULT_FREEZE_DEADLINE),
         "commit_timeout": common.parse_seconds("commit_timeout", params.get("commit_timeout"),
-                                               common.DEFAULT_COMMIT_TIMEOUT),
+                                               ovl.DEFAULT_COMMIT_TIMEOUT),
     }
     if name is not None and hv.lookup_snapshot(domain, name) is not None:
         raise InputError(f"domain {domain} already has a snapshot named {name!r}")
@@ -141,7 +142,7 @@ class Snapshot(Step):
         return True
 
     def execute(self, ctx: StepContext) -> None:
-        overlays = common.overlays(ctx) if ctx.params["kind"] == "external" else None
+        overlays = ovl.overlays(ctx) if ctx.params["kind"] == "external" else None
         memory = next((a["path"] for a in ctx.rec.artifacts_of("memory-file")), None)
         using = {d.source for d in ctx.hv.disks(ctx.domain)}
         for path in list((overlays or {}).values()) + ([memory] if memory else []):

@@ -16,11 +16,12 @@ from typing import Any
 
 from .. import hooks, naming
 from ..definition import RESUME, Definition
-from ..errors import DomainNotRunning, StepFailed
+from ..errors import DomainNotRunning, DomcaptureError, StepFailed
 from ..effects import Inspect
 from ..record import Artifact
 from ..steps import Step, StepContext
 from . import common, evidence
+from . import overlays as ovl
 
 NAME = "snapshot-backup"
 VERSION = 1
@@ -54,7 +55,7 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
         "freeze_deadline": common.parse_seconds("freeze_deadline", params.get("freeze_deadline"),
                                                 common.DEFAULT_FREEZE_DEADLINE),
         "commit_timeout": common.parse_seconds("commit_timeout", params.get("commit_timeout"),
-                                               common.DEFAULT_COMMIT_TIMEOUT),
+                                               ovl.DEFAULT_COMMIT_TIMEOUT),
         "bandwidth": common.parse_bandwidth(params.get("bandwidth")),
     }
     out.update(common.parse_hooks(params))
@@ -73,6 +74,7 @@ class Preflight(Step):
 
     def execute(self, ctx: StepContext) -> None:
         ctx.data["offline"] = require_capturable(ctx.hv, ctx.domain) == "shutoff"
+        ctx.data["targets_at_start"] = sorted(d.target for d in ctx.hv.disks(ctx.domain))
         disks, ctx.data["skipped_disks"] = common.choose_disks(ctx.hv, ctx.domain, ctx.params, backing_ok=True,
                                                                block_ok=True, network_ok=True)
         target = ctx.params["target"]
@@ -111,13 +113,13 @@ class Snapshot(Step):
     def probe(self, ctx: StepContext) -> bool:
         if ctx.data.get("offline"):
             return True  # a shut-off domain: its images are read directly
-        on = common.on_overlay(ctx)
-        if on and len(on) != len(common.overlays(ctx)):
+        on = ovl.on_overlay(ctx)
+        if on and len(on) != len(ovl.overlays(ctx)):
             raise StepFailed(f"only disks {on} are on their overlays: the snapshot was not atomic")
         return bool(on)
 
     def execute(self, ctx: StepContext) -> None:
-        planned = common.overlays(ctx)
+        planned = ovl.overlays(ctx)
         for path in planned.values():  # left by an attempt that never switched the domain
             ctx.fx.files.remove_owned(path)
         for folder in {os.path.dirname(p) for p in planned.values()}:
@@ -132,7 +134,7 @@ class Snapshot(Step):
             ctx.rec.set_artifact(f"overlay:{target}", status="present")
 
     def revert(self, ctx: StepContext) -> None:
-        common.get_off_overlays(ctx)
+        ovl.get_off_overlays(ctx)
 
 
 class CopyBackingFiles(Step):
@@ -145,7 +147,7 @@ class CopyBackingFiles(Step):
         if ctx.data.get("offline"):
             self._offline(ctx)
             return
-        on = common.on_overlay(ctx)
+        on = ovl.on_overlay(ctx)
         if len(on) != len(ctx.data["disks"]):
             raise StepFailed("the domain left its overlays before the copy finished; the images are not frozen")
         common.make_capture_folder(ctx)
@@ -192,15 +194,26 @@ def image_signature(ctx: StepContext) -> dict[str, list[int]]:
 
 
 class Commit(Step):
-    description = "active blockcommit of each overlay into its original image"
+    description = ("blockcommit of each overlay into its original image: active, or below another tool's "
+                   "layer; never on another tool's job")
 
     def probe(self, ctx: StepContext) -> bool:
-        disks = common.disk_map(ctx)
-        planned = common.overlays(ctx)
-        return all(disks[t].source != p or disks[t].mirror_job for t, p in planned.items())
+        if ovl.domain_state(ctx) not in ovl.ACTIVE:
+            return not ovl.on_overlay(ctx)
+        planned = ovl.overlays(ctx)
+        return all(v.place(planned[t]) == ovl.ABSENT or (v.job is not None and ovl.is_ours(ctx, v))
+                   for t, v in ovl.views(ctx).items())
 
     def execute(self, ctx: StepContext) -> None:
-        common.start_commits(ctx)
+        ovl.commit_unplugged(ctx)
+        deadline = ctx.data.setdefault("commit_deadline", time.time() + float(ctx.params["commit_timeout"]))
+        while blocked := ovl.start_commits(ctx):
+            ovl.note_foreign(ctx, blocked)
+            if time.time() > deadline:
+                raise ovl.foreign_deadline(ctx, blocked)
+            ctx.check_cancel()
+            ctx.sleep(ovl.POLL)
+        ovl.clear_foreign(ctx)
 
 
 class WaitReady(Step):
@@ -208,7 +221,7 @@ class WaitReady(Step):
 
     def execute(self, ctx: StepContext) -> None:
         deadline = ctx.data.setdefault("commit_deadline", time.time() + float(ctx.params["commit_timeout"]))
-        ctx.data["vanished"] = common.wait_ready(ctx, deadline)
+        ctx.data["vanished"] = ovl.wait_ready(ctx, deadline)
 
     def next_trigger(self, ctx: StepContext) -> str:
         return "recommit" if ctx.data.pop("vanished", None) else "advance"
@@ -218,20 +231,21 @@ class Pivot(Step):
     description = "pivot each disk back onto its original image"
 
     def probe(self, ctx: StepContext) -> bool:
-        return not common.on_overlay(ctx)
+        return not ovl.on_overlay(ctx)
 
     def execute(self, ctx: StepContext) -> None:
-        common.pivot_all(ctx)
+        ovl.pivot_all(ctx)
 
 
 class Cleanup(Step):
-    description = "delete the overlays"
+    description = "delete the overlays, once no domain's chain holds them"
 
     def probe(self, ctx: StepContext) -> bool:
         return all(not os.path.exists(a["path"]) for a in ctx.rec.artifacts_of("overlay"))
 
     def execute(self, ctx: StepContext) -> None:
-        common.remove_overlays(ctx)
+        ovl.commit_unplugged(ctx)
+        ovl.remove_overlays(ctx)
 
 
 class Finalize(Step):
@@ -275,6 +289,7 @@ class Finalize(Step):
                           "offline": bool(ctx.data.get("offline")),
                           "paused": bool(ctx.data.get("paused")),
                           "quiesce_skipped": None if ctx.data.get("quiesced") else ctx.data.get("quiesce_error"),
+                          **changes_by_others(ctx),
                           **evidence.result_fields(ctx)}
         return "advance"
 
@@ -282,6 +297,29 @@ class Finalize(Step):
         evidence.remove_manifest(ctx)
         evidence.remove_firmware(ctx)
         common.remove_capture_folder(ctx)
+
+
+def changes_by_others(ctx: StepContext) -> dict[str, Any]:
+    """What other actors did to the domain's disks during the capture, as the result reports it."""
+    out: dict[str, Any] = {}
+    if ctx.data.get("foreign_layers"):
+        out["foreign_layers"] = {t: {"layer": layer, "handled": "our overlay was committed into the original "
+                                                                 "below it; the layer is now backed by the original"}
+                                 for t, layer in ctx.data["foreign_layers"].items()}
+    if ctx.data.get("unplugged"):
+        out["unplugged_disks"] = {t: {**u, "handled": "unplugged during the capture; our overlay was committed "
+                                                      "into its original offline"}
+                                  for t, u in ctx.data["unplugged"].items()}
+    start = ctx.data.get("targets_at_start")
+    if start is not None:
+        try:
+            added = sorted({d.target for d in ctx.hv.disks(ctx.domain)} - set(start))
+        except DomcaptureError:
+            added = []
+        if added:
+            out["disks_added_during_capture"] = {t: "plugged in during the capture: not in this backup"
+                                                 for t in added}
+    return out
 
 
 STEPS: dict[str, Step] = {

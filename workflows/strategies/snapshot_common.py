@@ -19,7 +19,7 @@ from ..errors import DeadlineExceeded, InputError, OperationFailed, StepFailed
 from ..hypervisor.base import Hypervisor
 from ..hypervisor.snapshot_info import SnapshotInfo
 from ..steps import StepContext
-from . import common
+from . import overlays as ovl
 
 KINDS = ("internal", "external")
 DEFAULT_IDLE_TIMEOUT = 600.0
@@ -82,7 +82,7 @@ def wait_idle(ctx: StepContext, timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         ctx.guard()
         if time.time() > deadline:
             raise DeadlineExceeded(f"domain {ctx.domain} still busy with a libvirt job after {timeout:.0f} s")
-        ctx.sleep(common.POLL)
+        ctx.sleep(ovl.POLL)
     if waited:
         ctx.data.setdefault("waited_for_libvirt", 0)
         ctx.data["waited_for_libvirt"] += 1
@@ -119,7 +119,7 @@ def delete_snapshot(ctx: StepContext, snap: str, owner: str | None = None) -> st
         ctx.data["left_alone"] = f"snapshot {snap} exists but was not created by workflow {owner}"
         info = None
     if info is not None:
-        if not info.external or common.on_overlay(ctx):
+        if not info.external or ovl.on_overlay(ctx):
             ctx.save("delete-intent", snapshot=snap)
             try:
                 ctx.hv.delete_snapshot(ctx.domain, snap)
@@ -135,19 +135,19 @@ def delete_snapshot(ctx: StepContext, snap: str, owner: str | None = None) -> st
                 how = "commit"
         else:
             how = "metadata"  # the disks left the overlays already: only the metadata is left
-    if common.on_overlay(ctx):
+    if ovl.on_overlay(ctx):
         if ctx.hv.domain_state(ctx.domain) != "running":
             raise StepFailed(f"domain {ctx.domain} is shut off on the overlays of {snap} and libvirt refused to "
                              "delete it; start the domain, then run the command again")
-        originals = common.originals(ctx)
+        originals = ovl.originals(ctx)
         for d in ctx.hv.disks(ctx.domain):
-            if d.target in common.on_overlay(ctx) and d.backing != [originals[d.target]]:
+            if d.target in ovl.on_overlay(ctx) and d.backing != [originals[d.target]]:
                 raise StepFailed(f"disk {d.target} has the chain {' <- '.join(d.backing)} below {d.source}; "
                                  f"only a single overlay over {originals[d.target]} is committed by hand")
-        common.get_off_overlays(ctx)
+        ovl.get_off_overlays(ctx)
     else:
         check_not_below(ctx)
-        common.remove_overlays(ctx)
+        ovl.remove_overlays(ctx)
     if info is not None and how in ("commit", "metadata"):
         ctx.save("metadata-delete-intent", snapshot=snap)
         ctx.hv.delete_snapshot(ctx.domain, snap, metadata_only=True)

@@ -28,6 +28,7 @@ from ..hypervisor.snapshot_info import SnapshotInfo
 from ..record import Artifact
 from ..steps import Step, StepContext
 from . import common, snapshot_common
+from . import overlays as ovl
 
 NAME = "snapshot-delete"
 VERSION = 1
@@ -66,7 +67,7 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
     return {"name": name,
             "on_error": common.parse_on_error(params),
             "commit_timeout": common.parse_seconds("commit_timeout", params.get("commit_timeout"),
-                                                   common.DEFAULT_COMMIT_TIMEOUT)}
+                                                   ovl.DEFAULT_COMMIT_TIMEOUT)}
 
 
 class Preflight(Step):
@@ -93,7 +94,7 @@ class Preflight(Step):
 
 
 def _gone(ctx: StepContext) -> bool:
-    if ctx.hv.lookup_snapshot(ctx.domain, ctx.data["snapshot"]) is not None or common.on_overlay(ctx):
+    if ctx.hv.lookup_snapshot(ctx.domain, ctx.data["snapshot"]) is not None or ovl.on_overlay(ctx):
         return False
     return not any(os.path.exists(a["path"]) for a in ctx.rec.artifacts_of("overlay")) and not any(
         a.get("remove") and os.path.exists(a["path"]) for a in ctx.rec.artifacts_of("memory-file"))
@@ -124,11 +125,12 @@ class Delete(Step):
         if "delete_started_at" not in ctx.data:
             return
         snapshot_common.wait_idle(ctx)
-        planned = common.overlays(ctx)
-        on = common.on_overlay(ctx)
+        planned = ovl.overlays(ctx)
+        on = ovl.on_overlay(ctx)
         if ctx.hv.lookup_snapshot(ctx.domain, ctx.data["snapshot"]) is not None and len(on) == len(planned):
-            for target in on:  # commits started by hand that never pivoted: the snapshot stays whole
-                if ctx.hv.block_job(ctx.domain, target) is not None:
+            views = ovl.views(ctx)
+            for target in on:  # commits of ours started by hand that never pivoted: the snapshot stays whole
+                if views[target].job is not None and ovl.is_ours(ctx, views[target]):
                     ctx.save("abort-intent", disk=target)
                     ctx.hv.block_job_abort(ctx.domain, target)
             return
