@@ -175,3 +175,30 @@ def test_a_restored_uefi_domain_names_its_nvram_and_undefine_removes_it_only_whe
     finally:
         if env.hv.lookup_domain_description(name) is not None:
             env.hv.undefine_restored_domain(name, nvram=True)
+
+
+def test_commit_of_named_layers_and_who_uses_a_file(env):
+    """The chain-aware calls: a commit names its top and base, and is refused when the top is not the
+    active layer over that base; ``chain_users`` finds a file in any layer of a domain's chain."""
+    ov = overlays_for(env)
+    env.hv.snapshot_disk_only(env.name, {"vda": ov["vda"]})
+    users = env.hv.chain_users([ov["vda"], env.disks["vda"], str(env.dir / "nobody.qcow2")])
+    assert f"{env.name} (vda, running)" in users[ov["vda"]]
+    assert any(u.startswith(f"{env.name} (vda, ") for u in users[env.disks["vda"]])  # the backing layer
+    assert users[str(env.dir / "nobody.qcow2")] == []
+    with pytest.raises(OperationFailed):  # the original is not the active layer: refused, nothing started
+        env.hv.block_commit_active(env.name, "vda", env.disks["vda"], ov["vda"])
+    assert env.hv.block_job(env.name, "vda") is None
+    with pytest.raises(OperationFailed):  # our overlay is the active layer: an intermediate commit is refused
+        env.hv.block_commit_intermediate(env.name, "vda", ov["vda"], env.disks["vda"])
+    assert env.hv.block_job(env.name, "vda") is None
+    env.write("vda", 0x3C, 2, 1)
+    env.hv.block_commit_active(env.name, "vda", ov["vda"], env.disks["vda"])
+    job = env.hv.block_job(env.name, "vda")
+    assert job is not None and job.type == "active-commit"
+    wait_ready(env, "vda")
+    disk = {d.target: d for d in env.hv.disks(env.name)}["vda"]
+    assert disk.mirror_job == "active-commit" and disk.mirror_source == env.disks["vda"]
+    env.hv.block_pivot(env.name, "vda")
+    assert env.original_has("vda", 0x3C, 2, 1)
+    assert env.hv.chain_users([ov["vda"]])[ov["vda"]] == []
