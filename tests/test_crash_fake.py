@@ -295,3 +295,37 @@ def test_a_guest_frozen_past_its_deadline_is_thawed_once_by_the_watchdog_and_a_h
     assert w.frozen_at_snapshot is False  # thawed before the snapshot: the backup is not called quiesced
     w.check_invariants(done)
     assert done["result"]["quiesced"] is False
+
+
+def test_an_expired_workers_watchdog_does_not_thaw_the_new_owners_freeze(tmp_path, store):
+    """A worker whose lease expired (stopped longer than its TTL) wakes with a freeze deadline passed in
+    its watchdog; meanwhile another worker took the workflow over and froze the guest itself.  The old
+    watchdog asks for the lease right before it would thaw, finds it gone, and stops: the new owner's
+    guest stays frozen, its freeze its own."""
+    from workflows.engine import FreezeWatchdog
+    w = World(tmp_path / "w", store)
+    old = store.acquire_lease(w.rec.id, "old-worker", 0.3)
+    assert old is not None
+    deadline = time.monotonic() + 5
+    while (new := store.acquire_lease(w.rec.id, "new-worker", 30)) is None:  # the old one's TTL runs out
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    w.fake.fs_freeze("dom")  # the new owner's freeze
+    dog = FreezeWatchdog(store, w.rec.id, "dom", old, lambda: w.fake, poll=0.01)
+    dog.observe({"since": time.time() - 10, "until": time.time() - 1})  # the old worker's deadline, passed
+    dog.start()
+    dog.join(timeout=5)
+    assert not dog.is_alive()  # it stopped by itself, on the lease
+    assert w.fake.domains["dom"].frozen  # ... without thawing the new owner's guest
+    assert not [e for e in store.history(w.rec.id) if e["event"] == "thawed-at-deadline"]
+    # the new owner's own watchdog, past its deadline, does thaw
+    mine = FreezeWatchdog(store, w.rec.id, "dom", new, lambda: w.fake, poll=0.01)
+    mine.observe({"since": time.time() - 10, "until": time.time() - 1})
+    mine.start()
+    limit = time.monotonic() + 5
+    while w.fake.domains["dom"].frozen:
+        assert time.monotonic() < limit, "the owner's watchdog never thawed"
+        time.sleep(0.01)
+    mine.stop()
+    mine.join(timeout=5)
+    new.release()

@@ -120,8 +120,14 @@ class FreezeWatchdog(threading.Thread):
             while not self._stop_event.wait(self._poll):
                 with self._lock:
                     mark = self._mark
-                if not mark or time.time() <= mark["until"] or self.lease.lost:
+                if not mark or time.time() <= mark["until"]:
                     continue
+                if not self._still_ours():
+                    # Another worker may hold the workflow now, and its freeze is its own: thawing it would
+                    # make its capture claim a quiesce it does not have.  That worker's watchdog (or
+                    # recovery, which thaws before it takes over) owns the deadline from here.
+                    log.warning("workflow %s: lease lost; the freeze watchdog stops", self.rec_id)
+                    return
                 log.warning("workflow %s: guest frozen past its deadline; thawing", self.rec_id)
                 try:
                     hv = hv or self._hypervisor()
@@ -145,6 +151,17 @@ class FreezeWatchdog(threading.Thread):
         finally:
             if hv is not None:
                 hv.close()
+
+    def _still_ours(self) -> bool:
+        """The lease, judged right before a thaw: its local clock, then Redis.  Redis unreachable: the
+        local clock decides (within the TTL nobody else can have taken the lease)."""
+        try:
+            self.lease.check()
+        except LeaseLost:
+            return False
+        except DomcaptureError:
+            return not self.lease.lost and time.monotonic() - self.lease.renewed_at <= self.lease.ttl
+        return True
 
     def _domain_active(self, hv: Hypervisor | None) -> bool:
         try:
