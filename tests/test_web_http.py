@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 
 import httpx
 import pytest
 
-from workflows.record import Record
+from workflows.record import Record, new_id
 
 from .realenv import DOMCAPTURE
 from .webenv import WebServer
@@ -37,7 +36,7 @@ def login(client: httpx.Client, **form: str) -> httpx.Response:
 
 @pytest.fixture
 def failed_record(store) -> Record:
-    rec = Record(id=f"web{int(time.time() * 1000) % 10**9:09d}", strategy="snapshot-backup", definition_version=1,
+    rec = Record(id=new_id(), strategy="snapshot-backup", definition_version=1,
                  domain="dctest-web-none", uri="qemu:///system", params={}, state="copying", status="failed",
                  error={"type": "StepFailed", "message": "disk full", "retryable": False, "state": "copying"})
     store.create(rec)

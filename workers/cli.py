@@ -30,7 +30,7 @@ from workflows.errors import DomcaptureError, RecordUnreadable
 from workflows.record import FINAL_STATUSES, STATUSES, STOPPED_STATUSES, Record
 from workflows.service import summary
 
-from . import cli_backups, cli_checkpoints, cli_fleet, cli_mount, completion, notify, web
+from . import cli_audit, cli_backups, cli_checkpoints, cli_fleet, cli_mount, completion, notify, web
 from .runtime import Runtime, rq_module
 from .settings import ENV, Settings, process_id
 
@@ -419,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     _with_json(s)
     s.set_defaults(func=cmd_completion, offline=True)
     web.register(sub)
+    cli_audit.register(sub)
     notify.register(sub)
     return p
 
@@ -499,7 +500,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = Settings.from_env()
         if args.redis_url is not None:
             settings = settings.with_redis_url(args.redis_url)
-        return func(args, Runtime(settings))
+        return cli_audit.run_audited(args, Runtime(settings), func)
     except DomcaptureError as exc:
         if args.debug:
             traceback.print_exc()

@@ -2,8 +2,9 @@
 
 Authentication, one of:
 - a shared token: ``--token-file PATH`` (or env ``DOMCAPTURE_WEB_TOKEN``);
-- a user file: ``--users PATH`` (format in ``workers.webauth``; add a user with
-  ``domcapture web --users PATH --add-user NAME``, password on stdin);
+- a user file: ``--users PATH`` (format and roles in ``workers.webauth``; add a user
+  or change a password with ``domcapture web --users PATH --add-user NAME [--role ROLE]``,
+  password on stdin; ``--remove-user NAME``; either ends that user's console sessions);
 - ``--no-auth``, only together with a loopback ``--bind``.
 
 The app itself is imported only when the command runs, so the other
@@ -23,7 +24,8 @@ from typing import Any
 from workflows.errors import InputError
 
 from .runtime import Runtime
-from .webauth import Auth, AuthConfigError, add_user, is_loopback, load_users, read_secret_file
+from .webauth import ROLES, Auth, AuthConfigError, Sessions, add_user, is_loopback, load_users, read_secret_file, \
+    remove_user
 
 DEFAULT_BIND = "127.0.0.1:8080"
 METRICS_MODES = ("loopback", "open", "token")
@@ -70,27 +72,44 @@ def auth_from(args: argparse.Namespace, host: str) -> Auth:
     if not users and token is None:
         raise InputError("no authentication configured: give --token-file, --users (or env DOMCAPTURE_WEB_TOKEN, "
                          "DOMCAPTURE_WEB_USERS), or --no-auth on a loopback address")
-    return Auth(token=token, users=users, metrics=metrics, metrics_token=metrics_token)
+    return Auth(token=token, users=users, metrics=metrics, metrics_token=metrics_token, users_path=users_path)
 
 
-def cmd_add_user(args: argparse.Namespace) -> int:
+def cmd_change_user(args: argparse.Namespace, rt: Runtime) -> int:
+    """--add-user / --remove-user: change the user file, end that user's sessions, record it in the audit log."""
+    from workflows.audit import AuditLog, cli_actor
     if not args.users:
-        raise InputError("--add-user needs --users PATH")
-    password = getpass.getpass(f"password for {args.add_user}: ") if sys.stdin.isatty() \
-        else sys.stdin.readline().rstrip("\n")
-    if len(password) < 8:
-        raise InputError("password: at least 8 characters")
+        raise InputError(f"{'--add-user' if args.add_user else '--remove-user'} needs --users PATH")
+    name = args.add_user or args.remove_user
+    log = AuditLog(rt.store.r, rt.settings.prefix)
     try:
-        add_user(Path(args.users), args.add_user, password)
+        if args.add_user and args.remove_user:
+            raise AuthConfigError("--add-user and --remove-user: give one")
+        if args.role is not None and args.role not in ROLES:
+            raise AuthConfigError(f"--role {args.role!r}: choose one of {', '.join(ROLES)}")
+        if args.add_user:
+            password = getpass.getpass(f"password for {name}: ") if sys.stdin.isatty() \
+                else sys.stdin.readline().rstrip("\n")
+            if len(password) < 8:
+                raise AuthConfigError("password: at least 8 characters")
+            user = add_user(Path(args.users), name, password, args.role)
+            action, what = "user-set", f"user {name} set ({user.role})"
+        else:
+            remove_user(Path(args.users), name)
+            action, what = "user-remove", f"user {name} removed"
     except AuthConfigError as exc:
         raise InputError(str(exc)) from None
-    print(f"{args.users}: user {args.add_user} set")
+    ended = Sessions(rt.store.r, rt.settings.prefix).end_user(name)
+    log.append(cli_actor(), action, name, "ok", role=args.role, sessions_ended=ended, file=str(args.users))
+    print(f"{args.users}: {what}; {ended} console session(s) ended")
     return 0
 
 
 def cmd_web(args: argparse.Namespace, rt: Runtime) -> int:
-    if args.add_user:
-        return cmd_add_user(args)
+    if args.add_user or args.remove_user:
+        return cmd_change_user(args, rt)
+    if args.role is not None:
+        raise InputError("--role goes with --add-user")
     host, port = parse_bind(args.bind or os.environ.get("DOMCAPTURE_WEB_BIND", DEFAULT_BIND))
     auth = auth_from(args, host)
     secret_path = _env_path(args.secret_file, "DOMCAPTURE_WEB_SECRET_FILE")
@@ -107,7 +126,10 @@ def cmd_web(args: argparse.Namespace, rt: Runtime) -> int:
     from .webapp import WebConfig, create_app
     app = create_app(rt, WebConfig(auth=auth, read_only=read_only, secret=secret,
                                    secure_cookie=args.secure_cookie))
-    uvicorn.run(app, host=host, port=port, log_level=str(args.log_level or "info").lower(), access_log=False)
+    # proxy_headers off: a client's X-Forwarded-For is not its address (the audit log and the login limit
+    # use the address the connection comes from)
+    uvicorn.run(app, host=host, port=port, log_level=str(args.log_level or "info").lower(), access_log=False,
+                proxy_headers=False)
     return 0
 
 
@@ -117,10 +139,14 @@ def register(sub: Any) -> None:
     s.add_argument("--token-file", help="file holding the login token (env DOMCAPTURE_WEB_TOKEN_FILE, "
                    "or the token itself in DOMCAPTURE_WEB_TOKEN)")
     s.add_argument("--users", help="user file: name:scrypt$... lines (env DOMCAPTURE_WEB_USERS)")
-    s.add_argument("--add-user", metavar="NAME", help="add or replace a user in --users (password on stdin), exit")
+    s.add_argument("--add-user", metavar="NAME", help="add a user to --users or change one's password (on stdin), "
+                   "end that user's console sessions, exit")
+    s.add_argument("--role", help=f"with --add-user: {', '.join(ROLES)} (default: a new user operator, "
+                   "an existing one keeps its role)")
+    s.add_argument("--remove-user", metavar="NAME", help="remove a user from --users, end its sessions, exit")
     s.add_argument("--no-auth", action="store_true", help="no login (only with a loopback --bind)")
-    s.add_argument("--read-only", action="store_true", help="show everything, refuse every action "
-                   "(env DOMCAPTURE_WEB_READ_ONLY=1)")
+    s.add_argument("--read-only", action="store_true", help="everyone acts as a viewer: show everything, refuse "
+                   "every action (env DOMCAPTURE_WEB_READ_ONLY=1)")
     s.add_argument("--secret-file", help="session signing key (env DOMCAPTURE_WEB_SECRET_FILE; default: random "
                    "per process, so a restart logs everyone out)")
     s.add_argument("--secure-cookie", action="store_true", help="send the session cookie over HTTPS only")

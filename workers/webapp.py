@@ -29,21 +29,27 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from workflows import strategies
+from workflows.audit import Actor, AuditLog
 from workflows.definition import END_STATES, ROLLING_BACK, Definition
 from workflows.errors import DomcaptureError, InputError, RecordNotFound
 from workflows.record import FINAL_STATUSES, STATUSES, Record
+from workflows.validate import ID_RE
 
 from . import cli_checkpoints
 from .metrics import StoreCollector, host_of
 from .notify import delivery_log
 from .runtime import Runtime
-from .webauth import Auth, csrf_ok, new_csrf_token
+from .webauth import ROLES, Auth, AuthConfigError, LoginLimiter, Sessions, User, add_user, csrf_ok, new_csrf_token, \
+    remove_user
 
 HERE = Path(__file__).resolve().parent
 ACTIONS = ("resume", "rollback", "abort", "verify")
 HTTP_STATUS = {2: 400, 3: 409, 4: 503}  # DomcaptureError.exit_code -> HTTP status
-# no framing (the action buttons must not be clickjacked), no caching of pages that show live state
-PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+# no framing (the action buttons must not be clickjacked), no caching of pages that show live state,
+# no script but the console's own files (no inline script, no handler attributes)
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self'; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": CSP,
                 "Cache-Control": "no-store", "Referrer-Policy": "same-origin", "X-Content-Type-Options": "nosniff"}
 
 
@@ -105,12 +111,32 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(rt.store, rt.settings.queue))
     auth = config.auth
+    sessions = Sessions(rt.store.r, rt.settings.prefix)
+    limiter = LoginLimiter(rt.store.r, rt.settings.prefix)
+    audit = AuditLog(rt.store.r, rt.settings.prefix)
+
+    def client_of(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    def current(request: Request) -> User | None:
+        """The user of this request's session, as the user file says now; a viewer in read-only mode."""
+        if auth.no_auth:
+            who: User | None = auth.ANONYMOUS
+        else:
+            doc = sessions.get(request.session.get("sid"))
+            who = auth.user(doc["user"]) if doc else None
+            if who is not None and doc is not None and doc.get("stamp") != who.stamp:
+                who = None  # a new password or role since this session began
+        if who is not None and config.read_only:
+            who = User(who.name, who.encoded, "viewer")
+        return who
 
     def user(request: Request) -> str | None:
-        if auth.no_auth:
-            return "anonymous"
-        name = request.session.get("user")
-        return name if isinstance(name, str) else None
+        who = getattr(request.state, "who", None)
+        return who.name if isinstance(who, User) else None
+
+    def actor(request: Request) -> Actor:
+        return Actor(user(request) or "-", f"console {client_of(request)}")
 
     def csrf(request: Request) -> str:
         token = request.session.get("csrf")
@@ -121,7 +147,9 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
 
     def render(request: Request, template: str, status_code: int = 200, **context: Any) -> Response:
         flash = request.session.pop("flash", None)
-        base = {"user": user(request), "csrf": csrf(request), "read_only": config.read_only, "flash": flash,
+        who = getattr(request.state, "who", None)
+        base = {"user": user(request), "role": who.role if isinstance(who, User) else None,
+                "csrf": csrf(request), "read_only": config.read_only, "flash": flash,
                 "statuses": STATUSES, "strategy_names": sorted(strategies.DEFINITIONS)}
         resp = templates.TemplateResponse(request, template, {**base, **context}, status_code=status_code)
         resp.headers.update(PAGE_HEADERS)
@@ -132,59 +160,111 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
 
     Handler = Callable[[Request], Awaitable[Response]]
 
-    def page(fn: Handler) -> Handler:
-        async def wrapped(request: Request) -> Response:
-            if user(request) is None:
-                if request.headers.get("HX-Request"):
-                    return Response(status_code=401, headers={"HX-Redirect": "/login"})
-                return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
-            try:
-                return await fn(request)
-            except RecordNotFound as exc:
-                return render(request, "error.html", 404, message=str(exc))
-            except DomcaptureError as exc:
-                return render(request, "error.html", HTTP_STATUS.get(exc.exit_code, 500), message=str(exc))
-        return wrapped
+    def guard(role: str, *, acts: bool = False) -> Callable[[Handler], Handler]:
+        """Every route but login, /metrics, /healthz and /static goes through here, in this order:
+        a workflow id in the path must match the id format (else 404, before Redis is asked); then a
+        session (else a redirect to the login page, or 401 for a POST or an htmx poll); for ``acts``
+        (a POST that changes something) the CSRF token; then the role: a user below ``role`` gets 403
+        (recorded in the audit log when the request acts), and nothing is read or changed."""
+        def deco(fn: Handler) -> Handler:
+            async def wrapped(request: Request) -> Response:
+                wf_id = request.path_params.get("wf_id")
+                if wf_id is not None and not ID_RE.match(wf_id):
+                    return PlainTextResponse("not found: not a workflow id\n", status_code=404)
+                who = await run_in_threadpool(current, request)
+                request.state.who = who
+                if who is None:
+                    if acts:
+                        return PlainTextResponse("not logged in\n", status_code=401)
+                    if request.headers.get("HX-Request"):
+                        return Response(status_code=401, headers={"HX-Redirect": "/login"})
+                    return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+                if acts:
+                    form = await request.form()
+                    if not csrf_ok(request.session.get("csrf"), form.get("csrf")):
+                        return PlainTextResponse("refused: the form's CSRF token is missing or wrong; "
+                                                 "reload the page\n", status_code=403)
+                    request.state.form = form
+                if ROLES.index(who.role) < ROLES.index(role):
+                    why = "this console is read-only" if config.read_only else \
+                        f"{who.name} has role {who.role}; this needs {role}"
+                    if acts:
+                        await run_in_threadpool(audit.append, actor(request), request.url.path[:200], "-",
+                                                f"denied: {why}")
+                    return PlainTextResponse(f"refused: {why}\n", status_code=403)
+                try:
+                    return await fn(request)
+                except RecordNotFound as exc:
+                    return render(request, "error.html", 404, message=str(exc))
+                except DomcaptureError as exc:
+                    return render(request, "error.html", HTTP_STATUS.get(exc.exit_code, 500), message=str(exc))
+            wrapped.required_role = role  # type: ignore[attr-defined]  # read by the route-by-route tests
+            wrapped.acts = acts  # type: ignore[attr-defined]
+            return wrapped
+        return deco
 
-    def action(fn: Handler) -> Handler:
-        """A state-changing POST: logged in, CSRF token checked, not in read-only mode."""
-        async def wrapped(request: Request) -> Response:
-            if user(request) is None:
-                return PlainTextResponse("not logged in\n", status_code=403)
-            form = await request.form()
-            if not csrf_ok(request.session.get("csrf"), form.get("csrf")):
-                return PlainTextResponse("refused: the form's CSRF token is missing or wrong; reload the page\n",
-                                         status_code=403)
-            if config.read_only:
-                return PlainTextResponse("refused: this console is read-only\n", status_code=403)
-            request.state.form = form
-            return await fn(request)
-        return wrapped
+    def public(fn: Handler) -> Handler:
+        fn.required_role = None  # type: ignore[attr-defined]
+        return fn
+
+    page = guard("viewer")
+    action = guard("operator", acts=True)
+    admin_page = guard("admin")
+    admin_action = guard("admin", acts=True)
 
     # -- login -------------------------------------------------------------------------------
-    async def login_page(request: Request) -> Response:
-        return render(request, "login.html", next=request.query_params.get("next", "/"),
-                      with_users=bool(auth.users))
+    def with_users() -> bool:
+        return bool(auth.users) or auth.users_path is not None
 
+    @public
+    async def login_page(request: Request) -> Response:
+        return render(request, "login.html", next=request.query_params.get("next", "/"), with_users=with_users())
+
+    def _login(client: str, username: str, secret: str) -> tuple[User | None, int]:
+        """(the user, 0), or (None, seconds to wait before the next try; 0 when not limited)."""
+        wait = limiter.retry_after(client, username)
+        who = None if wait else auth.login(username, secret)
+        src = Actor(username or "-", f"console {client}")
+        if wait:
+            audit.append(src, "login-failed", username or "-", f"refused: rate limited for {wait}s")
+        elif who is None:
+            limiter.failed(client, username)
+            audit.append(src, "login-failed", username or "-", "refused: wrong user name, password or token")
+        else:
+            audit.append(Actor(who.name, src.source), "login", who.name, "ok", role=who.role)
+        return who, wait
+
+    @public
     async def login(request: Request) -> Response:
         form = await request.form()
         if not csrf_ok(request.session.get("csrf"), form.get("csrf")):
             return PlainTextResponse("refused: the form's CSRF token is missing or wrong; reload the page\n",
                                      status_code=403)
-        name = await run_in_threadpool(auth.login, str(form.get("username", "")), str(form.get("secret", "")))
+        username, secret = form.get("username", ""), form.get("secret", "")
+        if not isinstance(username, str) or not isinstance(secret, str) or len(username) > 200 or len(secret) > 1024:
+            return PlainTextResponse("refused: user name or password too long\n", status_code=400)
+        who, wait = await run_in_threadpool(_login, client_of(request), username, secret)
         nxt = str(form.get("next") or "/")
-        if not nxt.startswith("/") or nxt.startswith("//"):
+        if not nxt.startswith("/") or nxt.startswith("//") or "\\" in nxt:
             nxt = "/"
-        if name is None:
-            return render(request, "login.html", 401, next=nxt, with_users=bool(auth.users),
+        if wait:
+            resp = render(request, "login.html", 429, next=nxt, with_users=with_users(),
+                          error=f"login refused: too many failed logins; try again in {wait} s")
+            resp.headers["Retry-After"] = str(wait)
+            return resp
+        if who is None:
+            return render(request, "login.html", 401, next=nxt, with_users=with_users(),
                           error="login failed: wrong user name, password or token")
+        sid = await run_in_threadpool(sessions.create, who, client_of(request))
         request.session.clear()
-        request.session["user"] = name
+        request.session["sid"] = sid
         request.session["csrf"] = new_csrf_token()
         return RedirectResponse(nxt, status_code=303)
 
-    @action
+    @guard("viewer", acts=True)
     async def logout(request: Request) -> Response:
+        await run_in_threadpool(sessions.end, request.session.get("sid"))
+        await run_in_threadpool(audit.append, actor(request), "logout", user(request) or "-", "ok")
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
@@ -228,15 +308,24 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         ctx = await run_in_threadpool(_workflow_context, request.path_params["wf_id"])
         return render(request, "_live.html", **ctx)
 
-    def _do(name: str, wf_id: str) -> tuple[str, str]:
-        """Run one operator action; (kind, message) worded like the CLI's output."""
+    def _do(name: str, wf_id: str, src: Actor) -> tuple[str, str]:
+        """Run one operator action and record it in the audit log; (kind, message) worded like the CLI's."""
+        try:
+            kind, text = _act(name, wf_id, src.name)
+        except DomcaptureError as exc:
+            audit.append(src, name, wf_id, f"refused: {exc}")
+            raise
+        audit.append(src, name, wf_id, "ok" if kind == "ok" else "failed", message=text.splitlines()[-1])
+        return kind, text
+
+    def _act(name: str, wf_id: str, by: str) -> tuple[str, str]:
         if name == "abort":
-            rec, what = rt.captures.abort(wf_id)
+            rec, what = rt.captures.abort(wf_id, by=by)
             return "ok", f"{rec.id}: {what}"
         if name in ("resume", "rollback"):
-            rec = getattr(rt.captures, name)(wf_id)
+            rec = getattr(rt.captures, name)(wf_id, by=by)
             return "ok", f"{rec.id}: {'resuming' if name == 'resume' else 'rolling back'}"
-        checks = rt.captures.verify(wf_id)
+        checks = rt.captures.verify(wf_id, by=by)
         ok = all(c["ok"] for c in checks)
         lines = [f"{'ok  ' if c['ok'] else 'FAIL'} {c['item']} {c.get('path', '')} {c.get('error', '')}".rstrip()
                  for c in checks]
@@ -249,7 +338,7 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         if name not in ACTIONS:
             return PlainTextResponse(f"unknown action {name!r}\n", status_code=404)
         try:
-            kind, text = await run_in_threadpool(_do, name, wf_id)
+            kind, text = await run_in_threadpool(_do, name, wf_id, actor(request))
         except DomcaptureError as exc:
             kind, text = "error", f"error: {exc}"
         flash(request, kind, text)
@@ -288,9 +377,13 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
                 elif raw:
                     params[opt.name] = raw
             uri = values.get("uri", "").strip() or rt.settings.libvirt_uri
-            rec = await run_in_threadpool(rt.captures.submit, defn.name, domain, uri, params)
+            rec = await run_in_threadpool(rt.captures.submit, defn.name, domain, uri, params, by=user(request))
         except DomcaptureError as exc:
+            await run_in_threadpool(audit.append, actor(request), "submit", values.get("domain", "-"),
+                                    f"refused: {exc}", strategy=strategy)
             return _submit_form(request, strategy, values, HTTP_STATUS.get(exc.exit_code, 500), f"error: {exc}")
+        await run_in_threadpool(audit.append, actor(request), "submit", rec.id, "ok", strategy=rec.strategy,
+                                domain=rec.domain)
         flash(request, "ok", f"submitted {rec.strategy} of {rec.domain}: {rec.id}")
         return RedirectResponse(f"/wf/{rec.id}", status_code=303)
 
@@ -342,13 +435,16 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         return render(request, "notifications.html", entries=entries[::-1])
 
     # -- metrics ------------------------------------------------------------------------------------
+    @public
     async def metrics(request: Request) -> Response:
         client = request.client.host if request.client else None
-        if not auth.metrics_allowed(client, request.headers.get("authorization")) and user(request) is None:
+        if not auth.metrics_allowed(client, request.headers.get("authorization")) \
+                and await run_in_threadpool(current, request) is None:
             return PlainTextResponse("metrics: not allowed from here without the metrics token\n", status_code=403)
         body = await run_in_threadpool(generate_latest, registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    @public
     async def healthz(request: Request) -> Response:
         try:
             await run_in_threadpool(rt.store.ping)
@@ -356,9 +452,64 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
             return PlainTextResponse(f"redis: {exc}\n", status_code=503)
         return PlainTextResponse("ok\n")
 
+    # -- audit log and users ---------------------------------------------------------------------
+    @guard("operator")
+    async def audit_page(request: Request) -> Response:
+        raw = request.query_params.get("since", "").strip()
+        try:
+            since = float(raw) if raw else 0.0
+            if not 0 <= since < 1e11:
+                raise ValueError
+        except ValueError:
+            raise InputError(f"since {raw[:40]!r}: give epoch seconds") from None
+        entries = await run_in_threadpool(audit.entries, since, 500)
+        return render(request, "audit.html", entries=entries[::-1], since=raw)
+
+    @admin_page
+    async def users_page(request: Request) -> Response:
+        auth.refresh()
+        return render(request, "users.html", users=sorted(auth.users.values(), key=lambda u: u.name),
+                      roles=ROLES, has_file=auth.users_path is not None)
+
+    def _change_user(op: str, name: str, password: str, role: str, src: Actor) -> tuple[str, str]:
+        if auth.users_path is None:
+            raise InputError("this console has no user file (--users); users are managed there")
+        try:
+            if op == "remove":
+                remove_user(auth.users_path, name)
+                what = f"user {name} removed"
+            elif op == "set":
+                if password and len(password) < 8:
+                    raise AuthConfigError("password: at least 8 characters")
+                add_user(auth.users_path, name, password or None, role or None)
+                what = f"user {name} set" + (f" ({role})" if role else "")
+            else:
+                raise AuthConfigError(f"op {op[:20]!r}: choose set or remove")
+        except AuthConfigError as exc:
+            audit.append(src, f"user-{op[:20]}", name, f"refused: {exc}")
+            raise InputError(str(exc)) from None
+        ended = sessions.end_user(name)
+        auth.refresh()
+        audit.append(src, f"user-{op}", name, "ok", role=role or None, password_changed=bool(password),
+                     sessions_ended=ended)
+        return "ok", f"{what}; {ended} session(s) ended"
+
+    @admin_action
+    async def users_change(request: Request) -> Response:
+        form = request.state.form
+        fields = {k: form.get(k, "") for k in ("op", "name", "password", "role")}
+        if not all(isinstance(v, str) and len(v) <= 1024 for v in fields.values()):
+            raise InputError("a field that is not text, or too long")
+        kind, text = await run_in_threadpool(_change_user, str(fields["op"]), str(fields["name"]),
+                                             str(fields["password"]), str(fields["role"]), actor(request))
+        flash(request, kind, text)
+        return RedirectResponse("/users", status_code=303)
+
     routes = [
         Route("/", index), Route("/login", login_page, methods=["GET"]), Route("/login", login, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
+        Route("/audit", audit_page, methods=["GET"]),
+        Route("/users", users_page, methods=["GET"]), Route("/users", users_change, methods=["POST"]),
         Route("/wf/{wf_id}", workflow), Route("/wf/{wf_id}/live", workflow_live),
         Route("/wf/{wf_id}/action/{name}", workflow_action, methods=["POST"]),
         Route("/submit", submit_page, methods=["GET"]), Route("/submit", submit, methods=["POST"]),

@@ -33,6 +33,8 @@ class Captures:
         self.enqueue = enqueue
         self.definitions = definitions or strategies.DEFINITIONS
         self.lease_ttl = lease_ttl
+        # who asks when a call names nobody: the CLI sets its OS user and host, the console passes ``by``
+        self.requester = "operator"
 
     def definition(self, name: str) -> Definition:
         if name not in self.definitions:
@@ -45,7 +47,7 @@ class Captures:
 
     # -- submit --------------------------------------------------------------------
     def submit(self, strategy: str, domain: str, uri: str, params: dict[str, Any], *,
-               slot: Slot | None = None, data: dict[str, Any] | None = None) -> Record:
+               slot: Slot | None = None, data: dict[str, Any] | None = None, by: str | None = None) -> Record:
         """Validate everything, then record and enqueue.  Bad input changes nothing.
 
         With ``slot`` (a scheduled run) the slot is claimed in the record's own create:
@@ -82,7 +84,7 @@ class Captures:
         if slot is not None:
             rec.data["host"] = slot.host
             rec.data["slot"] = {"policy": slot.policy, "host": slot.host, "at": slot.at, "kind": slot.kind}
-        self.store.create(rec, slot=slot)
+        self.store.create(rec, slot=slot, by=by or self.requester)
         self.enqueue(rec)
         return rec
 
@@ -112,17 +114,18 @@ class Captures:
         self.enqueue(rec)
         return rec
 
-    def resume(self, wf_id: str) -> Record:
+    def resume(self, wf_id: str, *, by: str | None = None) -> Record:
         rec, lease = self._take(wf_id, "operator:resume")
         try:
             # A fresh start for the state that stopped: its attempt count restarts.
             rec.attempts.pop(rec.state, None)
-            return self._requeue(rec, lease, "resume-requested", mode=rec.mode)
+            return self._requeue(rec, lease, "resume-requested", mode=rec.mode, by=by or self.requester)
         except BaseException:
             lease.release()
             raise
 
-    def rollback(self, wf_id: str, reason: str = "rollback requested by operator") -> Record:
+    def rollback(self, wf_id: str, reason: str = "rollback requested by operator", *,
+                 by: str | None = None) -> Record:
         rec, lease = self._take(wf_id, "operator:rollback")
         try:
             problem = definition_problem(self.definitions, rec)
@@ -132,24 +135,24 @@ class Captures:
                 begin_rollback(self.definition(rec.strategy), rec)
                 rec.error = rec.error or {"type": "Cancelled", "message": reason, "retryable": False}
             rec.attempts = {k: v for k, v in rec.attempts.items() if not k.startswith("revert:")}
-            return self._requeue(rec, lease, "rollback-requested", reason=reason)
+            return self._requeue(rec, lease, "rollback-requested", reason=reason, by=by or self.requester)
         except BaseException:
             lease.release()
             raise
 
-    def abort(self, wf_id: str) -> tuple[Record, str]:
+    def abort(self, wf_id: str, *, by: str | None = None) -> tuple[Record, str]:
         """Stop the workflow and roll it back, whether or not a worker runs it now."""
         rec = self.store.load(wf_id)
         if rec.final:
             raise InvalidOperation(f"workflow {wf_id} is {rec.status}; nothing to abort")
         self.store.request_cancel(wf_id, "aborted by operator")
         try:
-            return self.rollback(wf_id, reason="aborted by operator"), "rolling back"
+            return self.rollback(wf_id, reason="aborted by operator", by=by), "rolling back"
         except InvalidOperation:
             # A live worker holds it: it sees the cancel at its next check and rolls back.
             return self.store.load(wf_id), "cancel requested; the running worker will roll back"
 
-    def verify(self, wf_id: str) -> list[dict[str, Any]]:
+    def verify(self, wf_id: str, *, by: str | None = None) -> list[dict[str, Any]]:
         """Re-read a succeeded capture and check it against its record; the outcome joins its history."""
         rec = self.store.load(wf_id)
         if rec.status != "succeeded":
@@ -172,7 +175,7 @@ class Captures:
                 ok = all(c["ok"] for c in checks)
                 rec.data.setdefault("verifications", []).append({"at": time.time(), "ok": ok})
                 self.store.save(rec, "verified", epoch=lease.epoch, ok=ok,
-                                failed=[c["item"] for c in checks if not c["ok"]])
+                                failed=[c["item"] for c in checks if not c["ok"]], by=by or self.requester)
             finally:
                 lease.release()
         return checks

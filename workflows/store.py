@@ -253,7 +253,7 @@ class Store:
         return {"ts": time.time(), "event": event, "state": rec.state, "status": rec.status,
                 "mode": rec.mode, "worker": rec.worker, "epoch": rec.epoch, **detail}
 
-    def create(self, rec: Record, event: str = "submitted", slot: Slot | None = None) -> None:
+    def create(self, rec: Record, event: str = "submitted", slot: Slot | None = None, **detail: Any) -> None:
         """Write a new record and take its domain; with ``slot``, claim the slot in the same step.
 
         A slot already claimed raises SlotTaken; a busy domain records the slot as skipped
@@ -263,7 +263,7 @@ class Store:
         data = _dumps(rec.to_dict())
         keys = [self._k(rec.id), self._k(rec.id, ":history"), f"{self.prefix}:index",
                 f"{self.prefix}:active", self.domain_key(rec.uri, rec.domain)]
-        args: list[Any] = [rec.id, data, _dumps(self.event(rec, event)), rec.created_at]
+        args: list[Any] = [rec.id, data, _dumps(self.event(rec, event, **detail)), rec.created_at]
         if slot is not None:
             keys += [self.slot_key(slot), self.slot_index(slot.policy)]
             args += [slot.member, slot.at, "skipped:busy:"]
