@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .backupfolder import read_small
 from .errors import OperationFailed
 from .record import Record
 from .store import Store
@@ -46,12 +47,12 @@ LEASE_TTL = 30.0
 
 def read_manifest(path: str | None) -> dict[str, Any] | None:
     """A backup's manifest, or None when it is missing or unreadable (the one place manifests are read)."""
-    if not path:
+    data = read_small(path)  # no link followed, no FIFO waited on
+    if data is None:
         return None
     try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
+        doc = json.loads(data)
+    except ValueError:
         return None
     return doc if isinstance(doc, dict) else None
 

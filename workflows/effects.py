@@ -24,6 +24,7 @@ hand-placed guard; a type checker sees the whole boundary.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -215,6 +216,52 @@ class OwnedFiles:
         filecopy.fsync_dir(os.path.dirname(dst))
         if os.path.dirname(src) != os.path.dirname(dst):
             filecopy.fsync_dir(os.path.dirname(src))
+
+    def rename_noreplace(self, src: str, dst: str) -> None:
+        """Put ``src`` (ours) at ``dst`` without ever replacing what is there: a hard link (which fails on
+        any name there, a dangling symlink included, and follows none), then ``src`` goes.  A link made
+        before a crash (``dst`` is ``src``'s own inode) is accepted."""
+        owned = self.owned()
+        self._check(src, owned, "rename")
+        self._check(dst, owned, "rename onto")
+        self.guard()
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except FileExistsError:
+            a, b = os.lstat(src), os.lstat(dst)
+            if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+                raise NotOurs(f"{dst} appeared after submit; refusing to replace it (nothing was written "
+                              "there)") from None
+        os.unlink(src)
+        filecopy.fsync_dir(os.path.dirname(dst))
+
+    def pin(self, fd: int, path: str) -> str:
+        """A file of ours at ``path`` holding exactly the open file ``fd`` (a checked backup file): a hard
+        link of that inode, or, on another file system, a copy of it; returns the copy's sha256 ("" for
+        a link: the inode is the one checked).  A swap of the backup folder's names changes nothing here."""
+        self._check(path, self.owned(), "create")
+        self.remove_owned(path)
+        self.guard()
+        try:
+            os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)
+            return ""
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT):
+                raise
+        out = self.create_exclusive(path)
+        h = hashlib.sha256()
+        try:
+            pos = 0
+            while chunk := os.pread(fd, 4 << 20, pos):
+                h.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+                pos += len(chunk)
+            os.fsync(out)
+        finally:
+            os.close(out)
+        return h.hexdigest()
 
     def remove_owned(self, path: str) -> bool:
         """Delete a file the record names exactly (a symlink there is removed, never followed).

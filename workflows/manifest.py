@@ -85,21 +85,6 @@ def entry(folder: str, path: str, sha256: str | None = None) -> dict[str, Any]:
             "sha256": digest.removeprefix("sha256:")}
 
 
-def _listing(folder: str) -> set[str]:
-    out: set[str] = set()
-    for root, dirs, files in os.walk(folder):
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
-            out.add(os.path.relpath(os.path.join(root, name), folder))
-    return out
-
-
-def _check(item: str, path: str, ok: bool, error: str = "", **extra: Any) -> dict[str, Any]:
-    out = {"item": item, "path": path, "ok": ok, **extra}
-    if error:
-        out["error"] = error
-    return out
-
-
 def check_folder(manifest_path: str, expected_sha256: str | None, *, deep: bool = True,
                  key: bytes | None = None) -> list[dict[str, Any]]:
     """Check a backup folder against its manifest and the record's checksum of it.
@@ -107,62 +92,13 @@ def check_folder(manifest_path: str, expected_sha256: str | None, *, deep: bool 
     ``deep`` re-reads every file; otherwise files larger than 16 MiB (disk
     images) are checked by size only, for a quick check at submit time.  The
     first failed check that makes the rest meaningless (a bad signature, a
-    manifest that does not match the record) ends the list.
+    manifest that does not match the record) ends the list.  Every file is
+    opened through ``workflows.backupfolder`` (no link followed, no FIFO
+    waited on): a symlink, FIFO or device raises its InputError.
     """
-    folder = os.path.dirname(manifest_path)
-    name = os.path.basename(manifest_path)
-    try:
-        with opened_nofollow(manifest_path) as fd:
-            data = b""
-            while chunk := os.read(fd, 1 << 20):
-                data += chunk
-    except OSError as exc:
-        return [_check(name, manifest_path, False, f"cannot read it: {exc.strerror}")]
-    checks: list[dict[str, Any]] = []
-    if key is not None:
-        try:
-            with open(sig_path(manifest_path)) as f:
-                stored = f.read().strip()
-        except OSError:
-            return [_check(name + SIG_SUFFIX, sig_path(manifest_path), False,
-                           f"missing, and {KEY_ENV} is set: the manifest is not signed")]
-        if not hmac.compare_digest(stored, sign(data, key)):
-            return [_check(name + SIG_SUFFIX, sig_path(manifest_path), False,
-                           "the signature does not match the manifest (wrong key, or the manifest changed)")]
-        checks.append(_check(name + SIG_SUFFIX, sig_path(manifest_path), True))
-    actual = hashlib.sha256(data).hexdigest()
-    if expected_sha256 is None:
-        return [_check(name, manifest_path, False, "the record holds no checksum of the manifest")]
-    if actual != expected_sha256:
-        return [*checks, _check(name, manifest_path, False,
-                                "does not match the checksum in the workflow record (the manifest changed)",
-                                expected=expected_sha256, actual=actual)]
-    checks.append(_check(name, manifest_path, True, actual=actual))
-    doc = json.loads(data)
-    listed: dict[str, dict[str, Any]] = {e["name"]: e for e in doc.get("contents", [])}
-    for rel, e in sorted(listed.items()):
-        path = os.path.join(folder, rel)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            checks.append(_check(rel, path, False, "missing (the manifest lists it)"))
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            checks.append(_check(rel, path, False, "is not a regular file"))
-            continue
-        if st.st_size != e["size"]:
-            checks.append(_check(rel, path, False, f"size {st.st_size} differs from the manifest's {e['size']}"))
-            continue
-        if deep or st.st_size <= 16 << 20:
-            digest = sha256_file(path)
-            if digest != e["sha256"]:
-                checks.append(_check(rel, path, False, "sha256 differs from the manifest", expected=e["sha256"],
-                                     actual=digest))
-                continue
-        checks.append(_check(rel, path, True, size=st.st_size))
-    for rel in sorted(_listing(folder) - set(listed) - {name, name + SIG_SUFFIX}):
-        checks.append(_check(rel, os.path.join(folder, rel), False, "not in the manifest (an extra file)"))
-    return checks
+    from . import backupfolder  # it reads signatures through this module
+
+    return backupfolder.inspect_folder(manifest_path, expected_sha256, key=key, deep=deep)
 
 
 def first_failure(checks: list[dict[str, Any]]) -> str | None:

@@ -116,7 +116,10 @@ def attach_loop(ctx: StepContext, export: str) -> str:
 
 
 def mount(ctx: StepContext, device: str, folder: str) -> None:
-    _change(ctx, ["mount", "-o", MOUNT_OPTIONS, device, folder], f"mount of {device} on {folder}")
+    """Mount ``device`` on ``folder``; a ``/proc/<pid>/fd/<n>`` folder (the mount point we hold open) is
+    passed to the kernel as it is, never resolved to a name again."""
+    exact = ["--no-canonicalize"] if folder.startswith("/proc/") else []
+    _change(ctx, ["mount", *exact, "-o", MOUNT_OPTIONS, device, folder], f"mount of {device} on {folder}")
 
 
 # -- taking them down (each idempotent) ----------------------------------------------------

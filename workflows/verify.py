@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import manifest
-from .filecopy import sha256_file
+from . import backupfolder, manifest
 from .record import Record
 
 
@@ -28,14 +27,25 @@ def verify_files(rec: Record) -> list[dict[str, Any]]:
                        "error": f"a version 1 manifest carries no signature, and {manifest.KEY_ENV} is set"})
     for disk, info in sorted((rec.result.get("files") or {}).items()):
         check: dict[str, Any] = {"item": disk, "path": info["path"], "expected": info.get("checksum")}
-        if not os.path.exists(info["path"]):
+        path = str(info["path"])
+        dirfd = backupfolder.open_folder(os.path.dirname(path))  # no link followed, no FIFO waited on
+        try:
+            fd, st = backupfolder.open_member(dirfd, os.path.dirname(path), os.path.basename(path))
+        except backupfolder.BadBackupFile as exc:
+            if str(exc) != f"{path}: missing":
+                raise
             check.update(ok=False, error="missing")
-        else:
-            actual = f"sha256:{sha256_file(info['path'])}"
-            size = os.path.getsize(info["path"])
-            check.update(actual=actual, size=size, ok=actual == info.get("checksum") and
-                         (info.get("size") is None or size == info["size"]))
-            if not check["ok"]:
-                check["error"] = "checksum or size differs"
+            checks.append(check)
+            continue
+        finally:
+            os.close(dirfd)
+        try:
+            actual = f"sha256:{backupfolder.sha256_fd(fd)}"
+        finally:
+            os.close(fd)
+        check.update(actual=actual, size=st.st_size, ok=actual == info.get("checksum") and
+                     (info.get("size") is None or st.st_size == info["size"]))
+        if not check["ok"]:
+            check["error"] = "checksum or size differs"
         checks.append(check)
     return checks

@@ -6,6 +6,7 @@ import json
 import time
 from typing import Any
 
+from .. import backupfolder
 from ..errors import DeadlineExceeded, DomainNotRunning, OperationFailed, UnsupportedDisk
 from ..hypervisor.base import Disk, Hypervisor
 from ..steps import StepContext
@@ -82,14 +83,14 @@ def end_our_job(ctx: StepContext, timeout: float = JOB_END_TIMEOUT) -> bool:
 
 
 def read_manifest(path: str | None) -> dict[str, Any] | None:
-    if not path:
+    data = backupfolder.read_small(path)  # no link followed, no FIFO waited on
+    if data is None:
         return None
     try:
-        with open(path) as f:
-            doc: dict[str, Any] = json.load(f)
-            return doc
-    except (OSError, ValueError):
+        doc = json.loads(data)
+    except ValueError:
         return None
+    return doc if isinstance(doc, dict) else None
 
 
 def remove_ours(ctx: StepContext, paths: list[str]) -> None:

@@ -8,11 +8,13 @@ checksum).  A change of the manifest's format is absorbed here.
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any, Callable
 
+from .. import backupfolder as bf
+from .. import manifest
 from ..errors import InputError
 from ..filecopy import sha256_file
-from ..nbdio import is_encrypted
 from ..record import Record
 
 MAX_CHAIN = 1000
@@ -70,18 +72,73 @@ def check_chain(chain: list[dict[str, Any]], ref: Any, domain: str | None = None
         if set(link["files"]) != disks:
             raise InputError(f"backup {link['id']} holds disks {sorted(link['files'])}, the chain {sorted(disks)}")
         for disk, info in link["files"].items():
-            if not os.path.exists(info["path"]):
-                raise InputError(f"backup {link['id']}: its {disk} file {info['path']} is missing")
-            if os.path.getsize(info["path"]) != info["size"]:
+            try:  # never through a link: a symlink, FIFO or device is refused, not followed
+                st = os.lstat(info["path"])
+            except FileNotFoundError:
+                raise InputError(f"backup {link['id']}: its {disk} file {info['path']} is missing") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise InputError(f"backup {link['id']}: its {disk} file {info['path']} is "
+                                 f"{bf.kind_of(st.st_mode)}, not a regular file; refusing to open it")
+            if st.st_size != info["size"]:
                 raise InputError(f"backup {link['id']}: its {disk} file {info['path']} changed size")
     return disks
 
 
-def refuse_encrypted(chain: list[dict[str, Any]], what: str) -> None:
-    """``mount`` and ``instant-restore`` read a backup in place, without a key: an encrypted one is refused."""
+def open_chain(chain: list[dict[str, Any]], *, disks: set[str] | None = None, define: bool = False,
+               deep: bool = True, known: dict[str, Any] | None = None) -> bf.Opened:
+    """Every folder of the chain opened and checked (``workflows/backupfolder.py``): signature, manifest
+    against the record, each file against the manifest and the record, no file more, no link, FIFO or
+    device; each disk's qcow2 headers name only their own chain.  The files stay open in the result: use
+    them through it (``proc``, ``read``), then close it.  A refusal is an InputError naming the file.
+
+    ``deep=False`` (at submit) reads the small files and the disk images' sizes and headers; ``define``:
+    the newest link's ``domain.xml`` must be covered (a version 2 manifest).  ``known``: identities a
+    previous step of this workflow checked (``Opened.known()``); those files are not read again.
+    """
+    key = manifest.load_key()
+    opened = bf.Opened()
+    try:
+        for link in chain:
+            files = {info["path"]: info for disk, info in link["files"].items() if disks is None or disk in disks}
+            for path in files:
+                if os.path.dirname(path) != os.path.dirname(link["manifest"]):
+                    raise InputError(f"backup {link['id']}: {path} is not in the backup's folder")
+            if not link.get("manifest_sha256"):  # a version 1 manifest: its domain.xml is not covered
+                if key is not None:
+                    raise InputError(f"backup {link['id']} has a version 1 manifest (no signature) and "
+                                     f"{manifest.KEY_ENV} is set; refusing to restore it")
+                if define and link is chain[-1]:
+                    raise InputError(f"backup {link['id']} has a version 1 manifest that does not cover its "
+                                     "domain.xml; refusing to --define from it (restore the disks without --define)")
+                bf.open_files(files.values(), into=opened, known=known, deep=deep)
+                continue
+            failed = manifest.first_failure(bf.inspect_folder(
+                link["manifest"], link["manifest_sha256"], key=key, deep=deep, known=known, record_files=files,
+                into=opened))
+            if failed:
+                raise InputError(f"backup {link['id']} does not match its manifest: {failed}")
+        for disk in sorted(disks if disks is not None else chain[-1]["files"] if chain else []):
+            bf.check_chain_headers(opened, files_of(chain, disk))
+    except InputError as exc:
+        opened.close()
+        if isinstance(exc, bf.BadBackupFile) and not str(exc).startswith("backup "):
+            owner = next((link["id"] for link in chain
+                          if os.path.dirname(exc.path) == os.path.dirname(link["manifest"])), None)
+            if owner:
+                raise InputError(f"backup {owner}: {exc}") from None
+        raise
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def refuse_encrypted(chain: list[dict[str, Any]], what: str, opened: bf.Opened) -> None:
+    """``mount`` and ``instant-restore`` read a backup in place, without a key: an encrypted one is refused
+    (read from the checked files' own headers)."""
     for link in chain:
         for info in link["files"].values():
-            if is_encrypted(info["path"]):
+            if info["path"] in opened.fds and bf.encrypted(opened, info["path"]):
                 raise InputError(f"backup {link['id']} is encrypted; {what} reads only unencrypted backups "
                                  "(restore it with --encrypt-key-file instead)")
 

@@ -20,6 +20,7 @@ import os
 from typing import Any
 
 from .. import manifest
+from ..errors import StepFailed
 from ..record import Artifact
 from ..steps import StepContext
 
@@ -51,15 +52,21 @@ def plan_firmware(ctx: StepContext, folder: str) -> None:
                 tpm_files[os.path.basename(art["path"])] = relpath
 
 
-def copy_firmware(ctx: StepContext) -> None:
-    """Copy each planned firmware file into the folder (again from the start after a crash: they are small)."""
+def copy_firmware(ctx: StepContext, sources: dict[str, str] | None = None) -> None:
+    """Copy each planned firmware file into the folder (again from the start after a crash: they are small).
+
+    ``sources``: a restore's copies come from the backup folder's checked open files (path -> name of
+    the open file); a source not among them is refused."""
     for art in ctx.rec.artifacts_of("firmware-copy"):
         if art["status"] == "present" and art.get("checksum") and os.path.exists(art["path"]):
             continue
         partial = manifest_partial = art["path"] + ".partial"
         art["partial"] = manifest_partial
         ctx.save("firmware-copy-intent", source=art["source"], path=art["path"])
-        digest, size = ctx.fx.files.copy_resumable(art["source"], partial, art["path"], offset=0,
+        src = art["source"] if sources is None else sources.get(art["source"])
+        if src is None:
+            raise StepFailed(f"{art['source']}: not a checked file of the backup's folder")
+        digest, size = ctx.fx.files.copy_resumable(src, partial, art["path"], offset=0,
                                                    on_progress=lambda _done, _total: None,
                                                    on_durable=lambda _pos: None, check=ctx.check_cancel)
         ctx.rec.set_artifact(art["name"], status="present", checksum=f"sha256:{digest}", size=size)

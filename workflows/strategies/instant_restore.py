@@ -22,9 +22,11 @@ backups are only ever read.
 from __future__ import annotations
 
 import os
+import stat
 import xml.etree.ElementTree as ET
 from typing import Any, Callable
 
+from .. import backupfolder as bf
 from .. import naming, nbdio
 from ..definition import RESUME, Definition
 from ..effects import Inspect
@@ -59,7 +61,10 @@ def resolve(load: Callable[[str], Record], params: dict[str, Any]) -> dict[str, 
 def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
     if params.get("define") is None:
         raise InputError("--define is required: the name of the new domain")
-    chain_mod.refuse_encrypted(params.get("chain") or [], "instant-restore")
+    chain = params.get("chain") or []
+    chain_mod.check_chain(chain, params.get("from"), domain)
+    with chain_mod.open_chain(chain, deep=False, define=True) as opened:  # nothing followed, nothing blocks
+        chain_mod.refuse_encrypted(chain, "instant-restore", opened)
     out = restore.validate_params(look, domain, {**params, "disk": None, "to": None, "encrypt_key_file": None})
     out.pop("disk"), out.pop("to")
     # the overlays grow to the disks' allocated size; the chain is never copied twice
@@ -90,16 +95,23 @@ def with_backing_chains(xml: str, chains: dict[str, list[str]]) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-def _domain_xml(ctx: StepContext) -> str:
+def _domain_xml(ctx: StepContext, opened: bf.Opened) -> str:
+    """The new domain's XML from the checked ``domain.xml``; each disk on its overlay over our pins of
+    the chain's checked files (never a name in the backup's folder)."""
     last = ctx.params["chain"][-1]
-    with open(os.path.join(os.path.dirname(last["manifest"]), "domain.xml")) as f:
-        source = f.read()
+    source = opened.read(os.path.join(os.path.dirname(last["manifest"]), "domain.xml")).decode()
     disks = {a["disk"]: a["path"] for a in ctx.rec.artifacts_of("restored-image")}
     folder = naming.restore_dir(ctx.params["target"], ctx.domain, ctx.rec.id)
     xml = restore.restored_domain_xml(source, ctx.params["define"], disks, ctx.rec.id,
                                       f"instant restore of backup {last['id']} of {ctx.domain}", folder)
-    chains = {disk: list(reversed(chain_mod.files_of(ctx.params["chain"], disk))) for disk in disks}
+    pins = {a["source"]: a["path"] for a in ctx.rec.artifacts_of("backing-pin")}
+    chains = {disk: [pins.get(p, p) for p in reversed(chain_mod.files_of(ctx.params["chain"], disk))]
+              for disk in disks}
     return with_backing_chains(xml, chains)
+
+
+def _pin_path(folder: str, link_id: str, disk: str) -> str:
+    return os.path.join(folder, f"backing.{link_id}.{disk}.qcow2")
 
 
 def _ours(ctx: StepContext) -> bool:
@@ -124,16 +136,24 @@ class Preflight(Step):
     description = "check every file of the chain against its checksum; name the overlays"
 
     def execute(self, ctx: StepContext) -> None:
-        bad = chain_mod.check_checksums(ctx.params["chain"], None, ctx.guard)
-        if bad:
-            raise StepFailed(bad)
+        ctx.data.pop("checked", None)  # the folders may have changed since submit: every byte is read again
+        with restore.open_checked(ctx, define=True) as opened:
+            self._plan(ctx, opened)
+
+    def _plan(self, ctx: StepContext, opened: bf.Opened) -> None:
         target, wf = ctx.params["target"], ctx.rec.id
         folder = naming.restore_dir(target, ctx.domain, wf)
         common.plan_capture_folder(ctx, folder)
         for disk in sorted(ctx.params["chain"][-1]["files"]):
             ctx.rec.plan_artifact(Artifact(f"restored:{disk}", "restored-image",
                                            naming.instant_overlay(target, ctx.domain, wf, disk), disk))
-        for i, path in enumerate(_log_files(_domain_xml(ctx), folder)):
+        for link in ctx.params["chain"]:  # each file of the chain, pinned in our folder: what libvirt opens
+            for disk, info in sorted(link["files"].items()):
+                if info["path"] in chain_mod.files_of(ctx.params["chain"], disk):
+                    art = ctx.rec.plan_artifact(Artifact(f"pin:{link['id']}:{disk}", "backing-pin",
+                                                         _pin_path(folder, link["id"], disk), disk))
+                    art["source"] = info["path"]
+        for i, path in enumerate(_log_files(_domain_xml(ctx, opened), folder)):
             ctx.rec.plan_artifact(Artifact(f"domain-file:{i}", "domain-file", path))
         ctx.rec.plan_artifact(Artifact("manifest", "manifest", os.path.join(folder, "instant-restore.json")))
         ctx.rec.plan_artifact(Artifact("domain", "domain", ctx.params["define"]))
@@ -152,9 +172,20 @@ class Overlay(Step):
 
     def execute(self, ctx: StepContext) -> None:
         common.make_capture_folder(ctx)
+        with restore.open_checked(ctx, define=True) as opened:
+            self._overlays(ctx, opened)
+
+    def _overlays(self, ctx: StepContext, opened: bf.Opened) -> None:
+        for art in ctx.rec.artifacts_of("backing-pin"):
+            ctx.guard()
+            digest = ctx.fx.files.pin(opened.fd(art["source"]), art["path"])
+            want = opened.known().get(art["source"], [""] * 6)[5]
+            if digest and digest != want:
+                raise StepFailed(f"{art['source']}: the copy pinned for this restore differs from the file checked")
+            ctx.rec.set_artifact(art["name"], status="present")
         for art in ctx.rec.artifacts_of("restored-image"):
             files = chain_mod.files_of(ctx.params["chain"], art["disk"])
-            size = int(nbdio.image_info(files[-1])["virtual-size"])
+            size = int(nbdio.image_info(opened.proc(files[-1]))["virtual-size"])
             ctx.save("overlay-intent", disk=art["disk"], path=art["path"])
             ctx.fx.files.prepare_for_writer(art["path"])
             ctx.guard()
@@ -163,10 +194,11 @@ class Overlay(Step):
             ctx.rec.set_artifact(f"restored:{art['disk']}", status="present")
 
     def revert(self, ctx: StepContext) -> None:
-        names = [a["path"] for a in ctx.rec.artifacts.values() if a["kind"] in ("restored-image", "domain-file")]
+        kinds = ("restored-image", "domain-file", "backing-pin")
+        names = [a["path"] for a in ctx.rec.artifacts.values() if a["kind"] in kinds]
         bc.remove_ours(ctx, names + [naming.partial_of(p) for p in names])
         for art in ctx.rec.artifacts.values():
-            if art["kind"] in ("restored-image", "domain-file"):
+            if art["kind"] in kinds:
                 art["status"] = "deleted"
 
 
@@ -177,7 +209,14 @@ class Define(Step):
         return _ours(ctx)
 
     def execute(self, ctx: StepContext) -> None:
-        xml = _domain_xml(ctx)
+        # right before the define, as restore --define: the folder (domain.xml, signature, manifest against
+        # the record) is checked again in this worker, and the XML checked is the XML used
+        with restore.open_checked(ctx, define=True) as opened:
+            xml = _domain_xml(ctx, opened)
+        for art in ctx.rec.artifacts_of("backing-pin"):
+            st = os.lstat(art["path"])
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                raise StepFailed(f"{art['path']} is no longer the file this restore pinned")
         ctx.save("define-intent", domain=ctx.params["define"])
         ctx.hv.define_restored_domain(xml)
         ctx.rec.set_artifact("domain", status="present")
@@ -280,6 +319,9 @@ class Finalize(Step):
             if info.get("backing-filename") or info.get("full-backing-filename"):
                 raise StepFailed(f"{art['path']} still names a backing file: {info.get('backing-filename')}")
             files[art["disk"]] = {"path": art["path"], "virtual_size": info["virtual-size"]}
+        for art in ctx.rec.artifacts_of("backing-pin"):  # the images stand alone: the pins are not read any more
+            bc.remove_ours(ctx, [art["path"], naming.partial_of(art["path"])])
+            art["status"] = "deleted"
         ctx.data["files"] = files
         doc = {"format": "domcapture-restore", "version": 1, "workflow": ctx.rec.id, "strategy": NAME,
                "domain": ctx.domain, "from": ctx.params["from"],

@@ -17,9 +17,12 @@ step finds what is left, so it resumes after a SIGKILL too.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable
+import stat
+from typing import Any, Callable, Iterator
 
+from .. import backupfolder as bf
 from .. import mounts, naming, nbdio, validate
 from ..definition import RESUME, Definition, Option
 from ..effects import Inspect
@@ -45,23 +48,55 @@ def resolve(load: Callable[[str], Record], params: dict[str, Any]) -> dict[str, 
 
 
 def check_mountpoint(value: Any) -> str:
+    """An empty folder in a folder checked the way ``--target`` is; the last component is never resolved
+    (a symlink there is refused), and the worker opens it with ``O_NOFOLLOW`` right before mounting."""
     if value is None:
         raise InputError("--mountpoint is required: an empty folder to mount the backup on")
-    path = os.path.realpath(validate.path("mountpoint", value))
-    if not os.path.isdir(path):
-        raise InvalidTarget(f"mount point {path} is not a folder")
+    raw = validate.path("mountpoint", value).rstrip("/") or "/"
+    base = os.path.basename(raw)
+    if not base or base in (".", "..") or ".." in raw.split("/"):
+        raise InvalidTarget(f"mount point {raw}: name a folder (no '..')")
+    try:
+        parent = common.check_target_dir(os.path.dirname(os.path.abspath(raw)))
+    except InvalidTarget as exc:
+        raise InvalidTarget(f"mount point {raw}: {exc}") from None
+    path = os.path.join(parent, base)
+    try:
+        with opened_mountpoint(path) as fd:
+            if os.listdir(fd):
+                raise InvalidTarget(f"mount point {path} is not empty")
+    except OSError as exc:
+        raise InvalidTarget(f"mount point {path}: {exc.strerror}") from None
     if os.path.ismount(path):
         raise InvalidTarget(f"mount point {path} already has a file system mounted on it")
-    if os.listdir(path):
-        raise InvalidTarget(f"mount point {path} is not empty")
     return path
+
+
+@contextlib.contextmanager
+def opened_mountpoint(path: str) -> Iterator[int]:
+    """The mount point's folder, opened without following a link (a symlink or a file there is refused)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise InvalidTarget(f"mount point {path} does not exist") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidTarget(f"mount point {path} is {bf.kind_of(st.st_mode)}, not a folder; refusing to follow it")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        raise InvalidTarget(f"mount point {path} changed while it was opened; refusing to follow it") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def validate_mount(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, Any]:
     chain = params.get("chain") or []
     disks = chain_mod.check_chain(chain, params.get("from"), domain)
-    chain_mod.refuse_encrypted(chain, "mount")
     disk = chain_mod.pick_disk(disks, params.get("disk"), chain[-1]["id"], required=True)
+    with chain_mod.open_chain(chain, disks={str(disk)}, deep=False) as opened:  # nothing followed or blocking
+        chain_mod.refuse_encrypted(chain, "mount", opened)
     return {"from": chain[-1]["id"], "chain": chain, "disk": disk,
             "mountpoint": check_mountpoint(params.get("mountpoint")), "on_error": common.parse_on_error(params)}
 
@@ -117,13 +152,23 @@ def remove_files(ctx: StepContext) -> None:
 
 
 # -- mount steps -------------------------------------------------------------------------------------
+def _open_checked(ctx: StepContext) -> bf.Opened:
+    """The disk's chain, checked again in this worker and held open (``chain.open_chain``)."""
+    try:
+        opened = chain_mod.open_chain(ctx.params["chain"], disks={ctx.params["disk"]},
+                                      known=ctx.data.get("checked"))
+    except InputError as exc:
+        raise StepFailed(str(exc)) from None
+    ctx.data["checked"] = {**(ctx.data.get("checked") or {}), **opened.known()}
+    return opened
+
+
 class Preflight(Step):
     description = "check the chain's files of the disk against their checksums; name the pieces"
 
     def execute(self, ctx: StepContext) -> None:
-        bad = chain_mod.check_checksums(ctx.params["chain"], {ctx.params["disk"]}, ctx.guard)
-        if bad:
-            raise StepFailed(bad)
+        ctx.data.pop("checked", None)  # the folders may have changed since submit: every byte is read again
+        _open_checked(ctx).close()
         plan_pieces(ctx, ctx.rec.id, ctx.params["disk"])
 
     def revert(self, ctx: StepContext) -> None:
@@ -144,14 +189,19 @@ class Export(Step):
         common.make_capture_folder(ctx)
         mounts.stop_daemon(ctx, pidfile, export)  # an earlier attempt's daemon, half started
         files = chain_mod.files_of(ctx.params["chain"], disk)
-        size = int(nbdio.image_info(files[-1])["virtual-size"])
+        with _open_checked(ctx) as opened:  # right before the daemon opens them: it opens these open files
+            self._start(ctx, opened, files, export, overlay, pidfile)
+
+    def _start(self, ctx: StepContext, opened: bf.Opened, files: list[str], export: str, overlay: str,
+               pidfile: str) -> None:
+        size = int(nbdio.image_info(opened.proc(files[-1]))["virtual-size"])
         ctx.save("overlay-intent", path=overlay)
         mounts.create_overlay(ctx, overlay, size)
         ctx.rec.set_artifact("overlay", status="present")
         ctx.fx.files.prepare_for_writer(export)  # the export's mount point: a private file of ours
         ctx.rec.set_artifact("export", status="present")
         ctx.save("export-intent", export=export, pidfile=pidfile, chain=files)
-        mounts.start_daemon(ctx, files, overlay, export, pidfile)
+        mounts.start_daemon(ctx, [opened.proc(p) for p in files], overlay, export, pidfile)
         ctx.rec.set_artifact("pidfile", status="present")
 
     def revert(self, ctx: StepContext) -> None:
@@ -186,11 +236,15 @@ class Mount(Step):
         if not loops:
             raise StepFailed(f"the loop device over {_path(ctx, 'export')} is gone", retryable=True)
         folder = ctx.params["mountpoint"]
-        if os.path.ismount(folder) or os.listdir(folder):
-            raise StepFailed(f"mount point {folder} changed since submit: it is no longer an empty folder")
-        ctx.data["loop"] = loops[0]
-        ctx.save("mount-intent", device=loops[0], mountpoint=folder)
-        mounts.mount(ctx, loops[0], folder)
+        try:
+            with opened_mountpoint(folder) as fd:  # the folder itself, never a link put there since submit
+                if os.path.ismount(folder) or os.listdir(fd):
+                    raise StepFailed(f"mount point {folder} changed since submit: it is no longer an empty folder")
+                ctx.data["loop"] = loops[0]
+                ctx.save("mount-intent", device=loops[0], mountpoint=folder)
+                mounts.mount(ctx, loops[0], f"/proc/{os.getpid()}/fd/{fd}")
+        except InvalidTarget as exc:
+            raise StepFailed(str(exc)) from None
 
     def next_trigger(self, ctx: StepContext) -> str:
         loops = mounts.loops_of(_path(ctx, "export"))

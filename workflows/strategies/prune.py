@@ -30,11 +30,11 @@ anywhere resumes; no backup is listed good while its files are changing.
 from __future__ import annotations
 
 import os
-import shutil
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .. import backupfolder as bf
 from .. import manifest, naming, nbdio, retention
 from ..backups import (CHAIN_INCOMPLETE, CONSOLIDATING, DELETED, DELETING, GOOD, BackupInfo, BackupRecords, catalog,
                        read_manifest)
@@ -140,6 +140,20 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
+def _open_checked(every: dict[str, BackupInfo], wf: str, disk: str) -> bf.Opened:
+    """The files of ``wf``'s chain for ``disk``, opened without following links, each checked against its
+    record's size and sha256, each header naming only the file before it: refused in one line naming the
+    file (the prune rolls back, nothing rewritten)."""
+    opened = bf.Opened()
+    try:
+        bf.open_files([every[i].files[disk] for i in every[wf].chain], into=opened)
+        bf.check_chain_headers(opened, _chain_files(every, wf, disk))
+    except InputError as exc:
+        opened.close()
+        raise StepFailed(f"backup {wf}: {exc}") from None
+    return opened
+
+
 def _records(ctx: StepContext) -> BackupRecords:
     if ctx.fx.backups is None:
         raise StepFailed("this engine hands no backup records port to its steps")
@@ -244,26 +258,47 @@ class Consolidate(Step):
             if not (want and os.path.exists(partial) and f"sha256:{sha256_file(partial)}" == want["checksum"]):
                 news.pop(disk, None)
                 ctx.fx.files.remove_owned(partial)
-                ctx.save("consolidate-intent", backup=wf, disk=disk, onto=onto, partial=partial)
                 chain = _chain_files(every, wf, disk)
-                if onto is None:  # a synthetic full: the chain read as one image
-                    ctx.fx.files.prepare_for_writer(partial)
-                    nbdio.convert_chain(chain, partial)
-                else:  # a copy of this layer, rebased (safe mode: what differs is copied in) onto the ancestor
-                    with os.fdopen(ctx.fx.files.create_exclusive(partial), "wb") as out, open(path, "rb") as src:
-                        shutil.copyfileobj(src, out, 1 << 20)
-                    base = every[onto].files[disk]["path"]
-                    nbdio.run_qemu_img("rebase", "-f", "qcow2", "-F", "qcow2",
-                                       "-b", os.path.relpath(base, os.path.dirname(path)), partial)
-                nbdio.check_image(partial)
-                if not nbdio.same_content(chain, partial):
-                    raise StepFailed(f"the rewritten image of backup {wf} ({disk}) differs from its chain")
+                with _open_checked(every, wf, disk) as opened:  # every file checked before anything is rewritten
+                    ctx.save("consolidate-intent", backup=wf, disk=disk, onto=onto, partial=partial)
+                    self._rewrite(ctx, opened, every, wf, onto, disk, partial)
+                    if not nbdio.same_content([opened.proc(p) for p in chain], self._result(opened, every, onto, disk,
+                                                                                            partial)):
+                        raise StepFailed(f"the rewritten image of backup {wf} ({disk}) differs from its chain")
                 ctx.fx.files.fsync(partial)
                 news[disk] = {"path": path, "checksum": f"sha256:{sha256_file(partial)}",
                               "size": os.path.getsize(partial)}
                 ctx.save("consolidate-sealed", backup=wf, disk=disk, checksum=news[disk]["checksum"])
             ctx.fx.files.rename(partial, path)
         self.finish(ctx, wf, onto, news)
+
+    @staticmethod
+    def _rewrite(ctx: StepContext, opened: bf.Opened, every: dict[str, BackupInfo], wf: str, onto: str | None,
+                 disk: str, partial: str) -> None:
+        """Write the new image of ``wf``'s ``disk`` from the checked open files (never a name in a header)."""
+        chain = _chain_files(every, wf, disk)
+        path = chain[-1]
+        if onto is None:  # a synthetic full: the chain read as one image
+            ctx.fx.files.prepare_for_writer(partial)
+            nbdio.convert_chain([opened.proc(p) for p in chain], partial)
+        else:  # a copy of this layer, rebased (safe mode: what differs is copied in) onto the ancestor
+            with os.fdopen(ctx.fx.files.create_exclusive(partial), "wb") as out:
+                fd = opened.fd(path)
+                pos = 0
+                while data := os.pread(fd, 1 << 20, pos):
+                    out.write(data)
+                    pos += len(data)
+            base = _chain_files(every, onto, disk)
+            nbdio.rebase_onto(partial, [opened.proc(p) for p in chain[:-1]], [opened.proc(p) for p in base],
+                              os.path.relpath(base[-1], os.path.dirname(path)))
+        nbdio.check_image(partial)
+
+    @staticmethod
+    def _result(opened: bf.Opened, every: dict[str, BackupInfo], onto: str | None, disk: str, partial: str) -> str:
+        """The rewritten image as qemu-img reads it: over the checked files of its new chain."""
+        if onto is None:
+            return partial
+        return nbdio.chain_spec([opened.proc(p) for p in _chain_files(every, onto, disk)] + [partial])
 
     @staticmethod
     def finish(ctx: StepContext, wf: str, onto: str | None, news: dict[str, Any]) -> None:

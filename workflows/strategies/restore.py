@@ -29,7 +29,8 @@ import uuid
 import xml.etree.ElementTree as ET
 from typing import Any, Callable
 
-from .. import manifest, naming, nbdio, validate
+from .. import backupfolder as bf
+from .. import naming, nbdio, validate
 from ..definition import RESUME, Definition, Option
 from ..errors import InputError, InvalidTarget, StepFailed
 from ..filecopy import sha256_file
@@ -72,13 +73,20 @@ def resolve(load: Callable[[str], Record], params: dict[str, Any]) -> dict[str, 
 
 
 def check_new_file(name: str, value: Any) -> str:
-    """A file to create: its folder exists and is writable (symlinks resolved now), nothing is there yet."""
-    path = os.path.realpath(validate.path(name, value))
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise InvalidTarget(f"--{name} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InvalidTarget(f"--{name} {path}: folder {folder} is not writable")
+    """A file to create: its folder is checked the way ``--target`` is (exists, writable, nobody else can
+    swap names in it or above it); the last component is never resolved: whatever is there (a file, a
+    dangling symlink) is refused now, and the worker creates it with ``O_EXCL|O_NOFOLLOW`` and puts the
+    image there with a link that never replaces anything."""
+    raw = validate.path(name, value)
+    base = os.path.basename(raw)
+    if not base or base in (".", "..") or ".." in raw.split("/"):
+        raise InvalidTarget(f"--{name} {raw}: name a new file (no '..', not a folder)")
+    folder = os.path.dirname(os.path.abspath(raw))
+    try:
+        folder = common.check_target_dir(folder)
+    except InvalidTarget as exc:
+        raise InvalidTarget(f"--{name} {raw}: {exc}") from None
+    path = os.path.join(folder, base)
     for p in (path, naming.partial_of(path)):
         if os.path.lexists(p):
             raise InvalidTarget(f"--{name} {path}: {p} already exists; choose a new file")
@@ -89,7 +97,7 @@ def validate_params(look: Inspect, domain: str, params: dict[str, Any]) -> dict[
     hv = look.hv
     chain = params.get("chain") or []
     disks = chain_mod.check_chain(chain, params.get("from"), domain)
-    check_chain_folders(chain, deep=False, define=params.get("define") is not None)
+    check_chain_folders(chain, deep=False, define=params.get("define") is not None)  # no link followed
     disk = chain_mod.pick_disk(disks, params.get("disk"), chain[-1]["id"], required=False)
     key = common.check_key_file("encrypt_key_file", params["encrypt_key_file"]) \
         if params.get("encrypt_key_file") else None
@@ -130,23 +138,22 @@ def validate_params(look: Inspect, domain: str, params: dict[str, Any]) -> dict[
 def check_chain_folders(chain: list[dict[str, Any]], *, deep: bool, define: bool) -> None:
     """Refuse a chain whose folders do not match their manifests and records (one line naming the file).
 
-    ``deep=False`` (at submit) reads every small file and checks the disk images' sizes;
-    ``deep=True`` (the worker's preflight) re-reads the images too.
+    ``deep=False`` (at submit) reads every small file and checks the disk images' sizes and headers;
+    ``deep=True`` re-reads the images too.  Nothing is followed (``chain.open_chain``).
     """
-    key = manifest.load_key()
-    for link in chain:
-        if not link.get("manifest_sha256"):  # a version 1 manifest: its domain.xml is not covered
-            if key is not None:
-                raise InputError(f"backup {link['id']} has a version 1 manifest (no signature) and "
-                                 f"{manifest.KEY_ENV} is set; refusing to restore it")
-            if define and link is chain[-1]:
-                raise InputError(f"backup {link['id']} has a version 1 manifest that does not cover its "
-                                 "domain.xml; refusing to --define from it (restore the disks without --define)")
-            continue
-        failed = manifest.first_failure(manifest.check_folder(link["manifest"], link["manifest_sha256"],
-                                                              deep=deep, key=key))
-        if failed:
-            raise InputError(f"backup {link['id']} does not match its manifest: {failed}")
+    chain_mod.open_chain(chain, deep=deep, define=define).close()
+
+
+def open_checked(ctx: StepContext, *, define: bool = False) -> bf.Opened:
+    """The chain's files, checked again in this worker right before they are used, and held open: what a
+    step reads is what was checked.  A refusal fails the step (the workflow rolls back) naming the file."""
+    try:
+        opened = chain_mod.open_chain(ctx.params["chain"], disks=None if define else _disks(ctx), define=define,
+                                      known=ctx.data.get("checked"))
+    except InputError as exc:
+        raise StepFailed(str(exc)) from None
+    ctx.data["checked"] = {**(ctx.data.get("checked") or {}), **opened.known()}
+    return opened
 
 
 def restored_uuid(wf_id: str) -> str:
@@ -262,13 +269,8 @@ class Preflight(Step):
     description = "check every file of the chain against its recorded checksum; name the restored images"
 
     def execute(self, ctx: StepContext) -> None:
-        try:  # the folders may have changed since submit: every byte is read again
-            check_chain_folders(ctx.params["chain"], deep=True, define=bool(ctx.params.get("define")))
-        except InputError as exc:
-            raise StepFailed(str(exc)) from None
-        bad = chain_mod.check_checksums(ctx.params["chain"], _disks(ctx), ctx.guard)
-        if bad:
-            raise StepFailed(bad)
+        ctx.data.pop("checked", None)  # the folders may have changed since submit: every byte is read again
+        open_checked(ctx, define=bool(ctx.params.get("define"))).close()
         wf, to = ctx.rec.id, ctx.params.get("to")
         if to:  # one disk, to the file the operator named: no folder, no restore.json
             if "restored:" + ctx.params["disk"] not in ctx.rec.artifacts and os.path.lexists(to):
@@ -325,7 +327,7 @@ def plan_tpm_state(ctx: StepContext) -> None:
 TPM_MODES = {"top": 0o711, "folder": 0o700}
 
 
-def write_tpm_state(ctx: StepContext) -> None:
+def write_tpm_state(ctx: StepContext, sources: dict[str, str] | None = None) -> None:
     """Copy each planned TPM file into the new domain's state folder; a file already there with the
     checksum it was written with is kept (a resumed restore)."""
     folders = ctx.rec.artifacts_of("tpm-folder")
@@ -343,7 +345,10 @@ def write_tpm_state(ctx: StepContext) -> None:
         if art["status"] == "present" and os.path.exists(art["path"]) \
                 and f"sha256:{sha256_file(art['path'])}" == art.get("checksum"):
             continue
-        digest, size = ctx.fx.files.write_tpm_file(art["source"], art["path"], owner=owner)
+        src = (sources or {}).get(art["source"])
+        if src is None:
+            raise StepFailed(f"{art['source']}: not a checked file of the backup's folder")
+        digest, size = ctx.fx.files.write_tpm_file(src, art["path"], owner=owner)
         ctx.rec.set_artifact(art["name"], status="present", checksum=f"sha256:{digest}", size=size)
     ctx.save("tpm-written", state=ctx.rec.artifacts["tpm-folder:"]["path"])
 
@@ -368,8 +373,12 @@ class Restore(Step):
                    for a in ctx.rec.artifacts_of("restored-image") + ctx.rec.artifacts_of("firmware-copy"))
 
     def execute(self, ctx: StepContext) -> None:
+        with open_checked(ctx, define=bool(ctx.params.get("define"))) as opened:
+            self._restore(ctx, opened)
+
+    def _restore(self, ctx: StepContext, opened: bf.Opened) -> None:
         arts = ctx.rec.artifacts_of("restored-image")
-        sizes = {a["disk"]: sum(os.path.getsize(p) for p in _chain_files(ctx, a["disk"])) for a in arts}
+        sizes = {a["disk"]: sum(os.fstat(opened.fd(p)).st_size for p in _chain_files(ctx, a["disk"])) for a in arts}
         total, done = sum(sizes.values()), 0
         for art in arts:
             ctx.check_cancel()
@@ -383,16 +392,17 @@ class Restore(Step):
                 ctx.save("restore-intent", disk=art["disk"], partial=partial,
                          chain=[link["id"] for link in ctx.params["chain"]])
                 ctx.fx.files.prepare_for_writer(partial)  # 0600, exclusive: qemu-img writes into it
-                nbdio.convert_chain(_chain_files(ctx, art["disk"]), partial, ctx.params.get("encrypt_key_file"))
+                nbdio.convert_chain([opened.proc(p) for p in _chain_files(ctx, art["disk"])], partial,
+                                    ctx.params.get("encrypt_key_file"))
                 ctx.fx.files.fsync(partial)
-                ctx.fx.files.rename(partial, art["path"])
+                ctx.fx.files.rename_noreplace(partial, art["path"])
             ctx.rec.set_artifact(f"restored:{art['disk']}", status="present")
             done += sizes[art["disk"]]
             ctx.progress("restore", done, total, force=True, disk=art["disk"])
             ctx.save("restored", disk=art["disk"])
         if ctx.rec.artifacts_of("firmware-copy"):
             common.make_capture_folder(ctx)
-            evidence.copy_firmware(ctx)
+            evidence.copy_firmware(ctx, sources={p: opened.proc(p) for p in opened.fds})
 
     def revert(self, ctx: StepContext) -> None:
         for art in ctx.rec.artifacts_of("restored-image"):
@@ -408,10 +418,15 @@ class Verify(Step):
         return all(a.get("checksum") for a in ctx.rec.artifacts_of("restored-image"))
 
     def execute(self, ctx: StepContext) -> None:
+        with open_checked(ctx, define=bool(ctx.params.get("define"))) as opened:
+            self._verify(ctx, opened)
+
+    def _verify(self, ctx: StepContext, opened: bf.Opened) -> None:
         for art in ctx.rec.artifacts_of("restored-image"):
             ctx.guard()
             nbdio.check_image(art["path"])
-            if not nbdio.same_content(_chain_files(ctx, art["disk"]), art["path"], ctx.params.get("encrypt_key_file")):
+            if not nbdio.same_content([opened.proc(p) for p in _chain_files(ctx, art["disk"])], art["path"],
+                                      ctx.params.get("encrypt_key_file")):
                 raise StepFailed(f"the restored image of {art['disk']} differs from its backup chain")
             info = nbdio.image_info(art["path"])
             ctx.rec.set_artifact(f"restored:{art['disk']}", checksum=f"sha256:{sha256_file(art['path'])}",
@@ -434,14 +449,17 @@ class Define(Step):
     def execute(self, ctx: StepContext) -> None:
         name = ctx.params["define"]
         last = ctx.params["chain"][-1]
-        with open(_domain_xml(last)) as f:
-            source = f.read()
+        with open_checked(ctx, define=True) as opened:  # right before the define: the XML checked is the XML used
+            source = opened.read(_domain_xml(last)).decode()
+            self._define(ctx, name, last, source, opened)
+
+    def _define(self, ctx: StepContext, name: str, last: dict[str, Any], source: str, opened: bf.Opened) -> None:
         disks = {a["disk"]: a["path"] for a in ctx.rec.artifacts_of("restored-image")}
         nvram = ctx.rec.artifacts.get("firmware:nvram")
         xml = restored_domain_xml(source, name, disks, ctx.rec.id, f"backup {last['id']} of {ctx.domain}",
                                   naming.restore_dir(ctx.params["target"], ctx.domain, ctx.rec.id),
                                   nvram=nvram["path"] if nvram else None, domain_uuid=restored_uuid(ctx.rec.id))
-        write_tpm_state(ctx)
+        write_tpm_state(ctx, {p: opened.proc(p) for p in opened.fds})
         ctx.save("define-intent", domain=name)
         ctx.hv.define_restored_domain(xml)
         ctx.rec.set_artifact("domain", status="present")
