@@ -43,3 +43,19 @@ def test_dockerfile_installs_the_entry_point():
 def test_console_script_is_declared():
     text = (REPO / "pyproject.toml").read_text()
     assert 'domcapture = "workers.cli:main"' in text
+
+
+def test_the_wheel_carries_every_package_and_the_chaos_command(tmp_path):
+    """What ``pip install .`` installs: every package folder of the source tree (workers.chaos included)."""
+    import subprocess
+    import sys
+    import zipfile
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    names = set(zipfile.ZipFile(next(tmp_path.glob("domcapture-*.whl"))).namelist())
+    for pkg in ("workflows", "workers"):
+        for init in (REPO / pkg).rglob("__init__.py"):
+            folder = init.parent.relative_to(REPO)
+            assert {str(folder / p.name) for p in init.parent.glob("*.py")} <= names, folder
+    assert {"workers/chaos/command.py", "workers/chaos/runner.py", "workers/chaos/report.py"} <= names

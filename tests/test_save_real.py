@@ -216,6 +216,24 @@ def test_managed_save_and_the_way_back(procs, guest):
     print(f"\nMEASURED managed-save: save {doc['result']['save_seconds']} s; "
           f"managed-save-restore: {back['result']['restore_seconds']} s")
 
+    # a restore keeps nothing: verify says what it did and when (exit 5), never a failure caused by a later
+    # stop of the domain, which says nothing about the restore
+    said = procs.cli("verify", back["id"], check=False)
+    assert said.returncode == 5, said.stdout + said.stderr
+    assert said.stdout.startswith(f"{back['id']}: nothing kept to verify: started {guest.name} from its managed "
+                                  "save image"), said.stdout
+    guest.shutdown()
+    try:
+        later = procs.cli("verify", back["id"], "--json", check=False)
+        assert later.returncode == 5, later.stdout + later.stderr
+        out = json.loads(later.stdout)
+        assert out["outcome"] == "nothing-kept" and out["ok"], out
+        assert out["checks"][0]["at"] == back["data"]["start_started_at"]
+        assert procs.cli("verify", back["id"], check=False).stdout == said.stdout
+    finally:
+        guest.virsh("start", guest.name)
+        guest.wait_agent()
+
 
 # -- SIGKILL in each state ------------------------------------------------------------------------------
 SAVE_KILLS = ["saved:save-intent:saving",        # intent recorded, libvirt not called

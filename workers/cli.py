@@ -5,7 +5,8 @@ an unexpected error; 2 bad input (usage, a flag or environment variable out
 of its range, unknown strategy, domain not found, bad target, unsupported
 disk, a Redis setting that cannot work); 3 refused by the workflow's state
 (domain busy, operation not allowed now, record unreadable); 4 Redis or
-libvirt unreachable or refusing our credentials.
+libvirt unreachable or refusing our credentials; 5 ``verify``: the workflow kept
+nothing to verify (it says what it did and when).
 
 Every error is one line on stderr; a traceback only with ``--debug``.
 """
@@ -24,13 +25,14 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Callable, NoReturn
 
-from workflows import strategies, validate
+from workflows import strategies, validate, verify
 from workflows.definition import Definition
 from workflows.errors import DomcaptureError, RecordUnreadable
 from workflows.record import FINAL_STATUSES, STATUSES, STOPPED_STATUSES, Record
 from workflows.service import summary
 
 from . import cli_audit, cli_backups, cli_checkpoints, cli_fleet, cli_mount, completion, notify, web
+from .chaos import command as chaos_command
 from .runtime import Runtime, rq_module
 from .settings import ENV, Settings, process_id
 
@@ -224,16 +226,25 @@ def cmd_wait(args: argparse.Namespace, rt: Runtime) -> int:
     return 0 if rec.status == "succeeded" else 1
 
 
+VERIFY_EXIT = {verify.VERIFIED: 0, verify.FAILED: 1, verify.NOTHING_KEPT: 5}
+
+
 def cmd_verify(args: argparse.Namespace, rt: Runtime) -> int:
+    """Exit 0 verified, 1 a check failed, 5 the workflow kept nothing to verify (a restore of a managed save
+    or of a save: the line says what it did and when)."""
     checks = rt.captures.verify(args.id)
     ok = all(c["ok"] for c in checks)
+    result = verify.outcome(checks)
     if args.json:
-        print(json.dumps({"id": args.id, "ok": ok, "checks": checks}, sort_keys=True))
+        print(json.dumps({"id": args.id, "ok": ok, "outcome": result, "checks": checks}, sort_keys=True))
+    elif result == verify.NOTHING_KEPT:
+        for c in checks:
+            print(f"{args.id}: nothing kept to verify: {c['did']} at {_ts(c['at'])}")
     else:
         for c in checks:
             print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['item']:<10} {c.get('path', '')} {c.get('error', '')}".rstrip())
         print(f"{args.id}: {'verified' if ok else 'VERIFICATION FAILED'}")
-    return 0 if ok else 1
+    return VERIFY_EXIT[result]
 
 
 ANNOUNCE_TTL = 6.0
@@ -413,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_backups.register(sub)
     cli_mount.register(sub)
     cli_fleet.register(sub)
+    chaos_command.register(sub)
 
     s = sub.add_parser("completion", help="print a shell completion script: eval \"$(domcapture completion bash)\"")
     s.add_argument("shell", choices=("bash",))

@@ -28,7 +28,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from workflows import strategies
+from workflows import strategies, verify
 from workflows.audit import Actor, AuditLog
 from workflows.definition import END_STATES, ROLLING_BACK, Definition
 from workflows.errors import DomcaptureError, InputError, RecordNotFound
@@ -329,7 +329,9 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         ok = all(c["ok"] for c in checks)
         lines = [f"{'ok  ' if c['ok'] else 'FAIL'} {c['item']} {c.get('path', '')} {c.get('error', '')}".rstrip()
                  for c in checks]
-        lines.append(f"{wf_id}: {'verified' if ok else 'VERIFICATION FAILED'}")
+        lines.append(f"{wf_id}: " + {verify.VERIFIED: "verified", verify.FAILED: "VERIFICATION FAILED",
+                                    verify.NOTHING_KEPT: "nothing kept to verify (a restore: it keeps no artifact)"}
+                     [verify.outcome(checks)])
         return ("ok" if ok else "error"), "\n".join(lines)
 
     @action

@@ -20,7 +20,7 @@ from .errors import DomainBusy, DomcaptureError, InvalidOperation, SlotTaken, St
 from .hypervisor.base import Hypervisor, read_only
 from .record import FINAL_STATUSES, FORWARD, NEEDS_ATTENTION, QUEUED, RUNNING, Record, Slot, new_id
 from .store import Lease, Store
-from .verify import verify_files
+from .verify import outcome, verify_files
 
 Enqueue = Callable[[Record], None]
 
@@ -173,7 +173,8 @@ class Captures:
             try:
                 rec = self.store.load(wf_id)
                 ok = all(c["ok"] for c in checks)
-                rec.data.setdefault("verifications", []).append({"at": time.time(), "ok": ok})
+                rec.data.setdefault("verifications", []).append({"at": time.time(), "ok": ok,
+                                                                 "outcome": outcome(checks)})
                 self.store.save(rec, "verified", epoch=lease.epoch, ok=ok,
                                 failed=[c["item"] for c in checks if not c["ok"]], by=by or self.requester)
             finally:

@@ -6,6 +6,13 @@ re-reads each one.  A capture with a version 2 manifest (its sha256 in
 ``result["manifest_sha256"]``) is checked as a whole folder instead
 (``workflows.manifest.check_folder``).  A strategy whose capture lives inside libvirt (an
 internal snapshot, a checkpoint) supplies its own check in its definition.
+
+A workflow whose effect is an act on the domain, not a thing kept (a restore
+of a managed save or of a save capture), keeps nothing to verify: its check
+(``nothing_kept``) says what it did and when, from its record, and never
+reads the domain now, whose later life (a stop, another capture) says
+nothing about whether that act worked.  ``outcome`` tells the three apart:
+``verified``, ``failed``, ``nothing-kept`` (``domcapture verify``: exit 0, 1, 5).
 """
 
 from __future__ import annotations
@@ -15,6 +22,21 @@ from typing import Any
 
 from . import backupfolder, manifest
 from .record import Record
+
+VERIFIED, FAILED, NOTHING_KEPT = "verified", "failed", "nothing-kept"
+
+
+def nothing_kept(rec: Record, did: str, at: Any) -> list[dict[str, Any]]:
+    """The one check of a workflow that kept nothing: what it did, when (``at``, from its record), and
+    what it recorded then."""
+    return [{"item": "nothing-kept", "ok": True, "nothing_kept": True, "did": did, "at": at,
+             "recorded": dict(rec.result)}]
+
+
+def outcome(checks: list[dict[str, Any]]) -> str:
+    if not all(c["ok"] for c in checks):
+        return FAILED
+    return NOTHING_KEPT if checks and all(c.get("nothing_kept") for c in checks) else VERIFIED
 
 
 def verify_files(rec: Record) -> list[dict[str, Any]]:
