@@ -202,3 +202,47 @@ def test_commit_of_named_layers_and_who_uses_a_file(env):
     env.hv.block_pivot(env.name, "vda")
     assert env.original_has("vda", 0x3C, 2, 1)
     assert env.hv.chain_users([ov["vda"]])[ov["vda"]] == []
+
+
+HOLD = {"workflow": "0123456789abcdef", "strategy": "snapshot-backup", "prefix": "dc",
+        "started": "2024-05-01T10:00:00.000Z", "started_epoch": 1714557600.0, "worker": "host-1:4242"}
+
+
+def _plant_hold(env, xml: str) -> None:
+    """Another tool writes into our namespace (any text libvirt accepts as an element)."""
+    if env.kind == "fake":
+        env.hv.plant_hold_xml(env.name, xml)
+    else:
+        env.dom.virsh("metadata", env.name, "https://domcapture.org/xmlns/hold/1", "--key", "other", "--set", xml,
+                      "--live", "--config")
+
+
+def test_hold_mark_round_trip_unreadable_and_removal(env):
+    assert env.hv.hold_mark(env.name) is None
+    env.hv.set_hold_mark(env.name, None)  # removing an absent mark is no error
+    env.hv.set_hold_mark(env.name, HOLD)
+    assert env.hv.hold_mark(env.name) == HOLD
+    env.hv.set_hold_mark(env.name, {**HOLD, "workflow": "fedcba9876543210"})  # replaced, not added
+    assert env.hv.hold_mark(env.name)["workflow"] == "fedcba9876543210"
+    attrs = " ".join(f"{k}='{v}'" for k, v in HOLD.items() if k != "started_epoch")
+    for planted in ("<hold workflow='../../etc' strategy='x' started='now' started-epoch='1' worker='w' prefix='p'/>",
+                    "<other a='1'/>", f"<hold {attrs} started-epoch='nan'/>"):
+        _plant_hold(env, planted)
+        assert set(env.hv.hold_mark(env.name)) == {"unreadable"}, planted
+    env.hv.set_hold_mark(env.name, None)
+    assert env.hv.hold_mark(env.name) is None
+    with pytest.raises(DomainNotFound):
+        env.hv.hold_mark("dctest-no-such-domain")
+    with pytest.raises(DomainNotFound):
+        env.hv.set_hold_mark("dctest-no-such-domain", HOLD)
+
+
+def test_hold_mark_is_written_live_and_in_the_definition(env):
+    if env.kind == "fake":
+        pytest.skip("the fake has no separate definition")
+    env.hv.set_hold_mark(env.name, HOLD)
+    env.dom.virsh("destroy", env.name)
+    assert env.hv.hold_mark(env.name) == HOLD  # the definition holds it too
+    env.hv.set_hold_mark(env.name, None)  # a shut-off domain: its definition only
+    env.dom.virsh("start", env.name)
+    assert env.hv.hold_mark(env.name) is None

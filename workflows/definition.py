@@ -72,6 +72,9 @@ class Definition:
     # (load_record, params) -> params: turns a reference to another workflow (``--from ID``) into what
     # validate needs, before validate runs; load_record raises RecordNotFound
     resolve: Callable[..., dict[str, Any]] | None = None
+    # whether it acts on the existing domain it names (and marks it held while it runs, refusing another
+    # actor's hold at submit); False: it only reads backups, or defines a new domain (restores, mounts)
+    holds_domain: bool = True
     _machine: Machine = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -21,7 +21,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from . import quiesce
+from . import holds, quiesce
 from .backups import BackupRecords
 from .checkpoints import CheckpointStore
 from .definition import ROLLING_BACK, SUCCEEDED, Definition
@@ -235,13 +235,19 @@ class Engine:
             self._watchdog = watchdog
             resumed = rec.status == RUNNING or rec.attempts
             rec.status, rec.worker = RUNNING, self.worker_id
+            if defn.holds_domain:  # the hold mark: recorded with the start, then written (workflows/holds.py)
+                rec.data["hold"] = holds.new_mark(rec, self.worker_id, self.store.prefix)
             self._save(rec, lease, "resumed" if resumed else "started")
             ctx = self._context(rec, hv, lease)
+            if defn.holds_domain:
+                holds.place(ctx.hv, self.store, rec, lease.epoch)
             while rec.status == RUNNING:
                 if rec.mode == FORWARD:
                     self._forward(defn, rec, ctx, lease)
                 else:
                     self._revert(defn, rec, ctx, lease)
+            if defn.holds_domain and rec.status in FINAL_STATUSES:
+                holds.lift(ctx.hv, self.store, rec, lease.epoch)
             return rec.status
         except LeaseLost as exc:
             log.warning("workflow %s: %s; stopping without further changes", wf_id, exc)

@@ -44,6 +44,11 @@ class UnsupportedDisk(InputError):
     pass
 
 
+class DomainHeld(InputError):
+    """Someone else holds the domain at submit: another deployment's (or an unfinished) workflow's hold
+    mark, or another tool's block job in flight."""
+
+
 class DomainBusy(DomcaptureError):
     """Another capture workflow holds the domain."""
 

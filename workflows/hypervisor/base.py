@@ -109,6 +109,8 @@ READ_ONLY = frozenset({
     # checkpoints and backups
     "list_checkpoints", "lookup_checkpoint", "get_backup_job", "get_completed_backup", "get_disk_capacity",
     "get_inactive_xml", "lookup_domain_description", "open_backup_export", "list_domains",
+    # the hold mark
+    "hold_mark",
 })
 MUTATING = frozenset({
     "fs_freeze", "fs_thaw", "guest_exec", "snapshot_disk_only", "block_commit_active", "block_commit_intermediate",
@@ -118,9 +120,11 @@ MUTATING = frozenset({
     "checkpoint_create", "checkpoint_redefine", "checkpoint_delete", "backup_begin", "backup_abort",
     "define_restored_domain", "undefine_restored_domain",
     "commit_offline", "commit_image", "define_disk_sources", "block_pull",
+    # the hold mark
+    "set_hold_mark",
 })
 #: safety calls that run even after an abort was requested (a cancelled capture must still thaw)
-CANCEL_EXEMPT = frozenset({"fs_thaw", "block_job_abort", "backup_abort"})
+CANCEL_EXEMPT = frozenset({"fs_thaw", "block_job_abort", "backup_abort", "set_hold_mark"})
 
 
 class DomainReads(Protocol):
@@ -230,7 +234,18 @@ class BackupOps(Protocol):
         (only when that file is a copy the caller planned); otherwise the NVRAM file is kept."""
 
 
-class Hypervisor(DomainReads, QuiesceOps, BlockOps, SnapshotOps, SaveOps, BackupOps, Protocol):
+class HoldOps(Protocol):
+    """The hold mark (``hold.py``): our element in the domain's ``<metadata>``, naming the workflow that
+    holds it, for admins and other tools to see (libvirt has no lock)."""
+
+    def set_hold_mark(self, name: str, mark: dict[str, Any] | None) -> None:
+        """Write the mark (live, and in the definition when persistent); None removes it."""
+    def hold_mark(self, name: str) -> dict[str, Any] | None:
+        """The mark, None when there is none, or {"unreadable": why} (never followed)."""
+        ...
+
+
+class Hypervisor(DomainReads, QuiesceOps, BlockOps, SnapshotOps, SaveOps, BackupOps, HoldOps, Protocol):
     """Everything a workflow may ask of a hypervisor (libvirt, or the in-memory fake)."""
 
 

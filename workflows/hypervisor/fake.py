@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, TypeVar
 
 from ..errors import AgentUnavailable, DomainNotFound, NotReady, OperationFailed
+from . import hold
 from .base import BlockJob, Disk, Firmware, parse_firmware
 from .fake_backup import FakeBackupOps
 from .fake_save import FakeSaveOps
@@ -61,6 +62,7 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
         self.uri = uri
         self.domains: dict[str, _FakeDomain] = {}
         self.hook = hook
+        self.hold_xml: dict[str, str] = {}  # domain -> our <hold> element as written (apart from ``metadata``)
 
     # -- test set-up (not part of the Hypervisor protocol) ----------------------
     def add_domain(self, name: str, disks: dict[str, str], *, agent: bool = False, state: str = "running",
@@ -326,6 +328,26 @@ class FakeHypervisor(FakeSaveOps, FakeSnapshotOps, FakeBackupOps):
         def abort() -> None:
             d.job_polls, d.job_type = None, "active-commit"
         self._effect("block_job_abort", abort)
+
+    # -- the hold mark (workflows/hypervisor/hold.py) -----------------------------------
+    def set_hold_mark(self, name: str, mark: dict[str, Any] | None) -> None:
+        self._dom(name)
+        xml = hold.mark_xml(mark) if mark is not None else None
+
+        def write() -> None:
+            if xml is None:
+                self.hold_xml.pop(name, None)
+            else:
+                self.hold_xml[name] = xml
+        self._effect("set_hold_mark", write)
+
+    def hold_mark(self, name: str) -> dict[str, Any] | None:
+        self._dom(name)
+        return hold.parse_mark(self.hold_xml.get(name))
+
+    def plant_hold_xml(self, name: str, xml: str) -> None:
+        """Test set-up: any text as the domain's hold element, as another tool could write it."""
+        self.hold_xml[name] = xml
 
 
 def _write_json(path: str, obj: object) -> None:

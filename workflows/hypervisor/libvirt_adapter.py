@@ -16,7 +16,7 @@ import libvirt
 
 from ..errors import (AgentUnavailable, CheckpointInconsistent, CheckpointNotFound, DomainNotFound, DomcaptureError,
                       HypervisorError, HypervisorUnavailable, NotReady, OperationFailed)
-from . import chains
+from . import chains, hold
 from .base import BlockJob, Disk, Firmware, parse_firmware
 from .libvirt_backup import LibvirtBackupOps
 from .libvirt_save import LibvirtSaveOps
@@ -422,6 +422,32 @@ class LibvirtHypervisor(LibvirtSaveOps, LibvirtSnapshotOps, LibvirtBackupOps):
     def block_job_abort(self, name: str, target: str) -> None:
         self._call(f"abort of block job {name}/{target}",
                    lambda c: self._dom(c, name).blockJobAbort(target, 0))
+
+    # -- the hold mark (workflows/hypervisor/hold.py) -----------------------------------
+    def set_hold_mark(self, name: str, mark: dict[str, Any] | None) -> None:
+        """Write our ``<hold>`` element into the domain's metadata (None: remove it), in the running
+        domain and, when it is persistent, in its definition too."""
+        xml = hold.mark_xml(mark) if mark is not None else None
+
+        def write(c: libvirt.virConnect) -> None:
+            dom = self._dom(c, name)
+            flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0
+            if dom.isPersistent():
+                flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, hold.KEY if xml else None, hold.NS, flags)
+        self._call(f"hold mark of {name}", write)
+
+    def hold_mark(self, name: str) -> dict[str, Any] | None:
+        """The domain's hold mark (the running domain's, else the definition's), None, or {"unreadable": why}."""
+        def read(c: libvirt.virConnect) -> str | None:
+            try:
+                out: str = self._dom(c, name).metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, hold.NS, 0)
+                return out
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                    return None
+                raise
+        return hold.parse_mark(self._call(f"hold mark of {name}", read))
 
 
 def _xml_attr(value: str) -> str:
