@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from . import quiesce, strategies
+from . import holds, quiesce, strategies
 from .definition import Definition
 from .checkpoints import CheckpointStore
 from .effects import Inspect
@@ -20,6 +20,7 @@ from .errors import DomainBusy, DomcaptureError, InvalidOperation, SlotTaken, St
 from .hypervisor.base import Hypervisor, read_only
 from .record import FINAL_STATUSES, FORWARD, NEEDS_ATTENTION, QUEUED, RUNNING, Record, Slot, new_id
 from .store import Lease, Store
+from .strategies import foreign
 from .verify import outcome, verify_files
 
 Enqueue = Callable[[Record], None]
@@ -69,6 +70,8 @@ class Captures:
                                  f"see 'domcapture show {holder}'")
             raw = dict(params)
             try:
+                if defn.holds_domain:  # another actor's hold mark or block job: refused before anything else
+                    foreign.refuse_held(read_only(hv), domain, self.store.prefix, holds.store_status(self.store))
                 if defn.resolve is not None:
                     raw = defn.resolve(self.store.load, raw)
                 normalised = defn.validate(self._inspect(hv), domain, raw)

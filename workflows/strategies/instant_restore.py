@@ -347,7 +347,7 @@ STEPS: dict[str, Step] = {"preflight": Preflight(), "overlaying": Overlay(), "de
                           "starting": Start(), "pulling": Pull(), "finalizing": Finalize()}
 
 DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
-                        validate=validate, resolve=resolve,
+                        validate=validate, resolve=resolve, holds_domain=False,
                         options=(restore.OPT_FROM, common.OPT_TARGET, restore.OPT_DEFINE, common.OPT_ON_ERROR),
                         summary="start a new domain at once on a direct backup chain, then stream the data in "
                                 "while it runs (blockPull)")

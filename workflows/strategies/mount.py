@@ -318,7 +318,7 @@ TRANSITIONS = [
 STEPS: dict[str, Step] = {"preflight": Preflight(), "exporting": Export(), "attaching": Attach(), "mounting": Mount()}
 
 DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
-                        validate=validate_mount, resolve=resolve,
+                        validate=validate_mount, resolve=resolve, holds_domain=False,
                         options=(OPT_FROM, OPT_DISK, OPT_MOUNTPOINT, common.OPT_ON_ERROR),
                         summary="mount a backup (its whole chain) read-only on a folder; 'domcapture mount'")
 
@@ -334,7 +334,7 @@ UNMOUNT_STEPS: dict[str, Step] = {"preflight": UnmountPreflight(), "unmounting":
 
 UNMOUNT_DEFINITION = Definition(UNMOUNT, VERSION, UNMOUNT_STATES, UNMOUNT_TRANSITIONS, UNMOUNT_STEPS,
                                 on_crash={s: RESUME for s in UNMOUNT_STATES},
-                                validate=validate_unmount, resolve=resolve_unmount,
+                                validate=validate_unmount, resolve=resolve_unmount, holds_domain=False,
                                 options=(OPT_FROM, common.OPT_ON_ERROR),
                                 summary="take a mounted backup down (unmount, loop device, daemon, files); "
                                         "'domcapture umount'")

@@ -547,7 +547,7 @@ STEPS: dict[str, Step] = {
 }
 
 DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash={s: RESUME for s in STATES},
-                        validate=validate_params, resolve=resolve,
+                        validate=validate_params, resolve=resolve, holds_domain=False,
                         options=(OPT_FROM, common.OPT_TARGET, OPT_DEFINE, OPT_DISK, OPT_TO, common.OPT_ON_ERROR,
                                  OPT_ENCRYPT_KEY_FILE),
                         summary="restore a direct backup chain into new images; optionally define a new domain")
