@@ -47,12 +47,12 @@ def chain(dom, target: str, inactive: bool = False) -> list[str]:
     for d in root.findall("./devices/disk"):
         t = d.find("target")
         if t is not None and t.get("dev") == target:
-            src = d.find("source")
-            out = [src.get("file")] if src is not None and src.get("file") else []
-            bs = d.find("backingStore")
-            while bs is not None and bs.find("source") is not None:
-                out.append(bs.find("source").get("file"))  # type: ignore[union-attr]
-                bs = bs.find("backingStore")
+            out: list[str] = []
+            src, bs = d.find("source"), d.find("backingStore")
+            while src is not None:
+                out.append(src.get("file") or "")
+                src = bs.find("source") if bs is not None else None
+                bs = bs.find("backingStore") if bs is not None else None
             return out
     raise KeyError(target)
 
