@@ -43,7 +43,7 @@ def assert_nothing_changed(cluster, dom, target) -> None:
      "--bandwidth must look like"),
     (["submit", "snapshot-backup", "--domain", "{dom}"], 2, "--target is required"),
     (["submit", "snapshot-backup", "--domain", "{dom}", "--target", "{target}",
-      "--uri", "qemu+unix:///system?socket=/nonexistent/sock"], 4, "cannot connect to libvirt"),
+      "--uri", "qemu+unix:///system?socket=/run/libvirt/domcapture-nonexistent-sock"], 4, "cannot connect to libvirt"),
     (["--redis-url", "redis://127.0.0.1:1/0", "submit", "snapshot-backup", "--domain", "{dom}",
       "--target", "{target}"], 4, "redis unreachable"),
     (["submit"], 2, "the following arguments are required: STRATEGY"),

@@ -176,7 +176,7 @@ def test_submit_verify_and_domain_page_from_the_console(cluster, disk_domain, tm
             assert f"{wf}: verified" in r.text
             assert cluster.show(wf)["data"]["verifications"][-1]["ok"] is True
 
-            page = c.get("/domain", params={"uri": doc["uri"], "name": dom.name}).text
+            page = c.get("/domain", params={"host": "default", "name": dom.name}).text
             for f in doc["result"]["files"].values():
                 assert f["path"] in page
             cp_name = f"domcapture-{cp_wf}"
@@ -184,7 +184,7 @@ def test_submit_verify_and_domain_page_from_the_console(cluster, disk_domain, tm
             assert row and "committed" in row.group(0) and "<td>yes</td>" in row.group(0)
             # libvirt forgets it (metadata only): the page shows our store's entry, not in libvirt
             dom.virsh("checkpoint-delete", dom.name, cp_name, "--metadata")
-            page = c.get("/domain", params={"uri": doc["uri"], "name": dom.name}).text
+            page = c.get("/domain", params={"host": "default", "name": dom.name}).text
             row = re.search(rf"<tr><td>{cp_name}</td>.*?</tr>", page, re.S)
             assert row and "committed" in row.group(0) and "<td>no</td>" in row.group(0)
             backups = re.search(r'<table id="backups">.*?</table>', page, re.S)

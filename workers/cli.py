@@ -31,7 +31,8 @@ from workflows.errors import DomcaptureError, RecordUnreadable
 from workflows.record import FINAL_STATUSES, STATUSES, STOPPED_STATUSES, Record
 from workflows.service import summary
 
-from . import cli_audit, cli_backups, cli_checkpoints, cli_fleet, cli_mount, completion, notify, web
+from . import cli_audit, cli_backups, cli_checkpoints, cli_fleet, cli_holds, cli_hosts, cli_mount, completion, notify, \
+    web
 from .chaos import command as chaos_command
 from .runtime import Runtime, rq_module
 from .settings import ENV, Settings, process_id
@@ -421,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_recovery, daemon=True)
 
     cli_checkpoints.register(sub)
+    cli_holds.register(sub)
+    cli_hosts.register(sub)
     cli_backups.register(sub)
     cli_mount.register(sub)
     cli_fleet.register(sub)
@@ -445,13 +448,18 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "domain", None) is not None:
         validate.domain_name(args.domain)
     if getattr(args, "uri", None) is not None:
-        validate.text("uri", args.uri)
+        validate.libvirt_uri("uri", args.uri)
     if getattr(args, "timeout", None) is not None:
         args.timeout = validate.seconds("timeout", args.timeout)
     if args.command == "worker" and args.host is None:
         args.host = os.environ.get("DOMCAPTURE_HOST") or None
     if getattr(args, "host", None) is not None and args.host != "libvirt":
         args.host = validate.key_part("host", args.host)
+    if args.command == "host":  # a host's name and URI, checked before the registry is read
+        if getattr(args, "name", None) is not None:
+            validate.host_name(args.name, "NAME")
+        if getattr(args, "host_uri", None) is not None:
+            validate.libvirt_uri("URI", args.host_uri)
     if getattr(args, "interval", None) is not None:
         args.interval = validate.number("interval", args.interval, minimum=0.05, allow_minimum=True,
                                         maximum=3600, unit=" of seconds")

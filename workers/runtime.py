@@ -24,6 +24,7 @@ import redis
 
 from workflows import naming, validate
 from workflows.errors import ConfigError, StoreError, StoreUnavailable
+from workflows.hosts import HostRegistry
 from workflows.hypervisor.libvirt_adapter import LibvirtHypervisor
 from workflows.record import Record
 from workflows.service import Captures
@@ -91,7 +92,15 @@ class Runtime:
         self.captures = Captures(self.store, self.hypervisor, self.enqueue, lease_ttl=settings.lease_ttl)
 
     def hypervisor(self, uri: str) -> LibvirtHypervisor:
-        return LibvirtHypervisor(uri or self.settings.libvirt_uri)
+        """A connection to ``uri`` (the deployment's default when empty), refused unless it passes
+        the URI allowlist: every libvirt connection of the runtime opens here, so a URI read back
+        from Redis (a record, a policy, the host registry) is checked again right before use."""
+        uri = uri or self.settings.libvirt_uri
+        return LibvirtHypervisor(validate.libvirt_uri("URI", uri) if uri else "")
+
+    def hosts(self) -> HostRegistry:
+        """The host registry: names the console and the fleet use instead of URIs."""
+        return HostRegistry(self.store.r, self.settings.prefix, self.settings.libvirt_uri)
 
     @staticmethod
     def job_id(rec: Record) -> str:

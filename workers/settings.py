@@ -69,7 +69,7 @@ class Settings:
         uri = env.get("LIBVIRT_DEFAULT_URI", cls.libvirt_uri)
         return cls(
             redis_url=validate.redis_url(env.get("DOMCAPTURE_REDIS_URL", cls.redis_url)),
-            libvirt_uri=validate.text("LIBVIRT_DEFAULT_URI", uri) if uri else "",
+            libvirt_uri=validate.libvirt_uri("LIBVIRT_DEFAULT_URI", uri) if uri else "",
             prefix=validate.key_part("DOMCAPTURE_PREFIX", env.get("DOMCAPTURE_PREFIX", cls.prefix)),
             queue=validate.key_part("DOMCAPTURE_QUEUE", env.get("DOMCAPTURE_QUEUE", cls.queue)),
             lease_ttl=validate.number("DOMCAPTURE_LEASE_TTL", env.get("DOMCAPTURE_LEASE_TTL", cls.lease_ttl),

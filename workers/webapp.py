@@ -32,8 +32,9 @@ from workflows import strategies, verify
 from workflows.audit import Actor, AuditLog
 from workflows.definition import END_STATES, ROLLING_BACK, Definition
 from workflows.errors import DomcaptureError, InputError, RecordNotFound
+from workflows.hosts import DEFAULT
 from workflows.record import FINAL_STATUSES, STATUSES, Record
-from workflows.validate import ID_RE
+from workflows.validate import ID_RE, domain_name
 
 from . import cli_checkpoints
 from .metrics import StoreCollector, host_of
@@ -288,7 +289,8 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         if q["status"] and q["status"] not in STATUSES:
             raise InputError(f"unknown status {q['status']!r}; choose one of: {', '.join(STATUSES)}")
         recs = await run_in_threadpool(_filtered, q)
-        return render(request, "list.html", records=recs, q=q, host_of=host_of)
+        return render(request, "list.html", records=recs, q=q, host_of=host_of,
+                      host_names=await run_in_threadpool(_host_names))
 
     def _workflow_context(wf_id: str) -> dict[str, Any]:
         rec = rt.store.load(wf_id)
@@ -296,7 +298,8 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         history = rt.store.history(wf_id)
         return {"rec": rec, "table": states_table(defn, rec) if defn else [], "history": history[::-1],
                 "actions": allowed_actions(rec), "lease": rt.store.lease_value(wf_id),
-                "final": rec.status in FINAL_STATUSES, "summary": defn.summary if defn else ""}
+                "final": rec.status in FINAL_STATUSES, "summary": defn.summary if defn else "",
+                "host_names": _host_names()}
 
     @page
     async def workflow(request: Request) -> Response:
@@ -346,12 +349,25 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         flash(request, kind, text)
         return RedirectResponse(f"/wf/{wf_id}", status_code=303)
 
+    # -- hosts: a request names a registered host, never a URI ----------------------------------
+    def _host_uri(params: Any) -> tuple[str, str]:
+        """(name, URI) of the host ``params`` names (``default`` when none); a ``uri`` is refused."""
+        if "uri" in params:
+            raise InputError("uri: the console takes a registered host's name (host=NAME; 'domcapture host "
+                             "list'), never a URI")
+        name = str(params.get("host") or DEFAULT)
+        return name, rt.hosts().uri(name)
+
+    def _host_names() -> dict[str, str]:
+        """URI -> host name, for links to a domain's page (the first name of a URI wins)."""
+        return {uri: name for name, uri in reversed(list(rt.hosts().all().items()))}
+
     # -- submit -----------------------------------------------------------------------------------
     def _submit_form(request: Request, strategy: str, values: dict[str, Any], status_code: int = 200,
                      error: str | None = None) -> Response:
         defn = strategies.DEFINITIONS.get(strategy)
         return render(request, "submit.html", status_code, defn=defn, strategy=strategy, values=values,
-                      error=error, default_uri=rt.settings.libvirt_uri)
+                      error=error, hosts=list(rt.hosts().all()))
 
     @page
     async def submit_page(request: Request) -> Response:
@@ -378,7 +394,7 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
                         params[opt.name] = True
                 elif raw:
                     params[opt.name] = raw
-            uri = values.get("uri", "").strip() or rt.settings.libvirt_uri
+            _, uri = await run_in_threadpool(_host_uri, values)
             rec = await run_in_threadpool(rt.captures.submit, defn.name, domain, uri, params, by=user(request))
         except DomcaptureError as exc:
             await run_in_threadpool(audit.append, actor(request), "submit", values.get("domain", "-"),
@@ -400,27 +416,30 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
                 row["last"] = rec
             if rec.status == "succeeded" and (row["last_ok"] is None or rec.updated_at > row["last_ok"].updated_at):
                 row["last_ok"] = rec
+        names = _host_names()
         for row in rows.values():
             row["holder"] = rt.store.domain_holder(row["uri"], row["domain"])
+            row["host"] = names.get(row["uri"])
         return sorted(rows.values(), key=lambda r: (r["domain"], r["uri"]))
 
     @page
     async def domains(request: Request) -> Response:
         return render(request, "domains.html", rows=await run_in_threadpool(_domains))
 
-    def _domain(uri: str, name: str) -> dict[str, Any]:
-        recs = sorted((r for r in rt.store.records() if r.domain == name and (not uri or r.uri == uri)),
-                      key=lambda r: r.created_at, reverse=True)
-        backups = [r for r in recs if r.status == "succeeded" and (r.result or {}).get("files")]
+    def _domain(host: str, uri: str, name: str) -> dict[str, Any]:
         cp_error: str | None = None
         checkpoints: list[dict[str, Any]] = []
         canonical: str = uri
         defined: bool | None = None
         try:
-            canonical, defined, checkpoints = cli_checkpoints.rows(rt, name, uri or (recs[0].uri if recs else None))
+            canonical, defined, checkpoints = cli_checkpoints.rows(rt, name, uri or None)
         except DomcaptureError as exc:
             cp_error = str(exc)
-        return {"name": name, "uri": canonical, "records": recs, "backups": backups, "checkpoints": checkpoints,
+        recs = sorted((r for r in rt.store.records() if r.domain == name and (not canonical or r.uri == canonical)),
+                      key=lambda r: r.created_at, reverse=True)
+        backups = [r for r in recs if r.status == "succeeded" and (r.result or {}).get("files")]
+        return {"name": name, "host": host, "uri": canonical, "records": recs, "backups": backups,
+                "checkpoints": checkpoints,
                 "defined": defined, "cp_error": cp_error, "holder": rt.store.domain_holder(canonical, name)}
 
     @page
@@ -428,7 +447,9 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         name = request.query_params.get("name", "").strip()
         if not name:
             raise InputError("name: which domain?")
-        ctx = await run_in_threadpool(_domain, request.query_params.get("uri", "").strip(), name)
+        domain_name(name, "name")
+        host, uri = await run_in_threadpool(_host_uri, request.query_params)
+        ctx = await run_in_threadpool(_domain, host, uri, name)
         return render(request, "domain.html", **ctx)
 
     @page

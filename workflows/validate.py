@@ -9,7 +9,8 @@ The ranges are the documented ones (README, "Command line" and
 "Configuration"): numbers are finite; durations are positive; a bandwidth is
 0 (unlimited) or at least one byte per second; names and paths are non-empty
 and free of control characters; workflow ids match the id format before any
-Redis call.
+Redis call.  A libvirt URI passes ``libvirt_uri``'s allowlist (below) before
+libvirt or the store sees it.
 """
 
 from __future__ import annotations
@@ -247,3 +248,95 @@ def _redact(url: str) -> str:
 
 
 redact = _redact
+
+
+# -- libvirt URIs ---------------------------------------------------------------------------
+# A libvirt URI is an address libvirt acts on: ``qemu+ext:///system?command=PATH`` runs PATH
+# (as root, in a worker or the console), ``test:///PATH`` reads a file, ``socket=`` connects
+# anywhere.  So every URI that enters (``--uri``, LIBVIRT_DEFAULT_URI, a policy's [hosts], the
+# host registry, a record about to be opened) must be one of these shapes, spelled plainly.
+URI_SCHEMES = ("qemu", "qemu+unix", "qemu+ssh", "qemu+tls", "qemu+tcp")
+URI_PATHS = ("/system", "/session")
+MAX_URI = 512
+#: where a path-valued parameter may point (string prefixes; ``..`` and ``//`` refused)
+URI_PATH_PARAMS: dict[str, tuple[str, ...]] = {
+    "socket": ("/run/libvirt/", "/var/run/libvirt/"),
+    "keyfile": ("/etc/domcapture/", "/root/.ssh/"),
+    "known_hosts": ("/etc/domcapture/", "/root/.ssh/"),
+    "pkipath": ("/etc/domcapture/", "/etc/pki/"),
+}
+URI_CHOICE_PARAMS: dict[str, tuple[str, ...]] = {
+    "mode": ("auto", "legacy", "direct"), "proxy": ("auto", "netcat", "native"),
+    "no_verify": ("0", "1"), "no_tty": ("0", "1"), "known_hosts_verify": ("normal", "auto", "ignore"),
+}
+# printable ASCII without '%' (libvirt unescapes parameters: %63ommand is command), ';' (a second
+# parameter separator to libvirt), '#', quotes, spaces, backslashes and shell characters
+_URI_CHARS = re.compile(r"^[A-Za-z0-9._~:/?&=@,+\[\]-]+$")
+_URI_RE = re.compile(r"^(?P<scheme>[^:/?]+)://(?P<auth>[^/?]*)(?P<path>/[^?]*)?(?:\?(?P<query>.*))?$")
+_URI_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+_URI_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])$")
+
+
+def libvirt_uri(name: str, value: Any) -> str:
+    """A libvirt URI from the allowlist (docs/security.md, "Hosts and URIs"), or InputError.
+
+    Accepted: ``qemu``, ``qemu+unix``, ``qemu+ssh``, ``qemu+tls``, ``qemu+tcp`` (lowercase), a path
+    of ``/system`` or ``/session``, an optional ``[user@]host[:port]`` (none for ``qemu+unix``),
+    and only the parameters in URI_PATH_PARAMS (under their folders) and URI_CHOICE_PARAMS.
+    No ``ext`` transport, no ``command=``/``netcat=``/``name=``, no percent-escapes.
+    """
+    uri = text(name, value)
+    shown = repr(uri if len(uri) <= 80 else uri[:77] + "...")
+    what = f"{flag(name)} {shown}"
+    if len(uri) > MAX_URI:
+        raise InputError(f"{flag(name)} is {len(uri)} characters long; a libvirt URI here is at most {MAX_URI}")
+    if "ext" in uri.split(":", 1)[0].lower().split("+")[1:]:
+        raise InputError(f"{what}: the 'ext' transport runs a local program; it is never accepted")
+    if not _URI_CHARS.match(uri):
+        bad = next(c for c in uri if not _URI_CHARS.match(c))
+        raise InputError(f"{what}: character {bad!r} is not accepted in a libvirt URI (no percent-escapes, "
+                         "spaces, quotes or ';')")
+    m = _URI_RE.match(uri)
+    if not m:
+        raise InputError(f"{what} is not a libvirt URI like qemu:///system or qemu+ssh://user@host/system")
+    scheme, auth, upath, query = m["scheme"], m["auth"], m["path"] or "", m["query"]
+    if scheme not in URI_SCHEMES:
+        raise InputError(f"{what}: scheme {scheme!r} is not accepted; use one of {', '.join(URI_SCHEMES)}")
+    if upath not in URI_PATHS:
+        raise InputError(f"{what}: the path must be /system or /session (got {upath or 'none'!r})")
+    if auth:
+        if scheme == "qemu+unix":
+            raise InputError(f"{what}: qemu+unix names no host")
+        user, _, hostport = auth.rpartition("@")
+        host, port = hostport, ""
+        if not hostport.endswith("]") and ":" in hostport:
+            host, _, port = hostport.rpartition(":")
+        if user and not _URI_USER.match(user):
+            raise InputError(f"{what}: user {user!r} must be letters, digits and . _ - (not starting with '-')")
+        if not _URI_HOST.match(host):
+            raise InputError(f"{what}: host {host!r} is not a host name or address (not starting with '-')")
+        if port and (not port.isdigit() or not 0 < int(port) < 65536):
+            raise InputError(f"{what}: port {port!r} must be 1 to 65535")
+    seen: set[str] = set()
+    for item in (query.split("&") if query is not None else []):
+        key, eq, val = item.partition("=")
+        if key in seen:
+            raise InputError(f"{what}: parameter {key!r} is given twice")
+        seen.add(key)
+        if key in URI_CHOICE_PARAMS:
+            if val not in URI_CHOICE_PARAMS[key]:
+                raise InputError(f"{what}: {key}= must be one of {', '.join(URI_CHOICE_PARAMS[key])}")
+        elif key in URI_PATH_PARAMS:
+            roots = URI_PATH_PARAMS[key]
+            if not eq or os.path.normpath(val) != val or not any(val.startswith(r) and len(val) > len(r)
+                                                                  for r in roots):
+                raise InputError(f"{what}: {key}= must be a plain path under {' or '.join(roots)}")
+        else:
+            accepted = sorted((*URI_PATH_PARAMS, *URI_CHOICE_PARAMS))
+            raise InputError(f"{what}: parameter {key!r} is not accepted (accepted: {', '.join(accepted)})")
+    return uri
+
+
+def host_name(value: Any, name: str = "host") -> str:
+    """A registered host's name: letters, digits and . _ - (at most 64), the per-host queue's suffix."""
+    return key_part(name, value)
