@@ -63,12 +63,12 @@ def check_mountpoint(value: Any) -> str:
     path = os.path.join(parent, base)
     try:
         with opened_mountpoint(path) as fd:
+            if os.path.ismount(path):
+                raise InvalidTarget(f"mount point {path} already has a file system mounted on it")
             if os.listdir(fd):
                 raise InvalidTarget(f"mount point {path} is not empty")
     except OSError as exc:
         raise InvalidTarget(f"mount point {path}: {exc.strerror}") from None
-    if os.path.ismount(path):
-        raise InvalidTarget(f"mount point {path} already has a file system mounted on it")
     return path
 
 
@@ -78,7 +78,7 @@ def opened_mountpoint(path: str) -> Iterator[int]:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        raise InvalidTarget(f"mount point {path} does not exist") from None
+        raise InvalidTarget(f"mount point {path} is not a folder: it does not exist") from None
     if not stat.S_ISDIR(st.st_mode):
         raise InvalidTarget(f"mount point {path} is {bf.kind_of(st.st_mode)}, not a folder; refusing to follow it")
     try:
