@@ -165,6 +165,14 @@ def restore_chain(hv: Any, cps: CheckpointStore, rec: Record, check: Any = None)
     present = {c.name: c for c in hv.list_checkpoints(rec.domain)}
     redefined: list[str] = []
     broken: dict[str, str] = {}
+    # first what libvirt still has: a child re-parented by another tool's delete of its parent is no longer
+    # that parent's descendant, so the parent's loss below does not mark it broken
+    for cp in cps.all(rec.uri, rec.domain):
+        live = present.get(cp.name)
+        if cp.state == COMMITTED and not cp.broken and live is not None and \
+                (live.parent != cp.parent or live.xml != cp.xml):
+            cp.parent, cp.xml = live.parent, live.xml
+            cps.put(rec, cp)
     for cp in cps.all(rec.uri, rec.domain):
         if check:
             check()
@@ -173,11 +181,7 @@ def restore_chain(hv: Any, cps: CheckpointStore, rec: Record, check: Any = None)
         if cp.broken:
             broken[cp.name] = cp.broken
             continue
-        live = present.get(cp.name)
-        if live is not None:
-            if live.parent != cp.parent or live.xml != cp.xml:
-                cp.parent, cp.xml = live.parent, live.xml
-                cps.put(rec, cp)
+        if cp.name in present:
             continue
         if cp.parent in broken:
             reason = f"its parent {cp.parent} is broken"
@@ -191,7 +195,10 @@ def restore_chain(hv: Any, cps: CheckpointStore, rec: Record, check: Any = None)
             except (CheckpointInconsistent, CheckpointNotFound, OperationFailed) as exc:
                 if isinstance(exc, OperationFailed) and exc.retryable:
                     raise
-                reason = f"redefinition refused: {exc}"
+                # libvirt forgot it (another tool's checkpoint-delete, an undefine): with its bitmap gone too
+                # nothing can follow from it, and the next incremental is full and names it
+                gone = "its bitmap is gone; " if isinstance(exc, CheckpointInconsistent) else ""
+                reason = f"libvirt no longer has it and {gone}redefinition refused: {exc}"
         for name in cps.mark_broken(rec, cp.name, reason):
             broken.setdefault(name, reason)
         broken[cp.name] = reason

@@ -22,7 +22,7 @@ import os
 import time
 from typing import Any, Callable, cast
 
-from .. import datapath, hooks, naming, nbdio, qcow2
+from .. import datapath, hooks, naming, nbdio, qcow2, quiesce
 from ..checkpoints import COMMITTED, KIND_BACKUP, PENDING, Checkpoint, backup_base, owned_pending, restore_chain
 from ..definition import RESUME, Definition, Option
 from ..errors import (CheckpointInconsistent, CheckpointNotFound, DeadlineExceeded, DomainNotRunning, InputError,
@@ -100,6 +100,10 @@ def validate(look: Inspect, domain: str, params: dict[str, Any]) -> dict[str, An
     out.update(common.parse_hooks(params))
     out.update(common.parse_disk_selection(params))
     state = require_backupable(hv, domain)
+    job = hv.get_backup_job(domain) if state != "shutoff" else None
+    if job is not None:  # no workflow of ours holds the domain (checked before validation): it is another tool's
+        raise InputError(f"{bc.foreign_job_reason(domain, job)}; domcapture never aborts it: submit again once "
+                         f"it has ended (virsh domjobinfo {domain})")
     common.check_quiesce_state(domain, state, out["quiesce"])
     disks = common.choose_disks(hv, domain, out, backing_ok=True, block_ok=True, network_ok=True)[0]
     if state == "shutoff":
@@ -131,10 +135,12 @@ def _job_files(ctx: StepContext) -> dict[str, str]:
 
 
 def _our_job(ctx: StepContext) -> BackupJob | None:
+    """Our backup job while it runs.  Another tool's job is never taken for ours (nor waited on, nor ended):
+    libvirt runs one backup job per domain, so while theirs runs ours is gone."""
     job = ctx.hv.get_backup_job(ctx.domain)
-    if job is not None and not job.mentions(ctx.rec.id):
-        raise StepFailed(f"a backup job that is not ours runs on {ctx.domain} ({job.mode}); "
-                         "domcapture leaves it alone")
+    if job is not None and not bc.job_is_ours(ctx, job):
+        log.warning("workflow %s: %s; ours is not running", ctx.rec.id, bc.foreign_job_reason(ctx.domain, job))
+        return None
     return job
 
 
@@ -206,6 +212,8 @@ class CheckChain(Step):
     description = "redefine the checkpoints libvirt lost (parents first, validated); choose full or incremental"
 
     def execute(self, ctx: StepContext) -> None:
+        if not direct_offline.is_offline(ctx):
+            bc.refuse_foreign_job(ctx)  # before the freeze: the guest is not held frozen while we wait
         cps = ctx.fx.checkpoints
         ctx.data["chain"] = restore_chain(ctx.hv, cps, ctx.rec, check=ctx.guard)
         ctx.data.pop("base", None)
@@ -231,6 +239,7 @@ class CheckChain(Step):
                 ctx.data.pop("base", None)
             if kind == "full":
                 ctx.data["fallback"] = f"incremental requested, taking a full backup: {why}"
+                ctx.save("fallback-to-full", reason=why)  # the history says why, as the result does
         ctx.data["kind"] = kind
 
 
@@ -238,7 +247,16 @@ class Begin(Step):
     description = "backup begin (push target files | pull NBD export + scratch files) and its checkpoint, at once"
 
     def redirect(self, ctx: StepContext) -> str | None:
-        return "refreeze" if not self.probe(ctx) and common.needs_refreeze(ctx) else None
+        if self.probe(ctx):
+            return None
+        if not direct_offline.is_offline(ctx) and bc.foreign_job(ctx) is not None:
+            # another tool began a backup since checking_chain: thaw now, wait (retries), freeze again after
+            if quiesce.frozen_info(ctx.rec):
+                quiesce.thaw(ctx.hv, ctx.rec, by=ctx.rec.worker or "worker")
+                hooks.post_thaw(ctx)
+                ctx.save("thawed", reason="a backup job that is not ours runs on the domain")
+            bc.refuse_foreign_job(ctx)
+        return "refreeze" if common.needs_refreeze(ctx) else None
 
     def probe(self, ctx: StepContext) -> bool:
         # backupBegin creates the checkpoint with the job, atomically: it exists iff the backup began
