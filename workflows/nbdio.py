@@ -193,7 +193,7 @@ class QcowWriter:
             options = "compat=1.1" + (",compression_type=zstd" if compress else "")
             if key:
                 options += f",encrypt.format=luks,encrypt.key-secret={SECRET_ID}"
-            run_qemu_img("create", *secret_args(key), "-q", "-f", "qcow2", "-o", options, path, str(create_size))
+            create_image(path, create_size, options, key)
         elif os.path.exists(path):  # the file a killed copy left: its metadata made consistent first
             repair_image(path, key)
         self.path, self.compress = path, compress
@@ -626,6 +626,27 @@ def check_key(path: str, key: str | None) -> None:
     if out.returncode != 0:
         why = "the key does not unlock it" if "password" in out.stderr.lower() else out.stderr.strip()
         raise InputError(f"--encrypt-key-file: {path}: {why}")
+
+
+#: QEMU's LUKS header creation times PBKDF2 on the thread's CPU clock (crypto/pbkdf.c); on a loaded host
+#: a round can measure 0 ms and qemu-img fails with this.  No qemu-img option skips that timing
+#: (``encrypt.iter-time`` only scales its result), so the create is tried again, a bounded number of times.
+CALIBRATION_FAILURE = "Unable to get accurate CPU usage"
+CREATE_ATTEMPTS = 5
+
+
+def create_image(path: str, size: int, options: str, key: str | None = None, *,
+                 attempts: int = CREATE_ATTEMPTS, pause: float = 0.2) -> None:
+    """``qemu-img create`` of a qcow2 file; with ``key``, a LUKS-encrypted one whose key timing a busy host
+    may fail (CALIBRATION_FAILURE): that failure alone is retried, ``attempts`` times at most."""
+    for attempt in range(1, attempts + 1):
+        try:
+            run_qemu_img("create", *secret_args(key), "-q", "-f", "qcow2", "-o", options, path, str(size))
+            return
+        except OperationFailed as exc:
+            if CALIBRATION_FAILURE not in str(exc) or attempt == attempts:
+                raise
+            time.sleep(pause * attempt)  # let the host's load pass before timing again
 
 
 def run_qemu_img(*args: str, timeout: float = QEMU_IMG_TIMEOUT) -> str:
