@@ -130,7 +130,7 @@ class Fleet:
             self.fake.add_domain(name, {"vda": str(d / "vda.img")}, agent=True, metadata=meta)
         (tmp_path / "bk").mkdir()
         self.policies = PolicyStore(store.r, store.prefix)
-        self.policy: Policy = parse(GOOD.format(target=tmp_path / "bk", uri=self.uri))
+        self.policy: Policy = parse(GOOD.format(target=tmp_path / "bk", uri=self.uri), check_uri=None)
         self.policies.apply(self.policy)
         self.queue: list[str] = []
         self.captures = Captures(store, lambda uri: self.fake, lambda rec: self.queue.append(rec.id))
@@ -212,7 +212,7 @@ def test_a_policy_with_a_retention_prunes_after_each_night_and_verifies_at_its_s
     f = Fleet(tmp_path, store)
     text = GOOD.format(target=tmp_path / "bk", uri=f.uri).replace("keep_daily = 7\nkeep_weekly = 4", "keep_last = 3")
     text = text.replace("[limits]", "[verify]\ncron = \"0 12 * * *\"\n\n[limits]")
-    f.policy = parse(text)
+    f.policy = parse(text, check_uri=None)
     f.policies.apply(f.policy)
     s = f.scheduler("a")
     s.tick()
@@ -238,7 +238,7 @@ def test_a_policy_with_a_retention_prunes_after_each_night_and_verifies_at_its_s
 def test_a_prune_by_hand_takes_a_stored_policy_s_retention(tmp_path, store: Store):
     f = Fleet(tmp_path, store)
     f.policy = parse(GOOD.format(target=tmp_path / "bk", uri=f.uri).replace("keep_daily = 7\nkeep_weekly = 4",
-                                                                             "keep_last = 2"))
+                                                                             "keep_last = 2"), check_uri=None)
     f.policies.apply(f.policy)
     ids = []
     for i in range(4):

@@ -11,7 +11,7 @@ from typing import Any
 
 from workflows import strategies
 from workflows.errors import InputError
-from workflows.policy import Policy, PolicyError, PolicyStore, parse
+from workflows.policy import MAX_BYTES, Policy, PolicyError, PolicyStore, parse
 from workflows.scheduler import Scheduler
 
 from .jobs import fault_hook
@@ -25,21 +25,33 @@ def _ts(t: float | None) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if t else "-"
 
 
+def _safe(text: str) -> str:
+    """A line for the terminal: control characters (a policy stored before they were refused) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def read_policy(path: str) -> Policy:
     """The policy in the file at ``path``, checked whole (PolicyError naming line and field)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # a larger file is refused without reading it all
     except OSError as exc:
         raise InputError(f"{path}: cannot read the policy file: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise PolicyError(f"{path}: not UTF-8 text") from None
-    return parse(text, path, known_strategies=lambda s: s in strategies.DEFINITIONS)
+    if len(raw) > MAX_BYTES:
+        raise PolicyError(f"{path}: size: larger than {MAX_BYTES // 1024} KiB; a policy is a short file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    return parse(text, path, definitions=strategies.DEFINITIONS)
 
 
 def cmd_apply(args: argparse.Namespace, rt: Runtime) -> int:
     policy = read_policy(args.file)
+    registry = rt.hosts()
+    registry.check(policy.hosts)  # a host registered with another URI: refused before anything is stored
     version = PolicyStore(rt.store.r, rt.settings.prefix).apply(policy)
+    registry.add(policy.hosts)
     for host, uri in policy.hosts.items():
         rt.map_host(uri, host)
     if args.json:
@@ -50,33 +62,54 @@ def cmd_apply(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_list(args: argparse.Namespace, rt: Runtime) -> int:
-    policies = PolicyStore(rt.store.r, rt.settings.prefix).all()
+    store = PolicyStore(rt.store.r, rt.settings.prefix)
+    errors = store.errors()
+    rows: list[dict[str, Any]] = []
+    for name in store.names():
+        try:
+            row = store.get(name).to_dict()
+        except (PolicyError, ValueError) as exc:  # unreadable: listed by name with why
+            row = {"name": name, "error": f"unreadable: {exc}"}
+        if name in errors:
+            row["error"] = errors[name]["error"]
+            row["error_since"] = errors[name]["since"]
+        rows.append(row)
     if args.json:
-        print(json.dumps([p.to_dict() for p in policies], sort_keys=True))
+        print(json.dumps(rows, sort_keys=True))
         return 0
-    for p in policies:
-        print(f"{p.name:<20} v{p.version:<3} {p.strategy:<14} {p.cron!r} {p.timezone}  hosts {','.join(p.hosts)}")
+    for r in rows:
+        if "strategy" in r:
+            print(_safe(f"{r['name']:<20} v{r['version']:<3} {r['strategy']:<14} {r['cron']!r} {r['timezone']}  "
+                        f"hosts {','.join(r['hosts'])}"))
+        else:
+            print(f"{r['name']:<20} -")
+        if "error" in r:
+            print(f"  ERRORED, skipped by the scheduler: {_safe(r['error'])}")
     return 0
 
 
 def cmd_show(args: argparse.Namespace, rt: Runtime) -> int:
-    p = PolicyStore(rt.store.r, rt.settings.prefix).get(args.name)
+    store = PolicyStore(rt.store.r, rt.settings.prefix)
+    p = store.get(args.name)
     slots = rt.store.slots(p.name)[-args.slots:] if args.slots else []
     rows: list[dict[str, Any]] = [{"host": m.split("|")[0], "domain": m.split("|")[1], "at": at,
                                    "kind": m.split("|")[3], "outcome": v} for m, at, v in slots]
     if args.json:
-        print(json.dumps({**p.to_dict(), "slots": rows}, sort_keys=True))
+        print(json.dumps({**p.to_dict(), "slots": rows, "error": store.errors().get(p.name)}, sort_keys=True))
         return 0
-    print(f"name:      {p.name} (version {p.version}, applied {_ts(p.applied_at)})")
-    print(f"strategy:  {p.strategy} {json.dumps(p.options, sort_keys=True)}  target {p.target or '-'}")
-    print(f"domains:   {', '.join(p.domains) or '-'}  tags {', '.join(p.tags) or '-'}")
-    print(f"hosts:     {', '.join(f'{h}={u}' for h, u in sorted(p.hosts.items()))}")
-    print(f"schedule:  {p.cron!r} {p.timezone}  full: {p.full_weekday or '-'} / every {p.full_every or '-'}")
-    print(f"retention: {json.dumps(p.retention, sort_keys=True)}  verify: {p.verify_cron or '-'}")
-    print(f"limits:    per host {p.per_host or '-'}, per target {p.per_target or '-'}")
-    print("slots:")
-    for r in rows:
-        print(f"  {_ts(r['at'])} {r['kind']:<8} {r['host']:<10} {r['domain']:<20} {r['outcome']}")
+    error = store.errors().get(p.name)
+    lines = [f"name:      {p.name} (version {p.version}, applied {_ts(p.applied_at)})",
+             f"strategy:  {p.strategy} {json.dumps(p.options, sort_keys=True)}  target {p.target or '-'}",
+             f"domains:   {', '.join(p.domains) or '-'}  tags {', '.join(p.tags) or '-'}",
+             f"hosts:     {', '.join(f'{h}={u}' for h, u in sorted(p.hosts.items()))}",
+             f"schedule:  {p.cron!r} {p.timezone}  full: {p.full_weekday or '-'} / every {p.full_every or '-'}",
+             f"retention: {json.dumps(p.retention, sort_keys=True)}  verify: {p.verify_cron or '-'}",
+             f"limits:    per host {p.per_host or '-'}, per target {p.per_target or '-'}",
+             *([f"ERRORED:   skipped by the scheduler since {_ts(error['since'])}: {error['error']}"] if error else []),
+             "slots:",
+             *(f"  {_ts(r['at'])} {r['kind']:<8} {r['host']:<10} {r['domain']:<20} {r['outcome']}" for r in rows)]
+    for line in lines:
+        print(_safe(line))
     return 0
 
 

@@ -228,7 +228,17 @@ class StoreCollector(Collector):
         out.append(g)
         out += self._queues()
         out.append(self._notifications())
+        out.append(self._policy_errors())
         return out
+
+    def _policy_errors(self) -> Metric:
+        g = GaugeMetricFamily("domcapture_policy_errors",
+                              "1 for each policy the scheduler cannot evaluate and skips until it is fixed",
+                              labels=["policy"])
+        raw = redis_call(self.store, self.store.r.hgetall, f"{self.store.prefix}:policy-errors")
+        for name in sorted(raw):
+            g.add_metric([name.decode()], 1.0)
+        return g
 
     def _notifications(self) -> Metric:
         c = CounterMetricFamily("domcapture_notification_attempts",

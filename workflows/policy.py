@@ -48,13 +48,18 @@ import tomllib
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import redis
-from croniter import croniter
+from croniter import CroniterError, croniter
 
+from . import policy_options, validate
 from .errors import InputError, RecordNotFound
+from .validate import has_control
+
+if TYPE_CHECKING:
+    from .definition import Definition
 
 #: the libvirt metadata element a domain's tags live in:
 #: ``<metadata><dc:tags xmlns:dc="urn:domcapture:tags">nightly db</dc:tags></metadata>``
@@ -63,6 +68,10 @@ RETENTION_KEYS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SCHEMA_VERSION = 1
+MAX_BYTES = 256 * 1024  # a policy file is read up to this size, and refused past it
+MAX_DEPTH = 3  # tables and arrays inside each other below the document ([options] disks = [...] is 2)
+CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+CRON_HORIZON = 366 * 86400.0  # a schedule must fire within a year of its apply
 
 _TOP = {"name", "strategy", "target", "domains", "tags", "hosts", "options", "full", "schedule", "retention",
         "verify", "limits"}
@@ -176,23 +185,129 @@ class _Locator:
                     return n
                 header = n if current == table else header
                 continue
-            if current == table and key is not None and re.match(rf"^\"?{re.escape(key)}\"?\s*=", s):
+            # a key as written: bare, quoted, or with its control characters escaped ("hv\u0007")
+            spelled = "|".join(re.escape(k) for k in {key, json.dumps(key)[1:-1]}) if key is not None else ""
+            if current == table and key is not None and re.match(rf"^[\"']?(?:{spelled})[\"']?\s*=", s):
                 return n
         return header or 1
 
 
-def parse(text: str, source: str = "policy", known_strategies: Callable[[str], bool] | None = None) -> Policy:
-    """The policy in ``text``, or PolicyError naming ``source:line`` and the field."""
+def _shown(key: str) -> str:
+    """A key as an error line may print it: quoted when it holds control characters."""
+    return repr(key) if has_control(key) else key
+
+
+def _depth(value: Any) -> int:
+    """How many tables and arrays are nested in ``value`` (a scalar: 0)."""
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def _controls(value: Any, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], str] | None:
+    """The first key or string in ``value`` holding a control character: (its path, it)."""
+    if isinstance(value, str):
+        return (path, value) if has_control(value) else None
+    items: Any = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if isinstance(k, str) and has_control(k):
+            return path + (k,), k
+        found = _controls(v, path + (str(k),))
+        if found:
+            return found
+    return None
+
+
+def _field(path: tuple[str, ...]) -> tuple[str, str | None]:
+    """(table, key) of a path in the document: ``hosts.hv1``, or ``domains`` for ``domains[2]``."""
+    if len(path) >= 2 and path[0] in (*_TABLES, "hosts", "options"):
+        return path[0], path[1]
+    return "", path[0] if path else None
+
+
+def _deep_line(text: str) -> tuple[int, str | None]:
+    """Where brackets nest deeper than a policy may: (line, the field being set there)."""
+    depth, table, key = 0, "", None
+    for n, raw in enumerate(text.splitlines(), 1):
+        bare = re.sub(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'', "", raw.split("#", 1)[0])
+        header = re.match(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]\s*$", bare)
+        m = re.match(r"^\s*([A-Za-z0-9_-]+)\s*=", bare)
+        if header and depth == 0:
+            table, key = header.group(1), None
+            continue
+        if m and depth == 0:
+            key = f"{table}.{m.group(1)}" if table else m.group(1)
+        for c in bare:
+            depth += 1 if c in "[{" else -1 if c in "]}" else 0
+            if depth > MAX_DEPTH + 1:
+                return n, key
+    return 1, key
+
+
+def _cron_problem(cron: str, zone: ZoneInfo, now: float, horizon: float | None) -> str | None:
+    """Why ``cron`` cannot be a schedule: not five fields, not cron, never fires (Feb 31), or not within
+    ``horizon`` seconds of ``now``; None when it is fine."""
+    fields = cron.split()
+    if not (len(fields) == 5 or (len(fields) == 1 and fields[0].lower() in CRON_ALIASES)):
+        return (f"not a cron expression: {cron!r} (five fields, minute hour day month weekday, or one of "
+                f"{', '.join(CRON_ALIASES)})")
+    if not croniter.is_valid(cron):
+        return f"not a cron expression: {cron!r}"
+    try:
+        upcoming = float(croniter(cron, datetime.fromtimestamp(now, zone)).get_next(float))
+    except (CroniterError, ValueError, OverflowError):
+        return f"{cron!r} never fires (no date matches it)"
+    if horizon is not None and upcoming - now > horizon:
+        when = datetime.fromtimestamp(upcoming, zone).strftime("%Y-%m-%d")
+        return f"{cron!r} fires next on {when}; a schedule must fire within a year"
+    return None
+
+
+def allowed_uri(uri: str) -> str:
+    """A ``[hosts]`` URI through the allowlist every URI passes (``validate.libvirt_uri``)."""
+    return validate.libvirt_uri("URI", uri)
+
+
+def parse(text: str, source: str = "policy", known_strategies: Callable[[str], bool] | None = None, *,
+          check_uri: Callable[[str], str] | None = allowed_uri,
+          definitions: Mapping[str, Definition] | None = None, now: float | None = None) -> Policy:
+    """The policy in ``text``, or PolicyError naming ``source:line`` and the field.
+
+    ``check_uri`` checks each ``[hosts]`` URI (the allowlist; None only for an in-memory
+    hypervisor's ``fake:///`` URIs in tests and benchmarks).  With ``definitions`` (the strategies, by
+    name) the strategy's options are checked as ``submit`` checks them (``policy_options``), and each
+    schedule must fire within a year of ``now``.
+    """
     loc = _Locator(text)
 
     def fail(table: str, key: str | None, why: str) -> PolicyError:
-        what = f"{table}.{key}" if table and key else (key or table)
+        shown = _shown(key) if key else key
+        what = f"{table}.{shown}" if table and shown else (shown or table)
         return PolicyError(f"{source}:{loc.line(table, key)}: {what}: {why}")
 
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
+        raise PolicyError(f"{source}: size: larger than {MAX_BYTES // 1024} KiB; a policy is a short file")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"{source}: not TOML: {exc}") from None
+    except RecursionError:
+        line, deep = _deep_line(text)
+        raise PolicyError(f"{source}:{line}: {deep or 'nesting'}: tables or arrays nested too deeply "
+                          f"(at most {MAX_DEPTH})") from None
+    for key, value in doc.items():
+        inner = value.items() if isinstance(value, dict) else ()
+        for sub, v in inner:
+            if _depth(v) >= MAX_DEPTH:
+                raise fail(key, sub, f"tables or arrays nested too deeply (at most {MAX_DEPTH})")
+        if _depth(value) > MAX_DEPTH:
+            raise fail("", key, f"tables or arrays nested too deeply (at most {MAX_DEPTH})")
+    found = _controls(doc)
+    if found:
+        where = _field(found[0])
+        raise fail(*where, f"must not contain control characters (got {found[1]!r})")
     for key in doc:
         if key not in _TOP:
             raise fail("", key, f"unknown field; expected one of {', '.join(sorted(_TOP))}")
@@ -232,7 +347,8 @@ def parse(text: str, source: str = "policy", known_strategies: Callable[[str], b
         raise fail("", "name", "letters, digits, '_', '.', '-' only (at most 64), starting with a letter or digit")
     strategy = text_of("", "strategy", doc.get("strategy"), required=True)
     assert strategy is not None
-    if known_strategies is not None and not known_strategies(strategy):
+    if (known_strategies is not None and not known_strategies(strategy)) or \
+            (definitions is not None and strategy not in definitions):
         raise fail("", "strategy", f"unknown strategy {strategy!r}")
     target = text_of("", "target", doc.get("target"))
     if target is not None and not target.startswith("/"):
@@ -248,6 +364,11 @@ def parse(text: str, source: str = "policy", known_strategies: Callable[[str], b
         if not NAME_RE.match(host):
             raise fail("hosts", host, "a host name: letters, digits, '_', '.', '-' only")
         text_of("hosts", host, uri, required=True)
+        if check_uri is not None:
+            try:
+                check_uri(uri)
+            except InputError as exc:
+                raise fail("hosts", host, str(exc)) from None
 
     options = doc.get("options", {})
     if not isinstance(options, dict):
@@ -262,12 +383,15 @@ def parse(text: str, source: str = "policy", known_strategies: Callable[[str], b
     cron = text_of("schedule", "cron", sched.get("cron"), required=True)
     zone = text_of("schedule", "timezone", sched.get("timezone"), required=True)
     assert cron is not None and zone is not None
-    if not croniter.is_valid(cron):
-        raise fail("schedule", "cron", f"not a cron expression: {cron!r}")
     try:
-        ZoneInfo(zone)
+        tz = ZoneInfo(zone)
     except (ZoneInfoNotFoundError, ValueError):
         raise fail("schedule", "timezone", f"unknown time zone {zone!r} (an IANA name like Europe/Paris)") from None
+    horizon = CRON_HORIZON if definitions is not None else None
+    at = time.time() if now is None else now
+    why = _cron_problem(cron, tz, at, horizon)
+    if why:
+        raise fail("schedule", "cron", why)
 
     full = doc.get("full", {})
     weekday = text_of("full", "weekday", full.get("weekday"))
@@ -282,14 +406,48 @@ def parse(text: str, source: str = "policy", known_strategies: Callable[[str], b
     if "retention" in doc and not any(retention.values()):
         raise fail("retention", None, "keeps nothing: give at least one keep_* above 0")
     verify_cron = text_of("verify", "cron", doc.get("verify", {}).get("cron"))
-    if verify_cron is not None and not croniter.is_valid(verify_cron):
-        raise fail("verify", "cron", f"not a cron expression: {verify_cron!r}")
+    if verify_cron is not None and (why := _cron_problem(verify_cron, tz, at, horizon)):
+        raise fail("verify", "cron", why)
+    if definitions is not None:
+        problem = policy_options.problem(definitions[strategy], options, target)
+        if problem:
+            raise fail(*problem)
     limits = doc.get("limits", {})
     return Policy(name=name, strategy=strategy, hosts=dict(hosts), cron=cron, timezone=zone, domains=domains,
                   tags=tags, target=target, options=dict(options),
                   full_weekday=weekday.lower()[:3] if weekday else None, full_every=every, retention=retention,
                   verify_cron=verify_cron, per_host=count("limits", "per_host", limits.get("per_host"), 1),
                   per_target=count("limits", "per_target", limits.get("per_target"), 1))
+
+
+def check_stored(policy: Policy, definitions: Mapping[str, Definition], now: float | None = None) -> None:
+    """A stored policy re-checked before the scheduler evaluates it: PolicyError ``policy NAME: field: why``.
+
+    One stored before a check existed, or broken since (its key file removed, its strategy gone from
+    this build), is refused here, so the scheduler marks that policy errored and goes on with the others.
+    """
+    def fail(what: str | None, why: str) -> PolicyError:
+        return PolicyError(f"policy {policy.name}: {_shown(what) if what else 'policy'}: {why}")
+
+    found = _controls(policy.to_dict())
+    if found:
+        table, key = _field(found[0])
+        raise fail(f"{table}.{key}" if table else key, f"must not contain control characters (got {found[1]!r})")
+    if policy.strategy not in definitions:
+        raise fail("strategy", f"unknown strategy {policy.strategy!r} (not in this build)")
+    try:
+        tz = ZoneInfo(policy.timezone)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise fail("schedule.timezone", f"unknown time zone {policy.timezone!r}") from None
+    at = time.time() if now is None else now
+    for what, cron in (("schedule.cron", policy.cron), ("verify.cron", policy.verify_cron)):
+        why = _cron_problem(cron, tz, at, None) if cron is not None else None
+        if why:
+            raise fail(what, why)
+    problem = policy_options.problem(definitions[policy.strategy], dict(policy.options), policy.target)
+    if problem:
+        table, key, why = problem
+        raise fail(f"{table}.{key}" if table and key else (key or table), why)
 
 
 # -- storage -------------------------------------------------------------------------
@@ -325,6 +483,7 @@ class PolicyStore:
                                         f"{self.prefix}:policies"],
                                   args=[policy.name, json.dumps(doc), time.time()]))
         policy.version = version
+        self.clear_error(policy.name)  # the new version is evaluated afresh at the next pass
         return version
 
     def names(self) -> list[str]:
@@ -347,3 +506,21 @@ class PolicyStore:
         if not self.r.srem(f"{self.prefix}:policies", name):
             raise RecordNotFound(f"no policy named {name!r}; see 'domcapture policy list'")
         self.r.delete(self._k(name))
+        self.clear_error(name)
+
+    # -- policies the scheduler could not evaluate -------------------------------------
+    def mark_error(self, name: str, why: str, at: float) -> bool:
+        """Record why the scheduler could not evaluate ``name``; True when that is news (not the same why)."""
+        key = f"{self.prefix}:policy-errors"
+        old = self.r.hget(key, name)
+        if old is not None and json.loads(old).get("error") == why:
+            return False
+        self.r.hset(key, name, json.dumps({"error": why, "since": at}))
+        return True
+
+    def clear_error(self, name: str) -> None:
+        self.r.hdel(f"{self.prefix}:policy-errors", name)
+
+    def errors(self) -> dict[str, dict[str, Any]]:
+        """Policy name -> ``{"error", "since"}``: the ones the scheduler skips until they are fixed."""
+        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(f"{self.prefix}:policy-errors").items()}

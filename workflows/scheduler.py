@@ -26,9 +26,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import redis
+
 from .hypervisor.base import Hypervisor
-from .errors import DomainBusy, DomcaptureError, HypervisorError, RecordNotFound, SlotTaken
-from .policy import Policy, PolicyStore
+from .errors import DomainBusy, DomcaptureError, HypervisorError, RecordNotFound, SlotTaken, StoreUnavailable
+from .policy import Policy, PolicyStore, check_stored
 from .record import FINAL_STATUSES, SUCCEEDED, Slot
 from .service import Captures
 
@@ -74,13 +76,36 @@ class Scheduler:
 
     # -- one pass ---------------------------------------------------------------------
     def tick(self) -> list[Outcome]:
-        """Handle every due slot of every policy, then the prunes and verifications they left."""
+        """Handle every due slot of every policy, then the prunes and verifications they left.
+
+        A policy this pass cannot evaluate (unreadable, stored before a check existed, or broken since)
+        is marked errored (``PolicyStore.errors``: ``policy list``, ``domcapture_policy_errors``) and
+        skipped; every other policy goes on.  Only the store itself failing stops the pass.
+        """
         out: list[Outcome] = []
-        for policy in self.policies.all():
-            out += self._captures(policy)
-            out += self._verifies(policy)
+        for name in self.policies.names():
+            try:
+                policy = self.policies.get(name)
+                check_stored(policy, self.captures.definitions, self.clock())
+                done = self._captures(policy) + self._verifies(policy)
+            except RecordNotFound:
+                continue  # deleted since the names were read
+            except (redis.RedisError, StoreUnavailable):
+                raise
+            except Exception as exc:  # one policy's fault must not stop the others
+                out.append(self._errored(name, exc))
+                continue
+            self.policies.clear_error(name)
+            out += done
         out += self._prunes()
         return out
+
+    def _errored(self, name: str, exc: Exception) -> Outcome:
+        why = str(exc) if isinstance(exc, DomcaptureError) else f"{type(exc).__name__}: {exc}"
+        now = self.clock()
+        if self.policies.mark_error(name, why, now):
+            log.error("policy %s cannot be evaluated, skipped until it is fixed: %s", name, why)
+        return Outcome(Slot(name, VERIFY_ALL, VERIFY_ALL, now, "policy"), f"error:{why}", now)
 
     def _cursor(self, policy: Policy, key: str = "cursor") -> float | None:
         raw = self.r.hget(self._k(policy.name), key)
@@ -199,6 +224,8 @@ class Scheduler:
                 policy = self.policies.get(name)
             except RecordNotFound:
                 self.r.zrem(key, raw)
+                continue
+            except (DomcaptureError, ValueError):  # an unreadable policy (marked errored): kept for its fix
                 continue
             if rec.status not in FINAL_STATUSES:
                 continue
