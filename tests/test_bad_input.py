@@ -331,7 +331,8 @@ def world(redis_client, libvirt_uri, tmp_path_factory):
 def observe(w: dict) -> dict:
     """Everything a refused command must leave as it was."""
     r, prefix, dom = w["redis"], w["prefix"], w["dom"]
-    keys = {k: r.dump(k) for k in r.scan_iter(f"{prefix}:*")}
+    # the audit log is the one key a refused command adds to (who tried what, and that it was refused)
+    keys = {k: r.dump(k) for k in r.scan_iter(f"{prefix}:*") if k != f"{prefix}:audit".encode()}
     strays = sorted(k for k in r.scan_iter("rq:*") if prefix.encode() in k)
     files = sorted((str(p.relative_to(w["base"])), p.stat().st_size) for p in w["base"].rglob("*")
                    if not p.name.endswith(".log"))
@@ -352,6 +353,7 @@ def test_bad_input_is_refused_without_side_effects(world, group, argv, extra_env
     args = [a.format(**values) for a in argv]
     env = {**world["env"], **{k: v.format(**values) for k, v in extra_env.items()}}
     before = observe(world)
+    audited = world["redis"].xlen(f"{world['prefix']}:audit")
     t0 = time.monotonic()
     out = subprocess.run([DOMCAPTURE, *args], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == code, (out.returncode, out.stderr)
@@ -363,6 +365,8 @@ def test_bad_input_is_refused_without_side_effects(world, group, argv, extra_env
     assert time.monotonic() - t0 < 60
     after = observe(world)
     assert after == before
+    for _, entry in world["redis"].xrange(f"{world['prefix']}:audit", min="-", max="+")[audited:]:
+        assert not entry[b"outcome"].startswith(b"ok"), entry  # audited, if at all, as refused
 
 
 def table() -> str:
