@@ -2,7 +2,8 @@
 
 QEMU times PBKDF2 on the thread's CPU clock while it writes a LUKS header
 (crypto/pbkdf.c); on a loaded host a round can measure 0 ms and ``qemu-img
-create`` fails with "Unable to get accurate CPU usage".  ``nbdio.create_image``
+create`` fails with "Unable to get accurate CPU usage" (3 plain creates in 8
+on this host).  ``nbdio.create_image``
 tries that failure again, a bounded number of times, and nothing else.
 
 The stand-in ``qemu-img`` put first on PATH is a real executable: it counts
@@ -65,7 +66,7 @@ def test_a_timing_failure_is_tried_again_and_the_image_is_luks(tmp_path, stand_i
     image = tmp_path / "vda.qcow2"
     nbdio.create_image(str(image), 64 * 1024 * 1024, f"compat=1.1,encrypt.format=luks,encrypt.iter-time=10,"
                        f"encrypt.key-secret={nbdio.SECRET_ID}", str(key), pause=0.0)
-    assert calls() == 3
+    assert calls() >= 3  # the stand-in's two, then the real qemu-img's (which may itself fail the timing)
     got = info(image)
     assert (got["format"], got["virtual-size"], got["encrypted"]) == ("qcow2", 64 * 1024 * 1024, True)
     assert got["format-specific"]["data"]["encrypt"]["format"] == "luks"

@@ -628,17 +628,19 @@ def check_key(path: str, key: str | None) -> None:
         raise InputError(f"--encrypt-key-file: {path}: {why}")
 
 
-#: QEMU's LUKS header creation times PBKDF2 on the thread's CPU clock (crypto/pbkdf.c); on a loaded host
-#: a round can measure 0 ms and qemu-img fails with this.  No qemu-img option skips that timing
-#: (``encrypt.iter-time`` only scales its result), so the create is tried again, a bounded number of times.
+#: QEMU's LUKS header creation times PBKDF2 on the thread's CPU clock (crypto/pbkdf.c, getrusage): its
+#: first round (2^15 iterations) takes a few ms, and where that clock moves in coarse ticks (a VM, a busy
+#: host) the round can measure 0 ms, and qemu-img fails with this.  On the test host 3 plain creates in 8
+#: failed so, each within milliseconds.  No qemu-img option skips that timing (``encrypt.iter-time`` only
+#: scales its result), so the create is tried again: each try fails or not independently of the last.
 CALIBRATION_FAILURE = "Unable to get accurate CPU usage"
-CREATE_ATTEMPTS = 5
+CREATE_ATTEMPTS = 20
 
 
 def create_image(path: str, size: int, options: str, key: str | None = None, *,
-                 attempts: int = CREATE_ATTEMPTS, pause: float = 0.2) -> None:
-    """``qemu-img create`` of a qcow2 file; with ``key``, a LUKS-encrypted one whose key timing a busy host
-    may fail (CALIBRATION_FAILURE): that failure alone is retried, ``attempts`` times at most."""
+                 attempts: int = CREATE_ATTEMPTS, pause: float = 0.05) -> None:
+    """``qemu-img create`` of a qcow2 file; with ``key``, a LUKS-encrypted one whose key timing may fail
+    (CALIBRATION_FAILURE): that failure alone is retried, ``attempts`` times at most."""
     for attempt in range(1, attempts + 1):
         try:
             run_qemu_img("create", *secret_args(key), "-q", "-f", "qcow2", "-o", options, path, str(size))
@@ -646,7 +648,7 @@ def create_image(path: str, size: int, options: str, key: str | None = None, *,
         except OperationFailed as exc:
             if CALIBRATION_FAILURE not in str(exc) or attempt == attempts:
                 raise
-            time.sleep(pause * attempt)  # let the host's load pass before timing again
+            time.sleep(pause)
 
 
 def run_qemu_img(*args: str, timeout: float = QEMU_IMG_TIMEOUT) -> str:
