@@ -12,6 +12,8 @@ export DOMCAPTURE_REQUIRE_REAL=1
 export DOMCAPTURE_GUEST_DIR="${DOMCAPTURE_HOME:-/var/lib/domcapture}/guest"
 echo "[test] ruff"
 .venv/bin/ruff check workflows workers tests bench
+echo "[test] import contracts (pyproject.toml [tool.importlinter])"
+.venv/bin/lint-imports --no-cache
 echo "[test] mypy"
 .venv/bin/mypy workflows workers
 .venv/bin/mypy tests
