@@ -480,7 +480,7 @@ def test_console_submit_refuses_a_typed_uri(case, who, consoles, clients, redis_
     ("hv0\n", 400, "control characters"),
     ("-hv0", 400, "must be letters"),
     ("h" * 65, 400, "at most 64"),
-])
+], ids=["unknown", "ext-uri", "dotdot", "newline", "dash", "too-long"])  # stable ids: the same in every xdist process
 def test_console_domain_page_refuses_a_bad_host_name(host, status, message, who, consoles, clients, redis_client):
     before = console_world(consoles, redis_client)
     r = clients[who].get("/domain", params={"host": host, "name": "dctest-hostile"})
@@ -488,7 +488,8 @@ def test_console_domain_page_refuses_a_bad_host_name(host, status, message, who,
     before.check()
 
 
-@pytest.mark.parametrize("host", ["nosuch", "qemu+ext:///system?command=" + S, "hv0;x"])
+@pytest.mark.parametrize("host", ["nosuch", "qemu+ext:///system?command=" + S, "hv0;x"],
+                         ids=["unknown", "ext-uri", "semicolon"])
 def test_console_submit_refuses_a_bad_host_name(host, consoles, clients, redis_client):
     before = console_world(consoles, redis_client)
     c = clients["user"]
