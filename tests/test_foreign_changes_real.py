@@ -147,7 +147,24 @@ def test_real_guest_keeps_every_write_when_an_admin_snapshots_during_the_copy(cl
     assert ours_in_any_chain(g, overlay_paths(cluster, wf)) == []
 
 
-def test_foreign_block_job_at_our_commit_is_waited_on_visibly_never_touched(cluster, disk_domain, tmp_path):
+def foreign_wait_metric(store, wf: str) -> dict[str, float]:
+    """``domcapture_foreign_job_wait_seconds`` as a scrape shows it: disk/job -> seconds, for ``wf``."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from workers.metrics import StoreCollector
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(store, "unused-queue"))
+    out = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        if family.name == "domcapture_foreign_job_wait_seconds":
+            for sample in family.samples:
+                if sample.labels["workflow"] == wf:
+                    out[f"{sample.labels['disk']}/{sample.labels['job']}"] = sample.value
+    return out
+
+
+def test_foreign_block_job_at_our_commit_is_waited_on_visibly_never_touched(cluster, disk_domain, tmp_path, store):
     dom = disk_domain(sizes_mib={"vda": 64, "vdb": 32}, fill_mib=40)
     target = tmp_path / "backups"
     target.mkdir()
@@ -163,6 +180,7 @@ def test_foreign_block_job_at_our_commit_is_waited_on_visibly_never_touched(clus
     assert shown["data"]["waiting_on"]["vda"]["job"] == "pull"
     text = cluster.cli("show", wf).stdout
     assert "blocked:   disk vda: a pull job of another tool" in text
+    assert set(foreign_wait_metric(store, wf)) == {"vda/pull"}  # and in the metrics, while it waits
     doc = cluster.wait(wf, lambda d: d["status"] == "needs_attention", timeout=60)
     assert "another tool's block job" in doc["attention"]["reason"] and "vda: pull" in doc["attention"]["reason"]
     assert doc["attention"]["command"] == f"domcapture resume {wf}"
