@@ -129,16 +129,21 @@ class FreezeWatchdog(threading.Thread):
                     log.warning("workflow %s: lease lost; the freeze watchdog stops", self.rec_id)
                     return
                 log.warning("workflow %s: guest frozen past its deadline; thawing", self.rec_id)
-                try:
-                    hv = hv or self._hypervisor()
-                    count = hv.fs_thaw(self.domain)
-                except AgentUnavailable:
-                    count = 0  # an agent that is gone holds nothing frozen
-                except DomcaptureError as exc:
-                    if self._domain_active(hv):
-                        log.error("workflow %s: thaw at deadline failed: %s; trying again", self.rec_id, exc)
-                        continue
-                    count = 0  # QEMU is gone: nothing is frozen any more
+                count, again = 0, False
+                for domain in mark.get("domains", [self.domain]):  # a consistency group's mark names each member
+                    try:
+                        hv = hv or self._hypervisor()
+                        count += hv.fs_thaw(domain)
+                    except AgentUnavailable:
+                        pass  # an agent that is gone holds nothing frozen
+                    except DomcaptureError as exc:
+                        if self._domain_active(hv, domain):
+                            log.error("workflow %s: thaw of %s at deadline failed: %s; trying again", self.rec_id,
+                                      domain, exc)
+                            again = True
+                        # else QEMU is gone: nothing is frozen any more
+                if again:
+                    continue
                 now = time.time()
                 outcome = {"by": "freeze-watchdog", "at": now, "since": mark["since"], "thawed_filesystems": count,
                            "frozen_seconds": round(now - mark["since"], 3)}
@@ -163,9 +168,9 @@ class FreezeWatchdog(threading.Thread):
             return not self.lease.lost and time.monotonic() - self.lease.renewed_at <= self.lease.ttl
         return True
 
-    def _domain_active(self, hv: Hypervisor | None) -> bool:
+    def _domain_active(self, hv: Hypervisor | None, domain: str) -> bool:
         try:
-            return hv is not None and hv.domain_state(self.domain) in ("running", "paused")
+            return hv is not None and hv.domain_state(domain) in ("running", "paused")
         except DomcaptureError:
             return True  # unknown: keep trying to thaw
 

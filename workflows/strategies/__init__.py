@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..definition import Definition
 from ..errors import UnknownStrategy
-from . import snapshot_backup
+from . import group_backup, snapshot_backup
 from . import checkpoint, direct_backup, instant_restore, mount, prune, restore
 from . import snapshot, snapshot_delete, snapshot_revert
 from . import managed_save, managed_save_restore, save, save_restore
@@ -12,6 +12,7 @@ from . import managed_save, managed_save_restore, save, save_restore
 DEFINITIONS: dict[str, Definition] = {
     snapshot_backup.NAME: snapshot_backup.DEFINITION,
     direct_backup.NAME: direct_backup.DEFINITION,
+    group_backup.NAME: group_backup.DEFINITION,
     checkpoint.NAME: checkpoint.DEFINITION,
     restore.NAME: restore.DEFINITION,
     prune.NAME: prune.DEFINITION,
