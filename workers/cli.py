@@ -338,7 +338,8 @@ class Parser(argparse.ArgumentParser):
 def _add_strategy(sub: Any, defn: Definition) -> None:
     s = sub.add_parser(defn.name, help=defn.summary, description=f"{defn.name}: {defn.summary}",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--domain", required=True, help="the libvirt domain")
+    grouped = any(o.name == "group" for o in defn.options)  # a consistency group names --group, not --domain
+    s.add_argument("--domain", required=not grouped, help=argparse.SUPPRESS if grouped else "the libvirt domain")
     s.add_argument("--uri", help="libvirt URI (env LIBVIRT_DEFAULT_URI)")
     for opt in defn.options:
         flag = f"--{opt.name.replace('_', '-')}"
@@ -465,6 +466,8 @@ def check_args(args: argparse.Namespace) -> None:
                                         maximum=3600, unit=" of seconds")
     if args.command == "submit":
         submit_params(args)
+        if getattr(args, "group", None) is not None and args.domain is None:  # group-backup: the group's lock
+            args.domain = f"group:{validate.text('group', args.group)}"
 
 
 def one_line(text: str) -> str:
