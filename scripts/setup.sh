@@ -24,7 +24,7 @@ fi
 
 PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
       qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc
-      redis-server redis-tools python3-venv python3-dev python3-libnbd
+      redis-server redis-sentinel redis-tools python3-venv python3-dev python3-libnbd
       libnbd-bin nbdkit e2fsprogs cpio gzip busybox-static procps util-linux-extra
       qemu-system-common mount
       chromium systemd prometheus openssl ovmf swtpm swtpm-tools)

@@ -95,3 +95,25 @@ def test_settings_password_sources(tmp_path):
     with pytest.raises(ConfigError, match="must not carry a password"):
         Settings.from_env({}).with_redis_url("redis://:pw@127.0.0.1:6379/0")
     assert Settings.from_env({"DOMCAPTURE_PREFIX": "dc-a"}).rq_prefix == "dc-a:rq"
+
+
+def test_sentinel_url_parses_hosts_service_db_and_credentials():
+    spec = validate.sentinel_url("redis+sentinel://dc:pw@10.0.0.1:26379,10.0.0.2,[::1]:26380/dcha/3")
+    assert spec.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26379), ("::1", 26380))
+    assert (spec.service, spec.db, spec.username, spec.password, spec.tls) == ("dcha", 3, "dc", "pw", False)
+    tls = validate.sentinel_url("rediss+sentinel://h1/dcha?ssl_ca_certs=/etc/domcapture/ca.pem")
+    assert tls.tls and tls.tls_params == (("ssl_ca_certs", "/etc/domcapture/ca.pem"),) and tls.db == 0
+
+
+def test_sentinel_url_errors_never_show_the_password():
+    with pytest.raises(InputError) as exc:
+        validate.redis_url("redis+sentinel://u:hunter2@h1,,h2/dcha")
+    assert "hunter2" not in str(exc.value) and "***" in str(exc.value)
+
+
+def test_replicas_acknowledge_intents_by_default_only_behind_sentinel():
+    assert Settings.from_env({}).replica_acks == 0
+    behind = {"DOMCAPTURE_REDIS_URL": "redis+sentinel://h1:26379/dcha/0"}
+    assert Settings.from_env(behind).replica_acks == 1
+    assert Settings.from_env({**behind, "DOMCAPTURE_REDIS_REPLICA_ACKS": "0"}).replica_acks == 0
+    assert Settings.from_env({}).with_redis_url(behind["DOMCAPTURE_REDIS_URL"]).replica_acks == 1

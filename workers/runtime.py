@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from workflows import naming, validate
+from workflows import naming, redisconn, validate
 from workflows.errors import ConfigError, StoreError, StoreUnavailable
 from workflows.hosts import HostRegistry
 from workflows.hypervisor.libvirt_adapter import LibvirtHypervisor
@@ -48,7 +48,7 @@ def rq_module(settings: Settings) -> ModuleType:
     return rq
 
 
-def check_protection(settings: Settings) -> None:
+def check_protection(settings: Settings, store: Store) -> None:
     """A password for a server that asks for none is refused: the operator would believe Redis protected.
 
     Judged by reading the deployment's index without credentials.
@@ -58,8 +58,21 @@ def check_protection(settings: Settings) -> None:
     given = settings.redis_password is not None or parts.password is not None
     if not given:
         return
-    bare = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
-    probe = redis.Redis.from_url(bare, socket_connect_timeout=3, socket_timeout=3)
+    if validate.is_sentinel_url(url):
+        # the primary the sentinels name, asked without credentials
+        try:
+            address = redisconn.primary_address(store.r)
+        except redis.RedisError:
+            return  # no primary now: the authenticated connection reports it
+        if address is None:
+            return
+        spec = validate.sentinel_url(url)
+        tls: dict[str, Any] = {"ssl": True, **dict(spec.tls_params)} if spec.tls else {}
+        probe = redis.Redis(host=address[0], port=address[1], db=spec.db, socket_connect_timeout=3,
+                            socket_timeout=3, **tls)
+    else:
+        bare = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+        probe = redis.Redis.from_url(bare, socket_connect_timeout=3, socket_timeout=3)
     try:
         probe.exists(f"{settings.prefix}:index")
     except (redis.AuthenticationError, redis.ResponseError):
@@ -80,14 +93,17 @@ class Runtime:
         self.job_class: Any = rq.job.Job
         self.serializer = JSONSerializer
         self.store = Store.from_url(settings.redis_url, settings.prefix, password=settings.redis_password,
-                                    username=settings.redis_username, lease_ttl=settings.lease_ttl)
+                                    username=settings.redis_username, lease_ttl=settings.lease_ttl,
+                                    sentinel_password=settings.sentinel_password,
+                                    replica_acks=settings.replica_acks, ack_timeout=settings.ack_timeout,
+                                    failover_wait=settings.failover_wait)
         try:
             self.store.ping()
         except StoreUnavailable:
             raise
         except StoreError as exc:  # e.g. a database index the server does not have
             raise ConfigError(f"redis at {validate.redact(settings.redis_url)}: {exc}") from None
-        check_protection(settings)
+        check_protection(settings, self.store)
         self.queue = rq.Queue(settings.queue, connection=self.store.r, serializer=JSONSerializer)
         self.captures = Captures(self.store, self.hypervisor, self.enqueue, lease_ttl=settings.lease_ttl)
 

@@ -26,8 +26,8 @@ from .backups import BackupRecords
 from .checkpoints import CheckpointStore
 from .definition import ROLLING_BACK, SUCCEEDED, Definition
 from .effects import Effects, HostCommands, OfflineImages, OwnedFiles
-from .errors import (AgentUnavailable, Cancelled, DomcaptureError, LeaseLost, NeedsAttention, RecordUnreadable,
-                     StepFailed)
+from .errors import (AgentUnavailable, Cancelled, DomcaptureError, LeaseLost, NeedsAttention, NotDurable,
+                     RecordUnreadable, StepFailed)
 from .hypervisor.base import CANCEL_EXEMPT, Hypervisor, fenced
 from .record import (FAILED, FINAL_STATUSES, FORWARD, NEEDS_ATTENTION, PARTIALLY_ROLLED_BACK, QUEUED, ROLLBACK,
                      ROLLED_BACK, RUNNING, STOPPED_STATUSES, Record)
@@ -192,6 +192,7 @@ class Engine:
         self.crash_hook = crash_hook
         self.sleep = sleep
         self._watchdog: FreezeWatchdog | None = None
+        self._waits = 0  # consecutive saves no replica acknowledged (their back-off)
 
     def _point(self, label: str) -> None:
         if self.crash_hook:
@@ -242,7 +243,8 @@ class Engine:
             rec.status, rec.worker = RUNNING, self.worker_id
             if defn.holds_domain:  # the hold mark: recorded with the start, then written (workflows/holds.py)
                 rec.data["hold"] = holds.new_mark(rec, self.worker_id, self.store.prefix)
-            self._save(rec, lease, "resumed" if resumed else "started")
+            # the hold mark is an effect on the domain: its intent must reach a replica first
+            self._save_until_durable(rec, lease, "resumed" if resumed else "started", durable=defn.holds_domain)
             ctx = self._context(rec, hv, lease)
             if defn.holds_domain:
                 holds.place(ctx.hv, self.store, rec, lease.epoch)
@@ -281,12 +283,14 @@ class Engine:
             if reason:
                 raise Cancelled(reason)
 
-    def _save(self, rec: Record, lease: Lease, event: str | None, **detail: Any) -> None:
+    def _save(self, rec: Record, lease: Lease, event: str | None, durable: bool = False, **detail: Any) -> None:
         label = f"{event or 'progress'}:{rec.state}"
         self._point(f"save:{label}")
         if self._watchdog is not None:
             self._watchdog.absorb(rec)
-        self.store.save(rec, event, epoch=lease.epoch, **detail)
+        self.store.save(rec, event, epoch=lease.epoch, durable=durable, **detail)
+        if durable:
+            self._waits = 0
         if self._watchdog is not None:
             self._watchdog.observe(quiesce.frozen_info(rec))
         self._point(f"saved:{label}")
@@ -299,7 +303,8 @@ class Engine:
                      images=OfflineImages(lambda: self._guard(lease, rec, "images")),
                      backups=BackupRecords(self.store, rec, lambda: self._guard(lease, rec, "backups")))
         return StepContext(rec, fx,
-                           save=lambda event=None, **d: self._save(rec, lease, event, **d),
+                           # a step's evented save is its intent (or outcome) record: durable; progress is not
+                           save=lambda event=None, **d: self._save(rec, lease, event, durable=event is not None, **d),
                            guard=lambda: self._guard(lease, rec, "guard"),
                            cancelled=lambda: self.store.cancel_requested(rec.id),
                            sleep=self.sleep)
@@ -332,6 +337,8 @@ class Engine:
             self._save(rec, lease, "step-done", step=state, trigger=trigger, already_done=bool(done))
         except LeaseLost:
             raise
+        except NotDurable as exc:
+            self._await_replicas(rec, lease, state, state, exc)
         except Cancelled as exc:
             self._begin_rollback(defn, rec, ctx, lease, exc, state)
         except NeedsAttention as exc:
@@ -347,6 +354,28 @@ class Engine:
         except Exception as exc:  # a bug or an OS error: never leave the workflow running
             log.exception("workflow %s: step %s raised", rec.id, state)
             self._fail(defn, rec, ctx, lease, exc, state)
+
+    def _await_replicas(self, rec: Record, lease: Lease, state: str, attempt_key: str, exc: NotDurable) -> None:
+        """An intent no replica acknowledged: its effect did not run.  Not an attempt of the step (the
+        step is not at fault): wait, then the loop runs the state again (probe first) once a replica is back."""
+        rec.attempts[attempt_key] = max(0, rec.attempts.get(attempt_key, 1) - 1)
+        self._waits += 1
+        delay = self.retry_delays[min(self._waits, len(self.retry_delays)) - 1] if self.retry_delays else 1.0
+        log.warning("workflow %s: %s: %s; trying again in %gs", rec.id, state, exc, delay)
+        self._save(rec, lease, "replica-wait", step=state, delay=delay, error=str(exc))
+        self.sleep(delay)
+
+    def _save_until_durable(self, rec: Record, lease: Lease, event: str, durable: bool) -> None:
+        while True:
+            try:
+                self._save(rec, lease, event, durable=durable)
+                return
+            except NotDurable as exc:
+                self._waits += 1
+                delay = self.retry_delays[min(self._waits, len(self.retry_delays)) - 1] if self.retry_delays else 1.0
+                log.warning("workflow %s: %s; trying again in %gs", rec.id, exc, delay)
+                self.sleep(delay)
+                lease.check()
 
     def _fail(self, defn: Definition, rec: Record, ctx: StepContext, lease: Lease,
               exc: BaseException, state: str) -> None:
@@ -412,6 +441,8 @@ class Engine:
             self._save(rec, lease, "reverted", step=state)
         except LeaseLost:
             raise
+        except NotDurable as exc:
+            self._await_replicas(rec, lease, state, key, exc)
         except Exception as exc:
             retryable = isinstance(exc, DomcaptureError) and exc.retryable
             if retryable and rec.attempts[key] <= len(self.retry_delays):

@@ -71,6 +71,14 @@ class StoreUnavailable(StoreError):
     exit_code = 4
 
 
+class NotDurable(StoreError):
+    """The primary took a write that no replica acknowledged in time: a failover now could lose it,
+    so the effect it announces waits (``Store.replica_acks``)."""
+
+    retryable = True
+    exit_code = 4
+
+
 class RecordNotFound(StoreError):
     exit_code = 2
 

@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Iterator, ParamSpec, TypeVar
+from typing import Any, Callable, Iterator, ParamSpec, TypeVar, cast
 
 import redis
+from redis.commands.core import Script
 
-from .errors import (ConflictError, DomainBusy, LeaseLost, RecordNotFound, RecordUnreadable, SlotTaken, StoreError,
-                     StoreUnavailable)
+from . import redisconn
+from .errors import (ConflictError, DomainBusy, LeaseLost, NotDurable, RecordNotFound, RecordUnreadable, SlotTaken,
+                     StoreError, StoreUnavailable)
 from .record import FINAL_STATUSES, PARTIALLY_ROLLED_BACK, ROLLED_BACK, Record, Slot
 
 P = ParamSpec("P")
@@ -196,10 +198,15 @@ LIST_BATCH = 500  # records read per round trip by ``listing``
 
 
 class Store:
-    def __init__(self, client: redis.Redis[bytes], prefix: str = "dc", finished_ttl: float = FINISHED_TTL) -> None:
+    def __init__(self, client: redis.Redis[bytes], prefix: str = "dc", finished_ttl: float = FINISHED_TTL, *,
+                 replica_acks: int = 0, ack_timeout: float = 1.0) -> None:
         self.r = client
         self.prefix = prefix
         self.finished_ttl = finished_ttl
+        # a durable save (an intent before an effect) returns once this many replicas hold it (WAIT);
+        # 0: a single redis-server, nothing to wait for (docs/redis-ha.md)
+        self.replica_acks = replica_acks
+        self.ack_timeout = ack_timeout
         self._create = client.register_script(_CREATE)
         self._save = client.register_script(_SAVE)
         self._acquire = client.register_script(_ACQUIRE)
@@ -210,19 +217,21 @@ class Store:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "dc", *, password: str | None = None,
-                 username: str | None = None, lease_ttl: float = 5.0) -> "Store":
-        """A store on ``url``.  Every socket wait is shorter than the lease TTL (four fifths of it):
-        a worker blocked on a dead Redis gets an error before its lease could have been taken over,
-        and its lease clock (stamped when a renewal is sent) has already judged it lost."""
+                 username: str | None = None, lease_ttl: float = 5.0, sentinel_password: str | None = None,
+                 replica_acks: int = 0, ack_timeout: float = 1.0, failover_wait: float = 20.0) -> "Store":
+        """A store on ``url`` (one server, or a Sentinel set's primary: ``workflows.redisconn``).  Every
+        socket wait is shorter than the lease TTL (four fifths of it): a worker blocked on a dead Redis
+        gets an error before its lease could have been taken over, and its lease clock (stamped when a
+        renewal is sent) has already judged it lost."""
         creds: dict[str, Any] = {}
         if password is not None:
             creds["password"] = password
         if username is not None:
             creds["username"] = username
         timeout = max(0.5, lease_ttl * 0.8)
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
-                                      health_check_interval=10, **creds)
-        return cls(client, prefix)
+        client = redisconn.connect(url, timeout=timeout, creds=creds, sentinel_password=sentinel_password,
+                                   failover_wait=failover_wait)
+        return cls(client, prefix, replica_acks=replica_acks, ack_timeout=ack_timeout)
 
     # -- keys ----------------------------------------------------------------
     def _k(self, wf_id: str, suffix: str = "") -> str:
@@ -341,18 +350,20 @@ class Store:
             out[wf_id] = why.decode(errors="replace") if why else "unreadable"
         return out
 
-    def save(self, rec: Record, event: str | None, *, epoch: int, **detail: Any) -> None:
+    def save(self, rec: Record, event: str | None, *, epoch: int, durable: bool = False, **detail: Any) -> None:
         """Compare-and-set the record (and append ``event`` to its history).
 
         Refused with LeaseLost when ``epoch`` is not the current fencing epoch,
-        with ConflictError when the record changed since it was loaded.
+        with ConflictError when the record changed since it was loaded.  ``durable``
+        (an intent before an effect): with ``replica_acks``, NotDurable unless that many
+        replicas hold the write (the record is then written, at its new revision).
         """
         rec.updated_at = time.time()
         rec.epoch = epoch
         expected = rec.rev
         rec.rev = expected + 1
         ev = _dumps(self.event(rec, event, **detail)) if event else ""
-        res = self._call(self._save,
+        res = self._call(self._script, self._save, durable,
                          keys=[self._k(rec.id), self._k(rec.id, ":history"), self._k(rec.id, ":epoch"),
                                f"{self.prefix}:active", self.domain_key(rec.uri, rec.domain)],
                          args=[rec.id, expected, epoch, _dumps(rec.to_dict()), ev,
@@ -367,6 +378,28 @@ class Store:
         if tag == "conflict":
             raise ConflictError(f"workflow {rec.id}: revision {expected} is stale (now {val})")
         raise RecordNotFound(f"no workflow with id {rec.id!r}")
+
+    def _script(self, script: Script, durable: bool, keys: list[str], args: list[Any]) -> Any:
+        """Run ``script``; when ``durable`` and replicas are configured, WAIT for them on the same
+        connection (WAIT counts the replicas that hold this connection's last write), one round trip."""
+        if not durable or self.replica_acks <= 0:
+            return script(keys=keys, args=args)
+        known = cast(Any, script)  # redis-py's Script: .sha and .script (not in the stubs)
+        for _ in range(2):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.evalsha(known.sha, len(keys), *keys, *args)
+            pipe.wait(self.replica_acks, max(1, int(self.ack_timeout * 1000)))
+            res, acks = pipe.execute(raise_on_error=False)
+            if isinstance(res, redis.exceptions.NoScriptError):  # a new primary has not seen the script yet
+                cast(Any, self.r).script_load(known.script)
+                continue
+            if isinstance(res, Exception):
+                raise res
+            if res[0] == b"ok" and int(acks) < self.replica_acks:
+                raise NotDurable(f"no replica acknowledged the write within {self.ack_timeout:g} s "
+                                 f"({acks} of {self.replica_acks}); the effect waits until one does")
+            return res
+        raise StoreError("redis does not keep the store's scripts (SCRIPT LOAD did not hold)")
 
     def append_event(self, wf_id: str, event: str, *, epoch: int, **detail: Any) -> bool:
         """Append an event to a workflow's history without touching the record (fenced by ``epoch``)."""

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import stat
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,6 +35,10 @@ KEY_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DISK_TARGET_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+SENTINEL_TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+_HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])"
+                        r"(?::(?P<port>[0-9]{1,5}))?$")
 MAX_SECONDS = 366 * 24 * 3600.0
 _UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
 
@@ -202,16 +207,91 @@ def bandwidth(value: Any, name: str = "bandwidth") -> int:
     return int(raw)
 
 
+@dataclass(frozen=True)
+class SentinelURL:
+    """``redis+sentinel://[user:pass@]host:port[,host:port...]/service[/db][?ssl_ca_certs=...]``, parsed.
+
+    The user and password are those of the Redis servers (as in a ``redis://`` URL); ``rediss+sentinel``
+    speaks TLS to the sentinels and to the servers alike.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+    tls_params: tuple[tuple[str, str], ...]
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.split("://", 1)[0] in SENTINEL_SCHEMES
+
+
+def sentinel_url(value: object, name: str = "DOMCAPTURE_REDIS_URL") -> SentinelURL:
+    """A Sentinel URL, or InputError naming what is wrong (one line, the password never shown)."""
+    url = text(name, value)
+    shown = _redact(url)
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in SENTINEL_SCHEMES:
+        raise InputError(f"{flag(name)} must start with redis+sentinel:// or rediss+sentinel:// (got {shown!r})")
+    rest, _, query = rest.partition("?")
+    netloc, _, path_part = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username, password = (user or None), (pw if colon else None)
+    sentinels = []
+    for item in hosts.split(","):
+        m = _HOST_PORT.match(item)
+        if not m:
+            raise InputError(f"{flag(name)}: {item!r} is not a sentinel host[:port] (in {shown!r})")
+        port = int(m["port"]) if m["port"] else 26379
+        if not 0 < port < 65536:
+            raise InputError(f"{flag(name)}: port {port} is out of range 1-65535")
+        host = m["host"].strip("[]")
+        if (host, port) in sentinels:
+            raise InputError(f"{flag(name)} names sentinel {item} twice")
+        sentinels.append((host, port))
+    segments = path_part.split("/") if path_part else []
+    if not segments or not segments[0]:
+        raise InputError(f"{flag(name)} names no service: redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] "
+                         f"(got {shown!r})")
+    service = segments[0]
+    if not KEY_PART_RE.match(service):
+        raise InputError(f"{flag(name)}: service {service!r} must be letters, digits and . _ - (as in the "
+                         "sentinels' 'sentinel monitor' line)")
+    if len(segments) > 2 or (len(segments) == 2 and not segments[1].isdigit()):
+        raise InputError(f"{flag(name)}: database index {'/'.join(segments[1:])!r} must be a number")
+    db = int(segments[1]) if len(segments) == 2 else 0
+    tls_params = []
+    for item in query.split("&") if query else []:
+        key, eq, val = item.partition("=")
+        if key not in SENTINEL_TLS_PARAMS or not eq or not val:
+            raise InputError(f"{flag(name)}: parameter {key!r} is not accepted (accepted: "
+                             f"{', '.join(SENTINEL_TLS_PARAMS)}=PATH)")
+        if scheme != "rediss+sentinel":
+            raise InputError(f"{flag(name)}: {key}= needs rediss+sentinel:// (TLS)")
+        tls_params.append((key, path(key, val)))
+    return SentinelURL(tuple(sentinels), service, db, username, password, scheme == "rediss+sentinel",
+                       tuple(tls_params))
+
+
 def redis_url(value: object, name: str = "DOMCAPTURE_REDIS_URL") -> str:
     """A Redis URL redis-py will accept: scheme, port and database index checked here."""
     url = text(name, value)
+    if is_sentinel_url(url):
+        sentinel_url(url, name)
+        return url
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise InputError(f"{flag(name)}: {exc} in {_redact(url)!r}") from None
     if parts.scheme not in REDIS_SCHEMES:
-        raise InputError(f"{flag(name)} must start with redis://, rediss:// or unix:// (got {_redact(url)!r})")
+        raise InputError(f"{flag(name)} must start with redis://, rediss://, unix:// or redis+sentinel:// "
+                         f"(got {_redact(url)!r})")
     if parts.scheme != "unix" and not parts.hostname:
         raise InputError(f"{flag(name)} names no host (got {_redact(url)!r})")
     if port is not None and not 0 < port < 65536:

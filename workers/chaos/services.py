@@ -9,12 +9,14 @@ it, which docs/chaos.md says.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from .domains import URI, run
 
@@ -67,6 +69,151 @@ class Redis:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+
+
+class SentinelSet:
+    """Three redis-servers (a primary, two replicas) and three sentinels on loopback ports, of the run's own.
+
+    ``kill_primary`` is a dead machine: SIGKILL of the primary's redis-server and its data folder removed;
+    the sentinels promote a replica.  ``restart`` brings a dead node back, empty, as a replica of the
+    current primary (as an operator replacing the machine would).
+    """
+
+    SERVICE = "dcha"
+
+    def __init__(self, workdir: Path, down_after_ms: int = 1000) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.down_after_ms = down_after_ms
+        self.ports = [free_port() for _ in range(3)]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.nodes: list[subprocess.Popen[bytes] | None] = [None, None, None]
+        self.sentinels: list[subprocess.Popen[bytes] | None] = [None, None, None]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.SERVICE}/0"
+
+    def cli(self, port: int, *args: str) -> str:
+        return run("redis-cli", "-p", str(port), *args, check=False, timeout=10).stdout.strip()
+
+    def start_node(self, i: int, replica_of: int | None) -> None:
+        data = self.dir / f"node{i}"
+        data.mkdir(parents=True, exist_ok=True)
+        args = ["redis-server", "--port", str(self.ports[i]), "--bind", "127.0.0.1", "--dir", str(data),
+                "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        if replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(replica_of)]
+        with open(self.dir / f"node{i}.log", "a") as log:
+            self.nodes[i] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self._wait(lambda: self.cli(self.ports[i], "ping") == "PONG", f"redis-server node{i}")
+
+    def start(self) -> None:
+        self.start_node(0, None)
+        for i in (1, 2):
+            self.start_node(i, self.ports[0])
+        for i, port in enumerate(self.sentinel_ports):
+            conf = self.dir / f"sentinel{i}.conf"  # the sentinel rewrites it: its own file, writable
+            conf.write_text("\n".join([
+                f"port {port}", "bind 127.0.0.1", f"dir {self.dir}",
+                f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.ports[0]} 2",
+                f"sentinel down-after-milliseconds {self.SERVICE} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.SERVICE} 10000",
+                f"sentinel parallel-syncs {self.SERVICE} 2"]) + "\n")
+            with open(self.dir / f"sentinel{i}.log", "a") as log:
+                self.sentinels[i] = subprocess.Popen(["redis-sentinel", str(conf)], stdout=log,
+                                                     stderr=subprocess.STDOUT)
+        self._wait(self.settled, "the sentinels (3) to see the primary's 2 replicas")
+
+    def _wait(self, ok: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not ok():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting for {what}")
+            time.sleep(0.1)
+
+    def info(self, port: int) -> dict[str, str]:
+        out = {}
+        for line in self.cli(port, "info", "replication").splitlines():
+            key, _, val = line.partition(":")
+            out[key] = val.strip()
+        return out
+
+    def primary_port(self) -> int | None:
+        """The primary the sentinels agree on (a majority), or None."""
+        votes: dict[str, int] = {}
+        for port in self.sentinel_ports:
+            lines = self.cli(port, "sentinel", "get-master-addr-by-name", self.SERVICE).splitlines()
+            if len(lines) == 2:
+                votes[lines[1]] = votes.get(lines[1], 0) + 1
+        best = max(votes.items(), key=lambda kv: kv[1], default=None)
+        return int(best[0]) if best and best[1] >= 2 else None
+
+    def primary(self) -> int:
+        port = self.primary_port()
+        if port is None or port not in self.ports:
+            raise RuntimeError("the sentinels name no primary")
+        return self.ports.index(port)
+
+    def settled(self) -> bool:
+        """The sentinels agree on a live primary that has both replicas online, and know each other."""
+        port = self.primary_port()
+        if port is None or self.info(port).get("role") != "master" or \
+                self.info(port).get("connected_slaves") != "2":
+            return False
+        for sport in self.sentinel_ports:
+            fields = self.cli(sport, "sentinel", "master", self.SERVICE).splitlines()
+            state = dict(zip(fields[::2], fields[1::2], strict=False))
+            if state.get("num-slaves") != "2" or state.get("num-other-sentinels") != "2" or \
+                    state.get("flags") != "master":
+                return False
+        return True
+
+    def kill_primary(self) -> int:
+        """SIGKILL the primary's redis-server and remove its data folder (a dead machine); its index."""
+        i = self.primary()
+        proc = self.nodes[i]
+        if proc and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self.nodes[i] = None
+        shutil.rmtree(self.dir / f"node{i}", ignore_errors=True)
+        return i
+
+    def wait_promoted(self, old: int, timeout: float = 60.0) -> float:
+        """Seconds until the sentinels name a new primary that answers as one."""
+        t0 = time.monotonic()
+
+        def promoted() -> bool:
+            port = self.primary_port()
+            return port is not None and port != self.ports[old] and self.info(port).get("role") == "master"
+        self._wait(promoted, "a replica to be promoted", timeout)
+        return time.monotonic() - t0
+
+    def restart(self, i: int) -> None:
+        """Bring a dead node back, empty, as a replica of the current primary."""
+        self.start_node(i, self.ports[self.primary()])
+
+    def signal_node(self, i: int, sig: int) -> None:
+        proc = self.nodes[i]
+        if proc and proc.poll() is None:
+            proc.send_signal(sig)
+
+    def replicas(self) -> list[int]:
+        primary = self.primary()
+        return [i for i in range(3) if i != primary and self.nodes[i] is not None]
+
+    def stop(self) -> None:
+        for proc in self.nodes + self.sentinels:
+            if proc and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def libvirtd_pids() -> list[int]:
