@@ -42,7 +42,7 @@ class GroupWorld:
             folder.mkdir()
             self.dirs.append(folder)
             self.paths[name] = {"vda": str(folder / "vda.img"), "vdb": str(folder / "vdb.img")}
-            self.initial[name] = {"vda": os.urandom(1024 * 1024 + 7), "vdb": os.urandom(64 * 1024)}
+            self.initial[name] = {"vda": os.urandom(64 * 1024 + 7), "vdb": os.urandom(16 * 1024)}
             for t, p in self.paths[name].items():
                 with open(p, "wb") as f:
                     f.write(self.initial[name][t])
