@@ -21,7 +21,8 @@ from workflows.errors import InputError
 
 from . import report
 from .domains import URI, tag_command, tagged_domains
-from .runner import ALL_FAULTS, FAULTS, HOST_FAULTS, MARKER, STRATEGIES, Chaos, Options
+from .runner import (ALL_FAULTS, FAULTS, HA_FAULTS, HOST_FAULTS, MARKER, SINGLE_REDIS_FAULTS, STRATEGIES, Chaos,
+                     Options)
 from .services import libvirtd_answers
 
 LOCK = Path("/run/domcapture-chaos.lock")
@@ -43,6 +44,9 @@ def register(sub: Any) -> None:
     s.add_argument("--faults", help=f"comma-separated subset of {','.join(ALL_FAULTS)} (default: "
                                     f"{','.join(FAULTS)}; with --tagged without {','.join(HOST_FAULTS)})")
     s.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset of the strategies")
+    s.add_argument("--redis", choices=("single", "sentinel"), default="single",
+                   help="the run's Redis: one redis-server (default), or three redis-servers and three sentinels "
+                        "on loopback (faults: redis-failover instead of redis-kill)")
     s.add_argument("--fault-interval", nargs=2, default=("1", "4"), metavar=("MIN", "MAX"),
                    help="seconds between two faults, drawn between MIN and MAX (default 1 4)")
     s.add_argument("--drain-timeout", default="240", help="seconds for every workflow to end after the faults")
@@ -104,9 +108,15 @@ def options(args: argparse.Namespace) -> Options:
                    drain_timeout=_number("--drain-timeout", args.drain_timeout, 10, 86400),
                    guest_dir=Path(args.guest_dir or os.environ.get("DOMCAPTURE_GUEST_DIR")
                                   or "/var/lib/domcapture/guest"),
-                   keep=args.keep, verbose=args.verbose)
+                   keep=args.keep, verbose=args.verbose, redis=args.redis)
     default = [f for f in FAULTS if not (args.tagged and f in HOST_FAULTS)]
+    if opts.redis == "sentinel":
+        default = [f for f in default if f not in SINGLE_REDIS_FAULTS] + list(HA_FAULTS)
     opts.faults = _names("--faults", args.faults, ALL_FAULTS) if args.faults is not None else default
+    mismatch = [f for f in opts.faults if f in (HA_FAULTS if opts.redis == "single" else SINGLE_REDIS_FAULTS)]
+    if mismatch:
+        raise InputError(f"--faults {','.join(mismatch)}: " + ("needs --redis sentinel" if opts.redis == "single"
+                                                                 else "hits the single redis-server of --redis single"))
     if opts.fault_interval[0] > opts.fault_interval[1]:
         raise InputError("--fault-interval: MIN is larger than MAX")
     if not args.tagged and opts.disk_domains + opts.guests == 0:

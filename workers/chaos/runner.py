@@ -26,14 +26,19 @@ from typing import Any, Callable, cast
 
 from .domains import (DiskDomain, Domain, GuestDomain, TaggedDomain, counter_in_image, images_identical,
                       is_gapless_prefix, run)
-from .services import Cluster, Redis, Tmpfs, continue_libvirtd, restart_libvirtd, stall_libvirtd
+from .services import (Cluster, Redis, SentinelSet, Tmpfs, continue_libvirtd, restart_libvirtd,
+                       stall_libvirtd)
 
 FAULTS = ("worker-kill", "boundary-kill", "worker-stop", "redis-kill", "libvirtd-restart", "target-full")
 # The guest's own life: its QEMU SIGKILLed (an OOM kill), a power-off, a reboot from inside, a pause
 # (as on an I/O error).  The runner brings the domain back afterwards, as an operator would.
 GUEST_FAULTS = ("guest-kill", "guest-poweroff", "guest-reboot", "guest-pause")
 STALL_FAULTS = ("redis-stall", "libvirtd-stall", "overlay-dir-full")
-ALL_FAULTS = FAULTS + GUEST_FAULTS + STALL_FAULTS
+# with --redis sentinel: the primary's machine dies (SIGKILL, data folder removed), a replica is promoted
+HA_FAULTS = ("redis-failover",)
+SINGLE_REDIS_FAULTS = ("redis-kill", "redis-stall")  # the run's one redis-server: not with --redis sentinel
+ALL_FAULTS = FAULTS + GUEST_FAULTS + STALL_FAULTS + HA_FAULTS
+FAILOVER_BACK_AFTER = 3.0  # seconds after the promotion until the dead node comes back as a replica
 # faults that touch more than the run's own processes and the tagged domains: the host's libvirtd
 HOST_FAULTS = ("libvirtd-restart", "libvirtd-stall")
 BOUNDARIES = ["saved:snapshot-intent:*", "executed:snapshotting", "saved:copy-intent:*", "save:progress:copying",
@@ -67,6 +72,7 @@ class Options:
     guest_dir: Path = Path("/var/lib/domcapture/guest")
     keep: bool = False
     verbose: bool = False
+    redis: str = "single"  # or "sentinel": three redis-servers and three sentinels
 
 
 @dataclass
@@ -137,7 +143,8 @@ class Chaos:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / MARKER).write_text(f"domcapture chaos, seed {opts.seed}\n")
         self.tagged = tagged or []
-        self.redis = Redis(self.workdir / "redis")
+        self.redis: Redis | SentinelSet = (SentinelSet(self.workdir / "redis-ha") if opts.redis == "sentinel"
+                                           else Redis(self.workdir / "redis"))
         self.cluster: Cluster | None = None
         self.subjects: list[Subject] = []
         self.faults: list[dict[str, Any]] = []  # {"kind", "at", "end", "detail"}
@@ -192,7 +199,7 @@ class Chaos:
             self.cluster.start_worker()
         self.cluster.start_recovery()
         self.note(f"set up in {self.workdir}: {len(self.subjects)} domains, {self.opts.workers} workers, "
-                  f"redis on {self.redis.port}")
+                  f"redis {self.redis.url}")
 
     def teardown(self) -> None:
         continue_libvirtd()  # never leave the host's libvirtd stopped
@@ -305,11 +312,13 @@ class Chaos:
             time.sleep(LEASE_TTL + 1.5)
             os.killpg(victim.pid, signal.SIGCONT)
             detail = f"worker pid {victim.pid} stopped {LEASE_TTL + 1.5:.1f} s"
-        elif kind == "redis-kill":
+        elif kind == "redis-failover" and isinstance(self.redis, SentinelSet):
+            detail = self.failover(self.redis)
+        elif kind == "redis-kill" and isinstance(self.redis, Redis):
             self.redis.kill()
             time.sleep(1.0)
             self.redis.start()
-        elif kind == "redis-stall":
+        elif kind == "redis-stall" and isinstance(self.redis, Redis):
             if self.redis.signal(signal.SIGSTOP):
                 try:
                     time.sleep(LEASE_TTL + 1.5)  # longer than a lease: every lease expires meanwhile
@@ -337,6 +346,18 @@ class Chaos:
             return
         self.faults.append({"kind": kind, "at": at, "end": time.time(), "detail": detail})
         self.note(f"fault {kind} {detail}")
+
+    def failover(self, sset: SentinelSet) -> str:
+        """A dead machine: the primary SIGKILLed and its data gone; the sentinels promote a replica; the node
+        comes back, empty, as a replica a few seconds later, and the set settles before the next fault."""
+        dead = sset.kill_primary()
+        promoted = sset.wait_promoted(dead)
+        time.sleep(FAILOVER_BACK_AFTER)
+        sset.restart(dead)
+        t0 = time.monotonic()
+        sset._wait(sset.settled, "the set to settle", timeout=60)
+        return (f"node{dead} killed; node{sset.primary()} promoted in {promoted:.2f} s; node{dead} back as a "
+                f"replica, in sync {time.monotonic() - t0:.1f} s later")
 
     def guest_fault(self, kind: str, s: Subject) -> bool:
         """A guest fault on ``s``; a thread then brings the domain back once it has really stopped."""

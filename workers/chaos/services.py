@@ -159,9 +159,10 @@ class SentinelSet:
     def settled(self) -> bool:
         """The sentinels agree on a live primary that has both replicas online, and know each other."""
         port = self.primary_port()
-        if port is None or self.info(port).get("role") != "master" or \
-                self.info(port).get("connected_slaves") != "2":
-            return False
+        info = self.info(port) if port is not None else {}
+        if info.get("role") != "master" or info.get("connected_slaves") != "2" or \
+                any("state=online" not in info.get(f"slave{i}", "") for i in range(2)):
+            return False  # a replica still in its first sync acknowledges nothing
         for sport in self.sentinel_ports:
             fields = self.cli(sport, "sentinel", "master", self.SERVICE).splitlines()
             state = dict(zip(fields[::2], fields[1::2], strict=False))
@@ -194,6 +195,15 @@ class SentinelSet:
     def restart(self, i: int) -> None:
         """Bring a dead node back, empty, as a replica of the current primary."""
         self.start_node(i, self.ports[self.primary()])
+
+    def signal(self, sig: int) -> bool:
+        """``sig`` to every live node (the runner's teardown continues them all)."""
+        sent = False
+        for proc in self.nodes:
+            if proc and proc.poll() is None:
+                proc.send_signal(sig)
+                sent = True
+        return sent
 
     def signal_node(self, i: int, sig: int) -> None:
         proc = self.nodes[i]
