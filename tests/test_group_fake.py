@@ -194,3 +194,13 @@ def test_bad_groups_are_refused_before_anything(tmp_path, store, params, why):
     with pytest.raises(InputError, match=why):
         captures.submit("group-backup", f"group:{params.get('group', 'shop')}", "fake:///default",
                         {**base, **params})
+
+
+def test_a_member_busy_with_another_workflow_refuses_the_group(tmp_path, store):
+    from workflows.errors import DomainBusy
+    w = GroupWorld(tmp_path, store)
+    assert not w.run()  # the group ran; its own lock is released
+    single = w.captures.submit("snapshot-backup", "db", "fake:///default", {"target": w.target})
+    with pytest.raises(DomainBusy, match=f"member 'db' is busy with workflow {single.id}"):
+        w.captures.submit("group-backup", "group:shop", "fake:///default",
+                          {"group": "shop", "domains": "app,db", "target": w.target})
