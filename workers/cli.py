@@ -28,6 +28,7 @@ from typing import Any, Callable, NoReturn
 from workflows import strategies, validate, verify
 from workflows.definition import Definition
 from workflows.errors import DomcaptureError, RecordUnreadable
+from workflows.indexes import parse_cursor
 from workflows.record import FINAL_STATUSES, STATUSES, STOPPED_STATUSES, Record
 from workflows.service import summary
 
@@ -192,7 +193,15 @@ def cmd_show(args: argparse.Namespace, rt: Runtime) -> int:
 
 def cmd_list(args: argparse.Namespace, rt: Runtime) -> int:
     status = "quarantined" if args.status == UNREADABLE else args.status
-    entries = list(rt.store.listing(status))
+    nxt: str | None = None
+    if status == "quarantined":  # a short set of its own, not an index
+        entries: list[Record | tuple[str, str]] = list(rt.store.listing(status))
+    else:  # newest first, one page of the status index (workflows/indexes.py)
+        pg = rt.store.indexes.page(status=status, limit=args.limit, cursor=args.cursor)
+        entries, nxt = pg.entries, pg.cursor
+    if nxt:
+        print(f"(more: domcapture list{' --status ' + args.status if args.status else ''} --limit {args.limit} "
+              f"--cursor {nxt})", file=sys.stderr)
     if args.json:
         print(json.dumps([{**summary(e), "host": rt.host_of(e), "waiting": rt.waiting(e)} if isinstance(e, Record)
                           else {"id": e[0], "status": UNREADABLE, "reason": e[1]} for e in entries], sort_keys=True))
@@ -204,6 +213,35 @@ def cmd_list(args: argparse.Namespace, rt: Runtime) -> int:
                   f"{'  ' + waiting if waiting else ''}")
         else:
             print(_unreadable_line(*e))
+    return 0
+
+
+def _page_limit(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value[:40]!r} is not a whole number") from None
+    if not 1 <= n <= 10_000:
+        raise argparse.ArgumentTypeError(f"{n} is not between 1 and 10000")
+    return n
+
+
+def _cursor(value: str) -> str:
+    try:
+        parse_cursor(value)
+    except DomcaptureError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--cursor ")) from None
+    return value
+
+
+def cmd_reindex(args: argparse.Namespace, rt: Runtime) -> int:
+    t0 = time.monotonic()
+    n = rt.store.indexes.reindex()
+    took = time.monotonic() - t0
+    if args.json:
+        print(json.dumps({"indexed": n, "seconds": round(took, 3)}, sort_keys=True))
+    else:
+        print(f"indexed {n} workflows in {took:.1f}s")
     return 0
 
 
@@ -378,10 +416,16 @@ def build_parser() -> argparse.ArgumentParser:
     for defn in strategies.DEFINITIONS.values():
         _add_strategy(strat, defn)
 
-    s = sub.add_parser("list", help="list workflows")
+    s = sub.add_parser("list", help="list workflows, newest first, a page at a time")
     s.add_argument("--status", choices=(*STATUSES, UNREADABLE))
+    s.add_argument("--limit", type=_page_limit, default=100, help="workflows per page, 1 to 10000 (default 100)")
+    s.add_argument("--cursor", type=_cursor, help="where the next page starts, as the previous page printed it")
     _with_json(s)
     s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("reindex", help="index the workflows written before this build's indexes (once, idempotent)")
+    _with_json(s)
+    s.set_defaults(func=cmd_reindex)
 
     s = sub.add_parser("show", help="show one workflow: state, status, history, artifacts, progress, error")
     s.add_argument("id")

@@ -59,8 +59,9 @@ def find_mount(rt: Runtime, what: str) -> Record:
     if validate.ID_RE.match(what):
         return rt.store.load(what)
     folder = os.path.realpath(validate.path("mountpoint", what))
-    found = [r for r in rt.store.listing("succeeded") if isinstance(r, Record) and r.strategy == mount_strategy.NAME
-             and r.params.get("mountpoint") == folder and os.path.isdir(naming.mount_dir(r.id))]
+    found = [r for r in rt.store.indexes.iter_all(status="succeeded", strategy=mount_strategy.NAME)
+             if isinstance(r, Record) and r.params.get("mountpoint") == folder
+             and os.path.isdir(naming.mount_dir(r.id))]
     if not found:
         raise InputError(f"no mounted backup of ours on {folder}")
     return max(found, key=lambda r: r.created_at)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable
+from urllib.parse import urlencode
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -32,6 +33,7 @@ from workflows import strategies, verify
 from workflows.audit import Actor, AuditLog
 from workflows.definition import END_STATES, ROLLING_BACK, Definition
 from workflows.errors import DomcaptureError, InputError, RecordNotFound
+from workflows.indexes import parse_cursor
 from workflows.hosts import DEFAULT
 from workflows.record import FINAL_STATUSES, STATUSES, Record
 from workflows.validate import ID_RE, domain_name
@@ -50,6 +52,7 @@ HTTP_STATUS = {2: 400, 3: 409, 4: 503}  # DomcaptureError.exit_code -> HTTP stat
 # no script but the console's own files (no inline script, no handler attributes)
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_SIZE = 100  # workflows or domains on one page of the console
 PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": CSP,
                 "Cache-Control": "no-store", "Referrer-Policy": "same-origin", "X-Content-Type-Options": "nosniff"}
 
@@ -270,26 +273,27 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         return RedirectResponse("/login", status_code=303)
 
     # -- workflows -----------------------------------------------------------------------------
-    def _filtered(q: dict[str, str]) -> list[Record]:
-        out = []
-        for rec in rt.store.records(q.get("status") or None):
-            if q.get("strategy") and rec.strategy != q["strategy"]:
-                continue
-            if q.get("domain") and q["domain"] not in rec.domain:
-                continue
-            if q.get("host") and q["host"] not in rec.uri and q["host"] != host_of(rec.uri):
-                continue
-            out.append(rec)
-        out.sort(key=lambda r: r.created_at, reverse=True)
-        return out[:500]
+    def _filtered(q: dict[str, str]) -> tuple[list[Record], str | None]:
+        """A page of workflows, newest first, from the indexes (domain and host/URI: substrings, checked
+        on each index entry's summary before any record is read)."""
+        dom, hst = q.get("domain"), q.get("host")
+
+        def match(meta: list[Any]) -> bool:  # [status, strategy, host, uri, domain, bytes]
+            return (not dom or dom in meta[4]) and (not hst or hst in meta[3] or hst == meta[2])
+        pg = rt.store.indexes.page(status=q.get("status") or None, strategy=q.get("strategy") or None,
+                                   match=match if dom or hst else None, limit=PAGE_SIZE,
+                                   cursor=q.get("cursor") or None)
+        return [r for r in pg.entries if isinstance(r, Record)], pg.cursor
 
     @page
     async def index(request: Request) -> Response:
-        q = {k: request.query_params.get(k, "").strip() for k in ("status", "strategy", "domain", "host")}
+        q = {k: request.query_params.get(k, "").strip() for k in ("status", "strategy", "domain", "host", "cursor")}
         if q["status"] and q["status"] not in STATUSES:
             raise InputError(f"unknown status {q['status']!r}; choose one of: {', '.join(STATUSES)}")
-        recs = await run_in_threadpool(_filtered, q)
-        return render(request, "list.html", records=recs, q=q, host_of=host_of,
+        parse_cursor(q["cursor"], "cursor")
+        recs, nxt = await run_in_threadpool(_filtered, q)
+        more = urlencode({**{k: v for k, v in q.items() if v and k != "cursor"}, "cursor": nxt}) if nxt else None
+        return render(request, "list.html", records=recs, q=q, host_of=host_of, more=more,
                       host_names=await run_in_threadpool(_host_names))
 
     def _workflow_context(wf_id: str) -> dict[str, Any]:
@@ -406,25 +410,21 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         return RedirectResponse(f"/wf/{rec.id}", status_code=303)
 
     # -- domains ----------------------------------------------------------------------------------
-    def _domains() -> list[dict[str, Any]]:
-        rows: dict[tuple[str, str], dict[str, Any]] = {}
-        for rec in rt.store.records():
-            row = rows.setdefault((rec.uri, rec.domain), {"uri": rec.uri, "domain": rec.domain, "last": None,
-                                                            "last_ok": None, "count": 0, "holder": None})
-            row["count"] += 1
-            if row["last"] is None or rec.created_at > row["last"].created_at:
-                row["last"] = rec
-            if rec.status == "succeeded" and (row["last_ok"] is None or rec.updated_at > row["last_ok"].updated_at):
-                row["last_ok"] = rec
+    def _domains(after: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of domains in name order, from the domain indexes (workflows/indexes.py)."""
+        rows, nxt = rt.store.indexes.domains(limit=PAGE_SIZE, after=after)
         names = _host_names()
-        for row in rows.values():
-            row["holder"] = rt.store.domain_holder(row["uri"], row["domain"])
+        for row in rows:
             row["host"] = names.get(row["uri"])
-        return sorted(rows.values(), key=lambda r: (r["domain"], r["uri"]))
+        return [r for r in rows if r["last"] is not None], nxt
 
     @page
     async def domains(request: Request) -> Response:
-        return render(request, "domains.html", rows=await run_in_threadpool(_domains))
+        after = request.query_params.get("after", "").strip() or None
+        if after is not None and len(after) > 1024:  # a bound of ZRANGEBYLEX, never a key name
+            raise InputError("after: too long")
+        rows, nxt = await run_in_threadpool(_domains, after)
+        return render(request, "domains.html", rows=rows, more=urlencode({"after": nxt}) if nxt else None)
 
     def _domain(host: str, uri: str, name: str) -> dict[str, Any]:
         cp_error: str | None = None
@@ -435,8 +435,8 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
             canonical, defined, checkpoints = cli_checkpoints.rows(rt, name, uri or None)
         except DomcaptureError as exc:
             cp_error = str(exc)
-        recs = sorted((r for r in rt.store.records() if r.domain == name and (not canonical or r.uri == canonical)),
-                      key=lambda r: r.created_at, reverse=True)
+        recs = [r for r in rt.store.indexes.page(domain=(canonical, name), limit=PAGE_SIZE).entries
+                if isinstance(r, Record)]  # its newest workflows (the domain's index)
         backups = [r for r in recs if r.status == "succeeded" and (r.result or {}).get("files")]
         return {"name": name, "host": host, "uri": canonical, "records": recs, "backups": backups,
                 "checkpoints": checkpoints,

@@ -143,8 +143,8 @@ def with_chains(backups: list[BackupInfo]) -> list[BackupInfo]:
 
 def catalog(store: Store, uri: str, domain: str, *, include_deleted: bool = False) -> list[BackupInfo]:
     """Every backup of ``domain`` at ``uri`` (deleted ones only when asked), oldest first."""
-    found = [b for rec in store.records("succeeded") if rec.domain == domain and rec.uri == uri
-             for b in [from_record(rec)] if b is not None]
+    found = [b for rec in store.indexes.iter_all(domain=(uri, domain), status="succeeded")
+             if isinstance(rec, Record) for b in [from_record(rec)] if b is not None]
     return [b for b in with_chains(found) if include_deleted or b.state != DELETED]
 
 

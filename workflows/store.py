@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from typing import Any, Callable, Iterator, ParamSpec, TypeVar, cast
 
 import redis
@@ -43,6 +44,7 @@ from redis.commands.core import Script
 from . import redisconn
 from .errors import (ConflictError, DomainBusy, LeaseLost, NotDurable, RecordNotFound, RecordUnreadable, SlotTaken,
                      StoreError, StoreUnavailable)
+from .indexes import CREATE_TAIL, SAVE_TAIL, Indexes, unpack, wrap
 from .record import FINAL_STATUSES, PARTIALLY_ROLLED_BACK, ROLLED_BACK, Record, Slot
 
 P = ParamSpec("P")
@@ -207,13 +209,15 @@ class Store:
         # 0: a single redis-server, nothing to wait for (docs/redis-ha.md)
         self.replica_acks = replica_acks
         self.ack_timeout = ack_timeout
-        self._create = client.register_script(_CREATE)
-        self._save = client.register_script(_SAVE)
+        # the record scripts keep the indexes and counters in the same atomic step (workflows/indexes.py)
+        self._create = client.register_script(wrap(_CREATE, CREATE_TAIL))
+        self._save = client.register_script(wrap(_SAVE, SAVE_TAIL))
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._event = client.register_script(_EVENT)
         self._quarantine = client.register_script(_QUARANTINE)
+        self.indexes = Indexes(self)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "dc", *, password: str | None = None,
@@ -307,7 +311,7 @@ class Store:
             raise RecordUnreadable(f"workflow {wf_id} is quarantined: "
                                    f"{raw[b'quarantined'].decode(errors='replace')}")
         try:
-            doc = json.loads(raw[b"data"])
+            doc = json.loads(raw[b"data"]) if b"data" in raw or b"dataz" not in raw else unpack(raw[b"dataz"])
             rev = int(raw[b"rev"])
         except KeyError as exc:
             raise RecordUnreadable(f"workflow {wf_id}: record has no {exc.args[0].decode()!r} field") from None
@@ -371,6 +375,8 @@ class Store:
                                int(self.finished_ttl) if rec.status in EXPIRING_STATUSES else 0])
         tag, val = res[0].decode(), res[1].decode()
         if tag == "ok":
+            if rec.status in FINAL_STATUSES:
+                self._compact(rec)
             return
         rec.rev = expected
         if tag == "stale":
@@ -407,9 +413,28 @@ class Store:
         return bool(self._call(self._event, keys=[self._k(wf_id, ":history"), self._k(wf_id, ":epoch")],
                                args=[epoch, ev]))
 
+    def _compact(self, rec: Record) -> None:
+        """A finished workflow's record and history, compressed (workflows/indexes.py); best effort: a
+        record left whole is still read whole."""
+        try:
+            self.indexes.compact(rec)
+        except StoreError:
+            pass
+
     def history(self, wf_id: str) -> list[dict[str, Any]]:
-        out = []
-        for x in self._call(self.r.lrange, self._k(wf_id, ":history"), 0, -1):
+        out: list[dict[str, Any]] = []
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(self._k(wf_id), "histz")  # a finished workflow's compacted history, then what came after
+        pipe.lrange(self._k(wf_id, ":history"), 0, -1)
+        packed, events = self._call(pipe.execute, raise_on_error=False)
+        if isinstance(events, Exception):
+            raise StoreError(f"redis refused a command: {events}")
+        if packed and not isinstance(packed, Exception):
+            try:
+                out += [ev for ev in unpack(packed) if isinstance(ev, dict)]
+            except (ValueError, zlib.error) as exc:
+                out.append({"event": "unreadable", "raw": f"compacted history: {exc}"})
+        for x in events:
             try:
                 ev = json.loads(x)
                 if not isinstance(ev, dict):
@@ -420,19 +445,8 @@ class Store:
         return out
 
     def trim_index(self, batch: int = 1000) -> int:
-        """Drop from the index the ids whose record expired; returns how many."""
-        gone = 0
-        ids = self.ids()
-        for i in range(0, len(ids), batch):
-            chunk = ids[i:i + batch]
-            pipe = self.r.pipeline(transaction=False)
-            for wf_id in chunk:
-                pipe.exists(self._k(wf_id))
-            dead = [wf_id for wf_id, alive in zip(chunk, self._call(pipe.execute), strict=True) if not alive]
-            if dead:
-                self._call(self.r.zrem, f"{self.prefix}:index", *dead)
-                gone += len(dead)
-        return gone
+        """Drop from the indexes the ids whose record expired (``P:ix:expiry`` says which); returns how many."""
+        return self.indexes.trim(batch=batch)
 
     def ids(self) -> list[str]:
         return [x.decode() for x in self._call(self.r.zrange, f"{self.prefix}:index", 0, -1)]
