@@ -18,6 +18,7 @@ import uuid
 import pytest
 
 from workers.chaos.services import SentinelSet
+from workflows.store import Store
 
 from .realenv import WorkerCluster
 
@@ -120,3 +121,25 @@ def test_an_intent_no_replica_holds_starts_no_effect(sentinels, ha_cluster, disk
     assert doc["status"] == "succeeded", doc.get("error")
     assert ha_cluster.cli("verify", wf).returncode == 0
     assert dom.on_original_disks() and dom.leftover_overlays() == []
+
+
+def test_a_sentinel_naming_a_replica_never_serves_a_read(sentinels):
+    """A sentinel that has not learnt of a failover names the old primary; back on its address as an empty
+    replica, it must not answer reads (a record would look missing and be quarantined)."""
+    primary, replica = sentinels.primary(), sentinels.replicas()[0]
+    store = Store.from_url(sentinels.url, f"dcstale-{uuid.uuid4().hex[:6]}")
+    sentinels.cli(sentinels.ports[replica], "replicaof", "127.0.0.1", "1")  # cut off: it misses what follows
+    try:
+        store.r.set(f"{store.prefix}:k", "on-the-primary")
+        answers = iter([("127.0.0.1", sentinels.ports[replica])])
+        pool = store.r.connection_pool
+        proxy = pool.proxy  # type: ignore[attr-defined]  # what a new connection asks for the primary
+        real = proxy.get_master_address
+        proxy.get_master_address = lambda: next(answers, None) or real()
+        pool.disconnect()
+        assert store.r.get(f"{store.prefix}:k") == b"on-the-primary"
+        conn = pool.get_connection()
+        assert conn.port == sentinels.ports[primary]
+        pool.release(conn)
+    finally:
+        sentinels.cli(sentinels.ports[replica], "replicaof", "127.0.0.1", str(sentinels.ports[primary]))

@@ -16,7 +16,7 @@ from typing import Any, Callable, TypeVar
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
 from . import validate
 
@@ -45,6 +45,32 @@ class FailoverRetry(Retry):
                                        with_failure_count=with_failure_count)
 
 
+class PrimaryConnection(SentinelManagedConnection):
+    """A connection to the address the sentinels name, kept only if that server says it is the primary.
+
+    A sentinel that has not yet learnt of a failover still names the old primary; if that machine came
+    back (empty, as a replica) on the same address, redis-py would read from it: a workflow's record
+    would look missing.  Writes to it fail (READONLY) and are retried, reads would not, so every new
+    connection asks ``INFO replication`` (allowed to the project's ACL user, unlike ROLE) first.
+    """
+
+    def connect_to(self, address: tuple[str, int]) -> None:
+        super().connect_to(address)
+        if not self.connection_pool.is_master:
+            return
+        self.send_command("INFO", "replication")
+        info = self.read_response()
+        text = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+        if "role:master" not in text:
+            self.disconnect()
+            raise redis.ConnectionError(f"{address[0]}:{address[1]} is not the primary now (a sentinel's "
+                                        "answer was out of date); asking again")
+
+
+class PrimarySSLConnection(PrimaryConnection, SentinelManagedSSLConnection):
+    pass
+
+
 def connect(url: str, *, timeout: float, creds: dict[str, Any], sentinel_password: str | None = None,
             failover_wait: float = 20.0) -> redis.Redis[bytes]:
     """A client on ``url``; ``timeout`` bounds every socket wait, ``creds`` are the servers' user and password."""
@@ -53,6 +79,7 @@ def connect(url: str, *, timeout: float, creds: dict[str, Any], sentinel_passwor
                                     health_check_interval=10, **creds)
     spec = validate.sentinel_url(url)
     tls: dict[str, Any] = {"ssl": True, **dict(spec.tls_params)} if spec.tls else {}
+    server_tls = {k: v for k, v in tls.items() if k != "ssl"}  # the connection class says TLS
     server_creds = dict(creds)
     if spec.password is not None:
         server_creds.setdefault("password", spec.password)
@@ -64,7 +91,8 @@ def connect(url: str, *, timeout: float, creds: dict[str, Any], sentinel_passwor
     sentinel = Sentinel(list(spec.sentinels), sentinel_kwargs=sentinel_kwargs)
     client: redis.Redis[bytes] = sentinel.master_for(
         spec.service, redis_class=redis.Redis, db=spec.db, socket_connect_timeout=timeout, socket_timeout=timeout,
-        health_check_interval=10, retry=FailoverRetry(failover_wait), **tls, **server_creds)
+        health_check_interval=10, retry=FailoverRetry(failover_wait),
+        connection_class=PrimarySSLConnection if spec.tls else PrimaryConnection, **server_tls, **server_creds)
     return client
 
 
