@@ -97,12 +97,12 @@ def test_an_intent_no_replica_holds_starts_no_effect(sentinels, ha_cluster, disk
     target = tmp_path / "backups"
     target.mkdir()
     before = dom.virsh("dumpxml", dom.name)
-    worker = ha_cluster.start_worker()
+    wf = submit(ha_cluster, "snapshot-backup", dom, target)  # a submit, too, returns once a replica holds it
     replicas = sentinels.replicas()
     for i in replicas:
         sentinels.signal_node(i, signal.SIGSTOP)
     try:
-        wf = submit(ha_cluster, "snapshot-backup", dom, target)
+        worker = ha_cluster.start_worker()
         # the worker has tried (and been refused) at least twice: the wait is the outcome, not a guess
         deadline = time.monotonic() + 30
         while len(re.findall("no replica acknowledged", ha_cluster.log_of(worker))) < 2:

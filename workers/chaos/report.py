@@ -51,7 +51,7 @@ def build(chaos: Chaos) -> dict[str, Any]:
         workflows.append({
             "id": wf, "strategy": meta["strategy"], "label": meta["label"], "domain": meta["subject"].dom.name,
             "submitted_at": meta["submitted_at"], "status": d["status"] if d else "LOST",
-            "state": d["state"] if d else None, "ended_at": history[-1]["ts"] if history else None,
+            "state": d.get("state") if d else None, "ended_at": history[-1]["ts"] if history else None,
             "verify": chaos.verify_outcome.get(wf), "attention": (d or {}).get("attention"),
             "operator": chaos.operator.get(wf), "states": state_spans(history, chaos.ended_at),
             "history": history,
