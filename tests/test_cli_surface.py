@@ -47,8 +47,9 @@ def test_every_command_takes_json():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     for name, p in sub.choices.items():
-        if name in ("submit", "policy", "host"):  # groups: each of their commands takes it
-            strat = next(a for a in p._actions if a.dest in ("strategy", "policy_command", "host_command"))
+        if name in ("submit", "policy", "host", "token"):  # groups: each of their commands takes it
+            strat = next(a for a in p._actions if a.dest in ("strategy", "policy_command", "host_command",
+                                                             "token_command"))
             for sname, sp in strat.choices.items():
                 assert any("--json" in a.option_strings for a in sp._actions), sname
         else:

@@ -28,12 +28,14 @@ from typing import Any, Callable, NoReturn
 from workflows import strategies, validate, verify
 from workflows.definition import Definition
 from workflows.errors import DomcaptureError, RecordUnreadable
+from workflows.idempotency import Idempotency, check_key, request_digest
 from workflows.indexes import parse_cursor
+from workflows.options import submit_options
 from workflows.record import FINAL_STATUSES, STATUSES, STOPPED_STATUSES, Record
 from workflows.service import summary
 
-from . import cli_audit, cli_backups, cli_checkpoints, cli_fleet, cli_holds, cli_hosts, cli_mount, completion, notify, \
-    web
+from . import cli_audit, cli_backups, cli_checkpoints, cli_fleet, cli_holds, cli_hosts, cli_mount, cli_tokens, \
+    completion, notify, web
 from .chaos import command as chaos_command
 from .runtime import Runtime, rq_module
 from .settings import ENV, Settings, process_id
@@ -88,36 +90,24 @@ def _emit(args: argparse.Namespace, rec: Record, text: str) -> None:
         print(text)
 
 
-# Options whose shape is checked here, before any Redis or libvirt call (the strategy's
-# validate normalises them again, with the same parsers).
-_SHAPES: dict[str, Callable[[str, Any], Any]] = {
-    "freeze_deadline": validate.seconds, "commit_timeout": validate.seconds,
-    "backup_timeout": validate.seconds, "bandwidth": lambda name, value: validate.bandwidth(value, name),
-    "encrypt_key_file": validate.key_file,
-}
-
-
 def submit_params(args: argparse.Namespace) -> dict[str, Any]:
     """The strategy's options as given (only its own exist on its parser), checked for shape."""
     defn = strategies.get(args.strategy)
-    params: dict[str, Any] = {}
-    for opt in defn.options:
-        value = getattr(args, opt.name, None)
-        if value in (None, False):
-            continue
-        if not opt.flag:
-            value = validate.workflow_id(value, opt.name) if opt.name == "from" else validate.text(opt.name, value)
-            if opt.choices:
-                validate.choice(opt.name, value, opt.choices)
-            if opt.name in _SHAPES:
-                _SHAPES[opt.name](opt.name, value)
-        params[opt.name] = value
-    return params
+    return submit_options(defn, {opt.name: getattr(args, opt.name, None) for opt in defn.options})
 
 
 def cmd_submit(args: argparse.Namespace, rt: Runtime) -> int:
     params = submit_params(args)
-    rec = rt.captures.submit(args.strategy, args.domain, args.uri or rt.settings.libvirt_uri, params)
+    uri = args.uri or rt.settings.libvirt_uri
+    if args.idempotency_key is not None:
+        outcome = Idempotency(rt.store.r, rt.settings.prefix).submit(
+            args.idempotency_key, request_digest(args.strategy, args.domain, f"uri:{uri}", params),
+            lambda: rt.captures.submit(args.strategy, args.domain, uri, params))
+        rec = rt.store.load(outcome.workflow_id)
+        if outcome.replayed and not args.json:
+            print(f"{rec.id} (replayed: submitted earlier with this idempotency key)", file=sys.stderr)
+    else:
+        rec = rt.captures.submit(args.strategy, args.domain, uri, params)
     if args.wait:
         rec = _wait(rt, rec.id, args.timeout, args.json)
         _emit(args, rec, _describe(rt, rec))
@@ -390,6 +380,9 @@ def _add_strategy(sub: Any, defn: Definition) -> None:
     s.add_argument("--timeout", default="3600", help="with --wait: give up waiting after this many seconds "
                                                      "(default 3600)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--idempotency-key", metavar="KEY",
+                   help="submit at most once per KEY (kept 24 h): the same KEY again prints the same workflow; "
+                        "with another request, exit 2")
     s.set_defaults(func=cmd_submit)
 
 
@@ -481,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     web.register(sub)
     cli_audit.register(sub)
     notify.register(sub)
+    cli_tokens.register(sub)
     return p
 
 
@@ -512,6 +506,8 @@ def check_args(args: argparse.Namespace) -> None:
         submit_params(args)
         if getattr(args, "group", None) is not None and args.domain is None:  # group-backup: the group's lock
             args.domain = f"group:{validate.text('group', args.group)}"
+        if args.idempotency_key is not None:
+            check_key(args.idempotency_key)
 
 
 def one_line(text: str) -> str:

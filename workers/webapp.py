@@ -39,6 +39,7 @@ from workflows.record import FINAL_STATUSES, STATUSES, Record
 from workflows.validate import ID_RE, domain_name
 
 from . import cli_checkpoints
+from .api import Api
 from .metrics import StoreCollector, host_of
 from .notify import delivery_log
 from .runtime import Runtime
@@ -539,6 +540,7 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         Route("/domains", domains), Route("/domain", domain), Route("/notifications", notifications),
         Route("/metrics", metrics), Route("/healthz", healthz),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+        Mount("/api/v1", app=Api(rt, auth, config.read_only).app()),  # the HTTP API: docs/api.md
     ]
     middleware = [Middleware(SessionMiddleware, secret_key=config.secret, session_cookie="domcapture_session",
                              same_site="strict", https_only=config.secure_cookie, max_age=12 * 3600)]

@@ -14,6 +14,10 @@ Keys (``P`` is the configurable prefix, ``dc`` by default):
 - ``P:slot:<policy>:<member>``  a scheduled slot: the workflow id it submitted, or
                          why it submitted none (``skipped:busy:<id>``, ``coalesced:<t>``, ...)
 - ``P:slots:<policy>``   sorted set of the policy's slot members by slot time
+- ``P:changes``          stream of every record write (``wf``, ``rev``, ``status``, ``event``:
+                         the history event or ''), appended by the same script that
+                         writes the record; bounded to about ``CHANGES_MAXLEN``
+                         entries; the HTTP API's event stream reads it from a cursor
 - ``P:quarantine``       ids of records this build cannot read (moved out of
                          ``P:active``; the record's bytes stay in ``P:wf:<id>``
                          with the reason in its ``quarantined`` field)
@@ -51,38 +55,41 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _CREATE = """
--- KEYS: record, history, index, active, domainlock [, slot, slot index]
--- ARGV: id, data, event, created_at [, slot member, slot score, skipped-note]
+-- KEYS: record, history, index, active, domainlock [, slot, slot index], changes (always last)
+-- ARGV: id, data, event, created_at, changes maxlen [, slot member, slot score, skipped-note]
 -- With a slot (a scheduled run): the slot's key is claimed in this same step, so a
 -- slot is either submitted once (its value is the workflow id) or recorded skipped.
-if KEYS[6] then
+if #KEYS > 6 then
   local taken = redis.call('GET', KEYS[6])
   if taken then return {'slot', taken} end
 end
 local holder = redis.call('GET', KEYS[5])
 if holder and holder ~= ARGV[1] then
-  if KEYS[6] then
-    redis.call('SET', KEYS[6], ARGV[7] .. holder)
-    redis.call('ZADD', KEYS[7], ARGV[6], ARGV[5])
+  if #KEYS > 6 then
+    redis.call('SET', KEYS[6], ARGV[8] .. holder)
+    redis.call('ZADD', KEYS[7], ARGV[7], ARGV[6])
   end
   return {'busy', holder}
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', ARGV[1]} end
-if KEYS[6] then
+if #KEYS > 6 then
   redis.call('SET', KEYS[6], ARGV[1])
-  redis.call('ZADD', KEYS[7], ARGV[6], ARGV[5])
+  redis.call('ZADD', KEYS[7], ARGV[7], ARGV[6])
 end
 redis.call('SET', KEYS[5], ARGV[1])
 redis.call('HSET', KEYS[1], 'rev', 1, 'data', ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', ARGV[5], '*', 'wf', ARGV[1], 'rev', '1', 'event', ARGV[3],
+             'status', cjson.decode(ARGV[2]).status)
 return {'ok', '1'}
 """
 
 _SAVE = """
--- KEYS: record, history, epoch, active, domainlock
--- ARGV: id, expected_rev, writer_epoch, data, event (or ''), final ('1'/'0'), expire_s ('0': keep)
+-- KEYS: record, history, epoch, active, domainlock, changes
+-- ARGV: id, expected_rev, writer_epoch, data, event (or ''), final ('1'/'0'), expire_s ('0': keep), changes maxlen,
+--       status
 local rev = redis.call('HGET', KEYS[1], 'rev')
 if not rev then return {'missing', ''} end
 local epoch = redis.call('GET', KEYS[3]) or '0'
@@ -102,6 +109,8 @@ if ARGV[6] == '1' then
 else
   redis.call('SADD', KEYS[4], ARGV[1])
 end
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[8], '*', 'wf', ARGV[1], 'rev', tostring(newrev), 'event', ARGV[5],
+             'status', ARGV[9])
 return {'ok', tostring(newrev)}
 """
 
@@ -197,6 +206,7 @@ class Lease:
 EXPIRING_STATUSES = (ROLLED_BACK, PARTIALLY_ROLLED_BACK)
 FINISHED_TTL = 30 * 24 * 3600
 LIST_BATCH = 500  # records read per round trip by ``listing``
+CHANGES_MAXLEN = 100_000  # entries kept in ``P:changes`` (approximately: XADD MAXLEN ~)
 
 
 class Store:
@@ -241,6 +251,10 @@ class Store:
     def _k(self, wf_id: str, suffix: str = "") -> str:
         return f"{self.prefix}:wf:{wf_id}{suffix}"
 
+    @property
+    def changes_key(self) -> str:
+        return f"{self.prefix}:changes"
+
     def domain_key(self, uri: str, domain: str) -> str:
         return f"{self.prefix}:domain:{uri}|{domain}"
 
@@ -276,12 +290,12 @@ class Store:
         data = _dumps(rec.to_dict())
         keys = [self._k(rec.id), self._k(rec.id, ":history"), f"{self.prefix}:index",
                 f"{self.prefix}:active", self.domain_key(rec.uri, rec.domain)]
-        args: list[Any] = [rec.id, data, _dumps(self.event(rec, event, **detail)), rec.created_at]
+        args: list[Any] = [rec.id, data, _dumps(self.event(rec, event, **detail)), rec.created_at, CHANGES_MAXLEN]
         if slot is not None:
             keys += [self.slot_key(slot), self.slot_index(slot.policy)]
             args += [slot.member, slot.at, "skipped:busy:"]
-        # durable: a submit acknowledged only once a replica holds it (with replicas; docs/redis-ha.md)
-        res = self._call(self._script, self._create, True, keys=keys, args=args)
+        keys.append(self.changes_key)
+        res = self._call(self._create, keys=keys, args=args)
         tag, val = res[0].decode(), res[1].decode()
         if tag == "slot":
             raise SlotTaken(f"slot {slot.member if slot else ''} of policy {slot.policy if slot else ''} "
@@ -370,10 +384,11 @@ class Store:
         ev = _dumps(self.event(rec, event, **detail)) if event else ""
         res = self._call(self._script, self._save, durable,
                          keys=[self._k(rec.id), self._k(rec.id, ":history"), self._k(rec.id, ":epoch"),
-                               f"{self.prefix}:active", self.domain_key(rec.uri, rec.domain)],
+                               f"{self.prefix}:active", self.domain_key(rec.uri, rec.domain), self.changes_key],
                          args=[rec.id, expected, epoch, _dumps(rec.to_dict()), ev,
                                "1" if rec.status in FINAL_STATUSES else "0",
-                               int(self.finished_ttl) if rec.status in EXPIRING_STATUSES else 0])
+                               int(self.finished_ttl) if rec.status in EXPIRING_STATUSES else 0, CHANGES_MAXLEN,
+                               rec.status])
         tag, val = res[0].decode(), res[1].decode()
         if tag == "ok":
             if rec.status in FINAL_STATUSES:
@@ -444,6 +459,34 @@ class Store:
                 ev = {"event": "unreadable", "raw": x.decode(errors="replace")[:200]}
             out.append(ev)
         return out
+
+    def changes(self, after: str = "0", count: int = 100, block_ms: int | None = None) -> list[dict[str, Any]]:
+        """Record writes after the stream id ``after`` (``0``: from the oldest kept), oldest first:
+        ``{"cursor", "wf", "rev", "event", "status"}`` (the record's status after that write); with
+        ``block_ms``, wait that long for one to come."""
+        raw = self._call(self.r.xread, {self.changes_key: after}, count=count, block=block_ms)
+        out = []
+        for _key, entries in raw or []:
+            for entry_id, fields in entries:
+                ev = fields.get(b"event", b"")
+                try:
+                    event = json.loads(ev) if ev else None
+                except ValueError:
+                    event = None
+                out.append({"cursor": entry_id.decode(), "wf": fields.get(b"wf", b"").decode(errors="replace"),
+                            "rev": int(fields.get(b"rev", b"0") or 0), "event": event,
+                            "status": fields.get(b"status", b"").decode(errors="replace") or None})
+        return out
+
+    def changes_oldest(self) -> str | None:
+        """The id of the oldest change still kept (None: none kept)."""
+        first = self._call(self.r.xrange, self.changes_key, "-", "+", count=1)
+        return first[0][0].decode() if first else None
+
+    def changes_newest(self) -> str | None:
+        """The id of the newest change (None: none kept)."""
+        last = self._call(self.r.xrevrange, self.changes_key, "+", "-", count=1)
+        return last[0][0].decode() if last else None
 
     def trim_index(self, batch: int = 1000) -> int:
         """Drop from the indexes the ids whose record expired (``P:ix:expiry`` says which); returns how many."""
