@@ -295,7 +295,8 @@ class Store:
             keys += [self.slot_key(slot), self.slot_index(slot.policy)]
             args += [slot.member, slot.at, "skipped:busy:"]
         keys.append(self.changes_key)
-        res = self._call(self._create, keys=keys, args=args)
+        # durable: a submit acknowledged only once a replica holds it (with replicas; docs/redis-ha.md)
+        res = self._call(self._script, self._create, True, keys=keys, args=args)
         tag, val = res[0].decode(), res[1].decode()
         if tag == "slot":
             raise SlotTaken(f"slot {slot.member if slot else ''} of policy {slot.policy if slot else ''} "
