@@ -194,3 +194,46 @@ def test_bad_groups_are_refused_before_anything(tmp_path, store, params, why):
     with pytest.raises(InputError, match=why):
         captures.submit("group-backup", f"group:{params.get('group', 'shop')}", "fake:///default",
                         {**base, **params})
+
+
+def test_a_member_busy_with_another_workflow_refuses_the_group(tmp_path, store):
+    from workflows.errors import DomainBusy
+    w = GroupWorld(tmp_path, store)
+    assert not w.run()  # the group ran; its own lock is released
+    single = w.captures.submit("snapshot-backup", "db", "fake:///default", {"target": w.target})
+    with pytest.raises(DomainBusy, match=f"member 'db' is busy with workflow {single.id}"):
+        w.captures.submit("group-backup", "group:shop", "fake:///default",
+                          {"group": "shop", "domains": "app,db", "target": w.target})
+
+
+def test_the_freeze_watchdog_thaws_every_member_at_the_deadline(tmp_path, store):
+    w = GroupWorld(tmp_path, store, freeze_deadline="0.3")
+    seen_during: list[dict[str, bool]] = []
+
+    def stall() -> None:  # a point that hangs past the deadline: the watchdog must thaw every member
+        deadline = time.time() + 5
+        while any(d.frozen for d in w.fake.domains.values()) and time.time() < deadline:
+            time.sleep(0.02)
+        seen_during.append({n: d.frozen for n, d in w.fake.domains.items()})
+    w.before_snapshot = stall
+    assert not w.run()
+    assert seen_during[0] == {"app": False, "db": False}
+    rec = store.load(w.rec.id).to_dict()
+    assert rec["status"] == ROLLED_BACK
+    thawed = [e for e in store.history(w.rec.id) if e["event"] == "thawed-at-deadline"]
+    assert len(thawed) == 1 and thawed[0]["thawed_filesystems"] == 4  # two disks each, both members
+    w.check_invariants(rec)
+
+
+def test_members_carry_the_groups_hold_mark_while_it_runs(tmp_path, store):
+    from workflows.errors import DomainHeld
+    w = GroupWorld(tmp_path, store)
+    w.crasher.target = ("saved:point-taken:pointing_all", 1)
+    assert w.run()
+    for name in MEMBERS:
+        assert w.fake.hold_mark(name)["workflow"] == w.rec.id
+        with pytest.raises(DomainHeld, match=w.rec.id):
+            w.captures.submit("snapshot-backup", name, "fake:///default", {"target": w.target})
+    rec = w.drive_to_end()
+    w.check_invariants(rec)
+    assert all(w.fake.hold_mark(name) is None for name in MEMBERS)

@@ -241,20 +241,22 @@ class Engine:
             self._watchdog = watchdog
             resumed = rec.status == RUNNING or rec.attempts
             rec.status, rec.worker = RUNNING, self.worker_id
-            if defn.holds_domain:  # the hold mark: recorded with the start, then written (workflows/holds.py)
+            # the hold mark: recorded with the start, then written on the domain, or on each member of a group
+            held = defn.members(rec.params) if defn.members else [rec.domain] if defn.holds_domain else []
+            if held:  # (workflows/holds.py)
                 rec.data["hold"] = holds.new_mark(rec, self.worker_id, self.store.prefix)
             # the hold mark is an effect on the domain: its intent must reach a replica first
             self._save_until_durable(rec, lease, "resumed" if resumed else "started", durable=defn.holds_domain)
             ctx = self._context(rec, hv, lease)
-            if defn.holds_domain:
-                holds.place(ctx.hv, self.store, rec, lease.epoch)
+            for domain in held:
+                holds.place(ctx.hv, self.store, rec, lease.epoch, domain)
             while rec.status == RUNNING:
                 if rec.mode == FORWARD:
                     self._forward(defn, rec, ctx, lease)
                 else:
                     self._revert(defn, rec, ctx, lease)
-            if defn.holds_domain and rec.status in FINAL_STATUSES:
-                holds.lift(ctx.hv, self.store, rec, lease.epoch)
+            for domain in held if rec.status in FINAL_STATUSES else []:
+                holds.lift(ctx.hv, self.store, rec, lease.epoch, domain)
             return rec.status
         except LeaseLost as exc:
             log.warning("workflow %s: %s; stopping without further changes", wf_id, exc)

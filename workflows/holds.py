@@ -93,55 +93,58 @@ def judge(mark: dict[str, Any] | None, prefix: str, status_of: StatusOf, own: st
 
 
 # -- the engine's side: never fails a capture ---------------------------------------------------------
-def place(hv: "Hypervisor", store: "Store", rec: Record, epoch: int) -> None:
+def place(hv: "Hypervisor", store: "Store", rec: Record, epoch: int, domain: str | None = None) -> None:
     """Write ``rec.data["hold"]`` on the domain, when the domain exists in a state that keeps one; another
-    live holder's mark is left as it is (and said in the history)."""
+    live holder's mark is left as it is (and said in the history).  ``domain``: a group's member (default
+    the record's domain)."""
+    domain = domain or rec.domain
     mark = rec.data.get("hold")
     if not mark:
         return
     try:
         try:
-            state = hv.domain_state(rec.domain)
+            state = hv.domain_state(domain)
         except DomainNotFound:
-            log.info("workflow %s: domain %s not found; no hold mark", rec.id, rec.domain)
+            log.info("workflow %s: domain %s not found; no hold mark", rec.id, domain)
             return
         if state not in MARKED_STATES:
-            log.info("workflow %s: domain %s is %s; no hold mark", rec.id, rec.domain, state)
+            log.info("workflow %s: domain %s is %s; no hold mark", rec.id, domain, state)
             return
-        found = judge(hv.hold_mark(rec.domain), store.prefix, store_status(store), own=rec.id)
+        found = judge(hv.hold_mark(domain), store.prefix, store_status(store), own=rec.id)
         if found.kind == "live":
-            log.warning("workflow %s: domain %s carries the hold mark of %s; left as it is", rec.id, rec.domain,
+            log.warning("workflow %s: domain %s carries the hold mark of %s; left as it is", rec.id, domain,
                         found.text)
-            _note(store, rec, epoch, "hold-mark-kept", action="set", holder=found.text)
+            _note(store, rec, epoch, "hold-mark-kept", action="set", holder=found.text, member=domain)
             return
-        hv.set_hold_mark(rec.domain, mark)
-        log.info("workflow %s: hold mark set on %s", rec.id, rec.domain)
+        hv.set_hold_mark(domain, mark)
+        log.info("workflow %s: hold mark set on %s", rec.id, domain)
     except LeaseLost:
         raise
     except DomcaptureError as exc:
-        log.warning("workflow %s: could not set the hold mark on %s: %s", rec.id, rec.domain, exc)
-        _note(store, rec, epoch, "hold-mark-failed", action="set", error=str(exc))
+        log.warning("workflow %s: could not set the hold mark on %s: %s", rec.id, domain, exc)
+        _note(store, rec, epoch, "hold-mark-failed", action="set", error=str(exc), member=domain)
 
 
-def lift(hv: "Hypervisor", store: "Store", rec: Record, epoch: int) -> None:
+def lift(hv: "Hypervisor", store: "Store", rec: Record, epoch: int, domain: str | None = None) -> None:
     """Remove the mark from the domain once ``rec`` is final: ours, or a stale one; never another live
     holder's, never an unreadable one."""
+    domain = domain or rec.domain
     try:
-        found = judge(hv.hold_mark(rec.domain), store.prefix, store_status(store), own=rec.id)
+        found = judge(hv.hold_mark(domain), store.prefix, store_status(store), own=rec.id)
         if found.kind == "none":
             return
         if found.kind in ("live", "unreadable"):
-            _note(store, rec, epoch, "hold-mark-kept", action="remove", holder=found.text)
+            _note(store, rec, epoch, "hold-mark-kept", action="remove", holder=found.text, member=domain)
             return
-        hv.set_hold_mark(rec.domain, None)
-        log.info("workflow %s: hold mark removed from %s", rec.id, rec.domain)
+        hv.set_hold_mark(domain, None)
+        log.info("workflow %s: hold mark removed from %s", rec.id, domain)
     except DomainNotFound:
-        log.info("workflow %s: domain %s is gone; no hold mark to remove", rec.id, rec.domain)
+        log.info("workflow %s: domain %s is gone; no hold mark to remove", rec.id, domain)
     except LeaseLost:
         raise
     except DomcaptureError as exc:
-        log.warning("workflow %s: could not remove the hold mark from %s: %s", rec.id, rec.domain, exc)
-        _note(store, rec, epoch, "hold-mark-failed", action="remove", error=str(exc))
+        log.warning("workflow %s: could not remove the hold mark from %s: %s", rec.id, domain, exc)
+        _note(store, rec, epoch, "hold-mark-failed", action="remove", error=str(exc), member=domain)
 
 
 def _note(store: "Store", rec: Record, epoch: int, event: str, **detail: Any) -> None:
