@@ -5,13 +5,16 @@
   thaw), nobody stays frozen or on an overlay, and verify checks the set;
 - a member whose agent does not answer (a no-OS domain has none): with require the whole group rolls back
   within the freeze deadline and nobody stays frozen; with try it proceeds and says which member was not
-  quiesced.
+  quiesced;
+- a worker SIGKILLed after the first member's point: recovery thaws every member and the group rolls back;
+  SIGKILLed while copying: the group resumes and succeeds.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import pytest
@@ -85,3 +88,44 @@ def test_a_member_without_an_agent(cluster, guest_domain, disk_domain, tmp_path)
     assert not guest.frozen() and guest.on_original_disks() and mute.on_original_disks()
     for t, image in mute.references.items():
         assert images_identical(result["members"][mute.name]["files"][t]["path"], image)
+
+
+def test_a_worker_killed_mid_group(cluster, guest_domain, tmp_path):
+    """SIGKILL after the first member's point: recovery thaws both members and the whole group rolls back.
+    SIGKILL while copying: the group resumes and succeeds, still quiesced."""
+    guests = [guest_domain(), guest_domain()]
+    for g in guests:
+        g.wait_agent()
+    target = tmp_path / "backups"
+    target.mkdir()
+    cluster.start_recovery()
+    doomed = cluster.start_worker(fault="kill-at:saved:point-taken:pointing_all")
+    wf = submit(cluster, guests, target, "--quiesce", "require", "--freeze-deadline", "30")
+    doomed.wait(timeout=120)
+    assert doomed.returncode == -signal.SIGKILL
+    assert all(g.frozen() for g in guests), "the fault should strike while every member is frozen"
+    killed_at = time.time()
+    while any(g.frozen() for g in guests):
+        assert time.time() - killed_at < 15, "a member stayed frozen"
+        time.sleep(0.1)
+    live = cluster.start_worker()
+    doc = cluster.wait_final(wf)
+    assert doc["status"] == "rolled_back", doc["status"]
+    assert [r["decision"] for r in doc["data"]["recoveries"]] == ["rollback"]
+    assert all(g.on_original_disks() and not g.frozen() for g in guests)
+    assert os.listdir(target) == []
+    assert not [p for g in guests for p in os.listdir(g.workdir) if "overlay" in p]
+
+    cluster.kill(live)  # idle: the next job goes to the doomed worker
+    live.wait(timeout=30)
+    doomed = cluster.start_worker(fault="kill-at:saved:*-intent:copying")
+    wf = submit(cluster, guests, target, "--quiesce", "require")
+    doomed.wait(timeout=120)
+    assert doomed.returncode == -signal.SIGKILL
+    assert cluster.show(wf)["state"] == "copying"
+    cluster.start_worker()
+    doc = cluster.wait_final(wf)
+    assert doc["status"] == "succeeded", (doc["error"], doc["attention"])
+    assert doc["result"]["quiesced"] is True
+    assert all(g.on_original_disks() and not g.frozen() for g in guests)
+    assert all(c["ok"] for c in json.loads(cluster.cli("verify", wf, "--json").stdout)["checks"])

@@ -75,6 +75,9 @@ class Definition:
     # whether it acts on the existing domain it names (and marks it held while it runs, refusing another
     # actor's hold at submit); False: it only reads backups, or defines a new domain (restores, mounts)
     holds_domain: bool = True
+    # a group (group-backup): the domains its validated params name; each is refused at submit, as a single
+    # capture's domain is, when another workflow has it or another actor holds it
+    members: Callable[[dict[str, Any]], list[str]] | None = None
     _machine: Machine = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

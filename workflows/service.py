@@ -75,6 +75,12 @@ class Captures:
                 if defn.resolve is not None:
                     raw = defn.resolve(self.store.load, raw)
                 normalised = defn.validate(self._inspect(hv), domain, raw)
+                for member in defn.members(normalised) if defn.members else []:
+                    holder = self.store.domain_holder(canonical, member)
+                    if holder:
+                        raise DomainBusy(f"group member {member!r} is busy with workflow {holder}; "
+                                         f"see 'domcapture show {holder}'")
+                    foreign.refuse_held(read_only(hv), member, self.store.prefix, holds.store_status(self.store))
             except DomcaptureError as exc:
                 if slot is not None and not isinstance(exc, StoreUnavailable):
                     self.store.mark_slot(slot, f"refused:{type(exc).__name__}: {exc}")

@@ -408,7 +408,7 @@ STEPS: dict[str, Step] = {
 }
 
 DEFINITION = Definition(NAME, VERSION, STATES, TRANSITIONS, STEPS, on_crash=ON_CRASH, validate=validate,
-                        verify=verify, holds_domain=False,
+                        verify=verify, holds_domain=False, members=lambda params: list(params["domains"]),
                         options=(OPT_GROUP, OPT_DOMAINS, common.OPT_TARGET, common.OPT_QUIESCE,
                                  common.OPT_ON_ERROR, common.OPT_FREEZE_DEADLINE, common.OPT_COMMIT_TIMEOUT,
                                  common.OPT_BANDWIDTH, common.OPT_OVERLAY_DIR),
