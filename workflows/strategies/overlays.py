@@ -73,9 +73,10 @@ def originals(ctx: StepContext) -> dict[str, str]:
 
 
 def views(ctx: StepContext) -> dict[str, DiskView]:
-    """A view of every disk we planned an overlay for."""
+    """A view of every disk we planned an overlay for (a domain that is not running has no block job)."""
     disks = disk_map(ctx)
-    return {t: DiskView(t, disks.get(t), ctx.hv.block_job(ctx.domain, t) if t in disks else None)
+    running = domain_state(ctx) in ACTIVE
+    return {t: DiskView(t, disks.get(t), ctx.hv.block_job(ctx.domain, t) if running and t in disks else None)
             for t in overlays(ctx)}
 
 
@@ -323,8 +324,8 @@ def commit_unplugged(ctx: StepContext) -> None:
     planned, original = overlays(ctx), originals(ctx)
     formats = {d["target"]: d.get("format") or "raw" for d in ctx.data["disks"]}
     types = {d["target"]: d.get("type") or "file" for d in ctx.data["disks"]}
-    if domain_state(ctx) == "gone":
-        return
+    if domain_state(ctx) not in ACTIVE:
+        return  # a domain that is down is committed offline, disk by disk, from its definition
     unplugged = [t for t, v in views(ctx).items() if v.place(planned[t]) == UNPLUGGED]
     done = ctx.data.setdefault("unplugged", {})
     for target in unplugged:
