@@ -54,7 +54,27 @@ def run_until_cursor(script: str, min_cursor: int, timeout: float = 60) -> int:
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=10)
+        wait_group_gone(p.pid)
     return last
+
+
+def wait_group_gone(pgid: int, timeout: float = 10) -> None:
+    """Until no live process of group ``pgid`` is left (a killed copy's qemu-nbd, a grandchild, holds its
+    image's lock until it has really exited)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                alive.append(stat.parent.name)
+        if not alive:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"processes {alive} of the killed group {pgid} are still alive")
 
 
 COPY_CHILD = """
