@@ -65,7 +65,7 @@ def failover_gaps(sset: SentinelSet, store: Store, n: int) -> list[dict[str, flo
         blocked = time.monotonic() - t0
         promoted = sset.wait_promoted(dead)
         sset.restart(dead)
-        sset._wait(sset.settled, "the set to settle")
+        sset.wait_for(sset.settled, "the set to settle")
         rows.append({"write_blocked_s": round(blocked, 2), "promoted_within_s": round(blocked + promoted, 2)})
     return rows
 

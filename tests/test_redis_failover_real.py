@@ -25,14 +25,21 @@ from .realenv import WorkerCluster
 pytestmark = pytest.mark.real
 
 
-@pytest.fixture
-def sentinels(tmp_path):
+@pytest.fixture(scope="module")
+def sentinel_set(tmp_path_factory):
     if shutil.which("redis-sentinel") is None:
         pytest.fail("redis-sentinel is not installed (scripts/setup.sh installs it)")
-    s = SentinelSet(tmp_path / "redis-ha")
+    s = SentinelSet(tmp_path_factory.mktemp("redis-ha"))
     s.start()
     yield s
     s.stop()
+
+
+@pytest.fixture
+def sentinels(sentinel_set):
+    """The module's set, settled: a primary, both replicas in sync, the sentinels agreeing."""
+    sentinel_set.wait_for(sentinel_set.settled, "the set to settle", timeout=60)
+    return sentinel_set
 
 
 @pytest.fixture
@@ -87,7 +94,7 @@ def test_a_primary_lost_mid_copy_fails_over_and_both_captures_succeed(sentinels,
     assert all(p.poll() is None for p in ha_cluster.workers) and ha_cluster.recovery.poll() is None
 
     sentinels.restart(dead)  # the machine replaced: back as a replica of the new primary
-    sentinels._wait(sentinels.settled, "the replaced node to rejoin as a replica")
+    sentinels.wait_for(sentinels.settled, "the replaced node to rejoin as a replica")
     assert sentinels.primary() != dead
     print(f"failover: promoted {promoted:.2f} s after the kill; CLI answered after {answered:.2f} s")
 

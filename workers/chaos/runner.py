@@ -355,7 +355,7 @@ class Chaos:
         time.sleep(FAILOVER_BACK_AFTER)
         sset.restart(dead)
         t0 = time.monotonic()
-        sset._wait(sset.settled, "the set to settle", timeout=60)
+        sset.wait_for(sset.settled, "the set to settle", timeout=60)
         return (f"node{dead} killed; node{sset.primary()} promoted in {promoted:.2f} s; node{dead} back as a "
                 f"replica, in sync {time.monotonic() - t0:.1f} s later")
 

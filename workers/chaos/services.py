@@ -107,7 +107,7 @@ class SentinelSet:
             args += ["--replicaof", "127.0.0.1", str(replica_of)]
         with open(self.dir / f"node{i}.log", "a") as log:
             self.nodes[i] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        self._wait(lambda: self.cli(self.ports[i], "ping") == "PONG", f"redis-server node{i}")
+        self.wait_for(lambda: self.cli(self.ports[i], "ping") == "PONG", f"redis-server node{i}")
 
     def start(self) -> None:
         self.start_node(0, None)
@@ -124,9 +124,9 @@ class SentinelSet:
             with open(self.dir / f"sentinel{i}.log", "a") as log:
                 self.sentinels[i] = subprocess.Popen(["redis-sentinel", str(conf)], stdout=log,
                                                      stderr=subprocess.STDOUT)
-        self._wait(self.settled, "the sentinels (3) to see the primary's 2 replicas")
+        self.wait_for(self.settled, "the sentinels (3) to see the primary's 2 replicas")
 
-    def _wait(self, ok: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    def wait_for(self, ok: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while not ok():
             if time.monotonic() > deadline:
@@ -189,7 +189,7 @@ class SentinelSet:
         def promoted() -> bool:
             port = self.primary_port()
             return port is not None and port != self.ports[old] and self.info(port).get("role") == "master"
-        self._wait(promoted, "a replica to be promoted", timeout)
+        self.wait_for(promoted, "a replica to be promoted", timeout)
         return time.monotonic() - t0
 
     def restart(self, i: int) -> None:
