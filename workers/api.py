@@ -29,8 +29,8 @@ from starlette.routing import Route
 
 from workflows import strategies, verify
 from workflows.audit import Actor, AuditLog
-from workflows.errors import DomcaptureError, HypervisorError, InputError, RecordNotFound, RecordUnreadable, \
-    StoreUnavailable
+from workflows.errors import DomcaptureError, HypervisorError, InputError, RecordNotFound, StoreUnavailable
+from workflows.indexes import parse_cursor
 from workflows.idempotency import Idempotency, IdempotencyConflict, check_key, request_digest
 from workflows.options import submit_options
 from workflows.policy import MAX_BYTES, PolicyError, PolicyStore, parse
@@ -262,31 +262,19 @@ class Api:
                             headers={"Location": f"/api/v1/workflows/{wf['id']}"})
 
     def _list(self, q: dict[str, str], cursor: str | None, limit: int) -> dict[str, Any]:
-        ids = self.rt.store.ids()[::-1]  # newest first
-        if cursor is not None:
-            ids = ids[ids.index(cursor) + 1:] if cursor in ids else []
-        items: list[dict[str, Any]] = []
-        more = False
-        for i in range(0, len(ids), 200):
-            chunk = ids[i:i + 200]
-            for wf_id in chunk:
-                try:
-                    rec = self.rt.store.load(wf_id)
-                except (RecordNotFound, RecordUnreadable):
-                    continue  # expired since, or unreadable ('domcapture list' shows why)
-                if (q.get("status") and rec.status != q["status"]) or \
-                        (q.get("strategy") and rec.strategy != q["strategy"]) or \
-                        (q.get("domain") and rec.domain != q["domain"]) or \
-                        (q.get("host") and self.rt.host_of(rec) != q["host"]
-                         and self.rt.hosts().name_of(rec.uri) != q["host"]):
-                    continue
-                if len(items) == limit:
-                    more = True
-                    break
-                items.append(record_doc(self.rt, rec))
-            if more:
-                break
-        return {"items": items, "next_cursor": items[-1]["id"] if more and items else None}
+        """A page of the store's indexes (workflows/indexes.py), newest first; domain and host (a registered
+        name, matched by its URI) are matched exactly on each index entry's summary before any record is read."""
+        uri = self.rt.hosts().all().get(q["host"]) if q.get("host") else None
+        if q.get("host") and uri is None:
+            return {"items": [], "next_cursor": None}  # no registered host of that name: no workflow on it
+
+        def match(meta: list[Any]) -> bool:  # [status, strategy, host, uri, domain, bytes]
+            return (not q.get("domain") or meta[4] == q["domain"]) and (uri is None or meta[3] == uri)
+        pg = self.rt.store.indexes.page(status=q.get("status") or None, strategy=q.get("strategy") or None,
+                                        match=match if q.get("domain") or uri is not None else None,
+                                        limit=limit, cursor=cursor)
+        return {"items": [record_doc(self.rt, r) for r in pg.entries if isinstance(r, Record)],
+                "next_cursor": pg.cursor}
 
     async def list_workflows(self, request: Request) -> Response:
         q = {k: request.query_params.get(k, "") for k in ("status", "strategy", "domain", "host")}
@@ -296,8 +284,11 @@ class Api:
             raise ApiError(400, "invalid", f"strategy: one of {', '.join(sorted(strategies.DEFINITIONS))}",
                            "strategy")
         cursor = request.query_params.get("cursor")
-        if cursor is not None and not ID_RE.match(cursor):
-            raise ApiError(400, "invalid", "cursor: the next_cursor of the previous page", "cursor")
+        try:
+            if cursor is not None and parse_cursor(cursor, "cursor") is None:  # given, but empty
+                raise InputError("cursor: empty")
+        except InputError:
+            raise ApiError(400, "invalid", "cursor: the next_cursor of the previous page", "cursor") from None
         limit = _query_int(request, "limit", 50, PAGE_MAX)
         return JSONResponse(await run_in_threadpool(self._list, q, cursor, limit))
 

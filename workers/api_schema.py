@@ -14,6 +14,8 @@ from workflows.record import STATUSES
 from workflows.validate import ID_RE
 
 ID_PATTERN = ID_RE.pattern
+# a page's cursor as the store's indexes make it (workflows.indexes.parse_cursor: SCORE:ID)
+PAGE_CURSOR = r"^(\d{1,12}(?:\.\d{1,9})?(?:e[+-]?\d{1,3})?):([0-9a-f]{16}|[\w.-]{1,64})$"
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -130,7 +132,7 @@ def openapi() -> dict[str, Any]:
                               "only this strategy"),
                            _q("domain", {"type": "string"}, "only this domain"),
                            _q("host", {"type": "string"}, "only this host name"), limit,
-                           _q("cursor", {"type": "string", "pattern": ID_PATTERN},
+                           _q("cursor", {"type": "string", "pattern": PAGE_CURSOR},
                               "next_cursor of the previous page")]),
             "post": _op("submitWorkflow", "submit a workflow (idempotent with Idempotency-Key)", "operate",
                         _json(_ref("Submitted"), "recorded and enqueued"), "400", "404", "409", "413", "415",
