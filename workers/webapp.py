@@ -11,6 +11,7 @@ message on the page.  ``/metrics`` serves the Prometheus collector.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +39,7 @@ from workflows.hosts import DEFAULT
 from workflows.record import FINAL_STATUSES, STATUSES, Record
 from workflows.validate import ID_RE, domain_name
 
-from . import cli_checkpoints
+from . import cli_checkpoints, overview
 from .api import Api
 from .metrics import StoreCollector, host_of
 from .notify import delivery_log
@@ -454,6 +455,13 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         return render(request, "domain.html", **ctx)
 
     @page
+    async def overview_page(request: Request) -> Response:
+        now = time.time()
+        rows = await run_in_threadpool(lambda: overview.freshness(rt.store.indexes.iter_all(), now))
+        return render(request, "overview.html", rows=rows, days=overview.day_labels(now), now=now,
+                      max_age=overview.MAX_AGE, max_hours=int(overview.MAX_AGE // 3600))
+
+    @page
     async def notifications(request: Request) -> Response:
         entries = await run_in_threadpool(delivery_log, rt.store, 200)
         return render(request, "notifications.html", entries=entries[::-1])
@@ -538,6 +546,7 @@ def create_app(rt: Runtime, config: WebConfig) -> Starlette:
         Route("/wf/{wf_id}/action/{name}", workflow_action, methods=["POST"]),
         Route("/submit", submit_page, methods=["GET"]), Route("/submit", submit, methods=["POST"]),
         Route("/domains", domains), Route("/domain", domain), Route("/notifications", notifications),
+        Route("/overview", overview_page),
         Route("/metrics", metrics), Route("/healthz", healthz),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
         Mount("/api/v1", app=Api(rt, auth, config.read_only).app()),  # the HTTP API: docs/api.md
