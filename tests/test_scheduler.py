@@ -6,7 +6,12 @@ the fake writes real files), so the store holds what a night really leaves.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -136,8 +141,8 @@ class Fleet:
         self.captures = Captures(store, lambda uri: self.fake, lambda rec: self.queue.append(rec.id))
         self.now = datetime(2026, 3, 2, 12, tzinfo=PARIS).timestamp()  # a Monday, noon
 
-    def scheduler(self, name: str) -> Scheduler:
-        return Scheduler(self.captures, self.policies, clock=lambda: self.now, owner=name)
+    def scheduler(self, name: str, batch: int = 500) -> Scheduler:
+        return Scheduler(self.captures, self.policies, clock=lambda: self.now, owner=name, batch=batch)
 
     def run_queue(self) -> None:
         while self.queue:
@@ -196,16 +201,98 @@ def test_a_busy_domain_is_recorded_skipped_and_missed_nights_coalesce(tmp_path, 
 def test_a_crash_between_create_and_the_cursor_loses_and_doubles_nothing(tmp_path, store: Store):
     f = Fleet(tmp_path, store)
     crashing = Captures(store, lambda uri: f.fake, lambda rec: (_ for _ in ()).throw(SystemExit("killed")))
-    dying = Scheduler(crashing, f.policies, clock=lambda: f.now)
+    dying = Scheduler(crashing, f.policies, clock=lambda: f.now, owner="dying", batch=2, batch_ttl=0.5)
     dying.tick()
     f.now += 15 * 3600
     with pytest.raises(SystemExit):
-        dying.tick()  # died right after its first create, before its enqueue and the cursor
-    assert len(list(store.records())) == 1
-    other = f.scheduler("b")
-    out = other.tick()
-    assert Counter(o.what.split(":")[0] for o in out) == Counter({"taken": 1, "submitted": 2})
+        dying.tick()  # died right after its first batch's creates (db1, web-1), before their enqueues and the cursor
+    assert sorted(r.domain for r in store.records()) == ["db1", "web-1"]
+    other = f.scheduler("b", batch=2)
+    out = other.tick()  # the dead one's batch is still leased: the other batch goes, the cursor waits
+    assert [(o.slot.domain, o.what.split(":")[0]) for o in out] == [("web-2", "submitted")]
+    deadline = time.monotonic() + 10
+    while not (out := other.tick()):  # until the dead one's lease lapses and its batch is taken over
+        assert time.monotonic() < deadline
+    assert [(o.slot.domain, o.what) for o in out] == [("db1", "taken"), ("web-1", "taken")]
+    assert other.tick() == []  # the cursor moved on
     assert Counter(r.domain for r in store.records()) == Counter({"web-1": 1, "web-2": 1, "db1": 1})
+    at = out[0].slot.at
+    for r in store.records():
+        assert store.slot_value(Slot("nightly", "hv1", r.domain, at)) == r.id
+
+
+# A scheduler process on its own in-memory hypervisor (the same fleet in every process): argv is the Redis
+# URL, the prefix, the owner, the domain count, the clock, a fault (kill-at:<label glob> or -), then it ticks
+# until the slot's cursor moved and prints its outcomes as JSON lines.
+SCHEDULER_PROCESS = """
+import json, os, sys, time
+from workers.jobs import fault_hook
+from workflows.hypervisor.fake import FakeHypervisor
+from workflows.policy import PolicyStore
+from workflows.scheduler import Scheduler
+from workflows.service import Captures
+from workflows.store import Store
+url, prefix, owner, n, now, fault, disk = sys.argv[1:8]
+store = Store.from_url(url, prefix)
+fake = FakeHypervisor("fake:///many")
+for i in range(int(n)):
+    fake.add_domain(f"d{i:04d}", {"vda": disk}, agent=True)
+captures = Captures(store, lambda uri: fake, lambda rec: None)
+s = Scheduler(captures, PolicyStore(store.r, prefix), clock=lambda: float(now), owner=owner,
+              crash_hook=fault_hook(None if fault == "-" else fault), batch=100, batch_ttl=2.0)
+deadline = time.monotonic() + 60
+while float(store.r.hget(f"{prefix}:sched:many", "cursor") or 0) != float(now):
+    for o in s.tick():
+        print(json.dumps([o.slot.domain, o.slot.at, o.what]), flush=True)
+    assert time.monotonic() < deadline
+    time.sleep(0.1)
+"""
+
+
+def test_two_scheduler_processes_share_a_slot_and_one_sigkilled_mid_batch_doubles_nothing(tmp_path, store: Store,
+                                                                                         redis_client):
+    n = 600
+    disk = tmp_path / "vda.img"
+    disk.write_bytes(os.urandom(64 * 1024))
+    (tmp_path / "bk").mkdir()
+    policy = parse(f'name = "many"\nstrategy = "direct-backup"\ntarget = "{tmp_path / "bk"}"\n'
+                   f'domains = ["d*"]\n[hosts]\nhv1 = "fake:///many"\n[schedule]\ncron = "0 2 * * *"\n'
+                   f'timezone = "UTC"\n', check_uri=None)
+    PolicyStore(store.r, store.prefix).apply(policy)
+    night = datetime(2026, 3, 3, 2, tzinfo=ZoneInfo("UTC")).timestamp()
+    store.r.hset(f"{store.prefix}:sched:many", "cursor", night - 3600)  # the scheduler has seen the policy
+    url = "redis://{host}:{port}/{db}".format(**redis_client.connection_pool.connection_kwargs)
+
+    def start(owner: str, fault: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", SCHEDULER_PROCESS, url, store.prefix, owner, str(n),
+                                 str(int(night)), fault, str(disk)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    # A dies at the 51st domain of the first batch it takes: that batch's records created, one enqueued
+    a = start("a", "kill-at:submitted:hv1|d*50|*")
+    lease = f"{store.prefix}:sched:many:batch:{int(night)}:hv1:"
+    deadline = time.monotonic() + 60
+    while not any(store.r.get(f"{lease}{i}") == b"a" for i in range(n // 100)):  # B starts once A holds a batch
+        assert a.poll() is None and time.monotonic() < deadline, a.communicate()
+        time.sleep(0.01)
+    b = start("b", "-")
+    a_out, a_err = a.communicate(timeout=60)
+    b_out, b_err = b.communicate(timeout=90)
+    assert a.returncode == -signal.SIGKILL, a_err
+    assert "SIGKILL at submitted:hv1|d" in a_err
+    assert b.returncode == 0, b_err
+    # A's batch: B took it over once A's lease lapsed, and found every slot A had claimed taken
+    b_lines = [json.loads(line) for line in b_out.splitlines()]
+    assert any(what == "taken" for _, _, what in b_lines)
+    assert len(b_lines) == n and sum(what.startswith("submitted:") for _, _, what in b_lines) <= n - 100
+    assert all(what == "taken" or what.startswith("submitted:") for _, _, what in b_lines)
+    # every (domain, slot) submitted exactly once: one record each, its slot key naming it
+    recs = [r for r in store.records() if r.data.get("slot", {}).get("policy") == "many"]
+    assert Counter((r.domain, r.data["slot"]["at"]) for r in recs) == Counter({(f"d{i:04d}", night): 1
+                                                                             for i in range(n)})
+    for r in recs:
+        assert store.slot_value(Slot("many", "hv1", r.domain, night)) == r.id
+    assert len(store.slots("many")) == n
+    assert float(store.r.hget(f"{store.prefix}:sched:many", "cursor") or 0) == night
 
 
 def test_a_policy_with_a_retention_prunes_after_each_night_and_verifies_at_its_slot(tmp_path, store: Store):

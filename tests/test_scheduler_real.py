@@ -6,6 +6,10 @@ domain of the first slot, before the rest and before its cursor moved.  Then
 A again and a second scheduler B run side by side with a worker of the
 policy's host.  Every domain of that slot must be captured exactly once (no
 slot lost, none twice), each capture a real backup that succeeded.
+
+The schedulers here submit batches of one domain (``DOMCAPTURE_SCHEDULER_BATCH=1``), so the
+kill lands between two domains and the three batches are shared between A and B; a kill in
+the middle of a larger batch is in ``test_scheduler.py``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ cron = "* * * * *"
 timezone = "UTC"
 """)
     cluster.cli("policy", "apply", str(policy))
+    cluster.env["DOMCAPTURE_SCHEDULER_BATCH"] = "1"
     store = Store(redis_client, prefix)
     while not 5 <= time.time() % 60 < 45:  # first sight well before a minute starts (the schedule begins there)
         time.sleep(0.5)

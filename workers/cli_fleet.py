@@ -12,7 +12,8 @@ from typing import Any
 from workflows import strategies
 from workflows.errors import InputError
 from workflows.policy import MAX_BYTES, Policy, PolicyError, PolicyStore, parse
-from workflows.scheduler import Scheduler
+from workflows import validate
+from workflows.scheduler import BATCH, Scheduler
 
 from .jobs import fault_hook
 from .runtime import Runtime
@@ -120,8 +121,13 @@ def cmd_delete(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace, rt: Runtime) -> int:
+    # several schedulers share a slot's batches; a batch a dead one held is taken over after its lease
     sched = Scheduler(rt.captures, PolicyStore(rt.store.r, rt.settings.prefix), owner=f"scheduler:{process_id()}",
-                      crash_hook=fault_hook(os.environ.get("DOMCAPTURE_FAULT")))
+                      crash_hook=fault_hook(os.environ.get("DOMCAPTURE_FAULT")),
+                      batch=int(validate.number("DOMCAPTURE_SCHEDULER_BATCH",
+                                                os.environ.get("DOMCAPTURE_SCHEDULER_BATCH", BATCH),
+                                                minimum=1, allow_minimum=True, maximum=10_000)),
+                      batch_ttl=max(10.0, 6 * rt.settings.lease_ttl))
     if args.once:
         outcomes = sched.tick()
         if args.json:

@@ -15,6 +15,13 @@ domain, and records the missed windows as coalesced into it.  The cursor only
 moves forward (a Lua max), after every domain of the slot was handled; a crash
 before that re-runs the tick, and the slot keys make that harmless.
 
+A host's domains are submitted in batches (``Captures.submit_slots``: a few
+round trips per batch, each slot still claimed by its own create script).
+A scheduler takes a batch with a lease (``P:sched:<policy>:batch:<t>:<host>:<n>``)
+and marks it done after, so schedulers side by side share a slot's work; a
+dead scheduler's batch is taken again once its lease lapses, and the cursor
+waits until every batch of the slot is done.
+
 The clock is a callable, so tests and benches advance simulated days at once.
 """
 
@@ -32,7 +39,7 @@ from .hypervisor.base import Hypervisor
 from .errors import DomainBusy, DomcaptureError, HypervisorError, RecordNotFound, SlotTaken, StoreUnavailable
 from .policy import Policy, PolicyStore, check_stored
 from .record import FINAL_STATUSES, SUCCEEDED, Slot
-from .service import Captures
+from .service import Captures, SlotSubmission
 
 log = logging.getLogger("domcapture.scheduler")
 
@@ -44,6 +51,9 @@ return 0
 """
 
 PRUNE = "prune"
+BATCH = 500  # slots submitted per batch: a handful of round trips each, whatever its size
+BATCH_TTL = 30.0  # seconds a scheduler holds a batch before another may take it over
+BATCH_DONE_TTL = 3 * 86400
 VERIFY_ALL = "*"
 
 
@@ -60,13 +70,16 @@ def _xml_of(hv: Hypervisor, name: str) -> Callable[[], str]:
 
 class Scheduler:
     def __init__(self, captures: Captures, policies: PolicyStore, *, clock: Callable[[], float] = time.time,
-                 owner: str = "scheduler", crash_hook: Callable[[str], None] | None = None) -> None:
+                 owner: str = "scheduler", crash_hook: Callable[[str], None] | None = None,
+                 batch: int = BATCH, batch_ttl: float = BATCH_TTL) -> None:
         self.captures = captures
         self.crash_hook = crash_hook  # fault injection: called at "submitted:<member>" and "cursor:<policy>"
         self.store = captures.store
         self.policies = policies
         self.clock = clock
         self.owner = owner
+        self.batch = max(1, batch)
+        self.batch_ttl = batch_ttl
         self.r = self.store.r
         self.prefix = self.store.prefix
         self._advance = self.r.register_script(_ADVANCE)
@@ -140,6 +153,7 @@ class Scheduler:
             return []
         at, missed = found
         out: list[Outcome] = []
+        pending = False
         if missed:
             marker = Slot(policy.name, VERIFY_ALL, VERIFY_ALL, at, "catch-up")
             what = f"coalesced:{len(missed)} missed slot(s) from {int(missed[0])} into {int(at)}"
@@ -154,26 +168,48 @@ class Scheduler:
                 self.store.mark_slot(marker, what)
                 out.append(Outcome(marker, what, self.clock()))
                 continue
-            for name in names:
-                slot = Slot(policy.name, host, name, at)
-                out.append(self._submit_capture(policy, slot, uri))
-                self._boundary(f"submitted:{slot.member}")
+            done, waiting = self._batches(policy, host, uri, at, names)
+            out += done
+            pending = pending or waiting
+        if pending:  # another scheduler holds a batch of this slot: the cursor waits until it is done
+            return out
         self._move(policy, "cursor", at)
         self._boundary(f"cursor:{policy.name}")
         return out
+
+    def _batches(self, policy: Policy, host: str, uri: str, at: float, names: list[str]) -> tuple[list[Outcome], bool]:
+        """Submit the host's domains of the slot at ``at`` batch by batch; True if another holds a batch.
+
+        A batch is taken with a lease (``P:sched:<policy>:batch:<at>:<host>:<n>``, SET NX with a TTL)
+        so schedulers running side by side share a slot's work; a batch whose lease lapsed (its scheduler
+        died) is taken again, and the slot claims in the store make its re-run submit nothing twice.
+        """
+        out: list[Outcome] = []
+        waiting = False
+        names = sorted(names)
+        for n in range(0, len(names), self.batch):
+            key = self._k(policy.name, f":batch:{int(at)}:{host}:{n // self.batch}")
+            if not self.r.set(key, self.owner, nx=True, px=int(self.batch_ttl * 1000)):
+                waiting = waiting or self.r.get(key) != b"done"
+                continue
+            out += self._submit_captures(policy, [Slot(policy.name, host, d, at) for d in names[n:n + self.batch]],
+                                         uri)
+            self.r.set(key, "done", ex=BATCH_DONE_TTL)
+        return out, waiting
 
     def _boundary(self, label: str) -> None:
         if self.crash_hook is not None:
             self.crash_hook(label)
 
-    def _params(self, policy: Policy, slot: Slot) -> dict[str, Any]:
-        params = dict(policy.options)
+    def _params(self, policy: Policy, slots: list[Slot]) -> list[dict[str, Any]]:
+        base = dict(policy.options)
         if policy.target:
-            params["target"] = policy.target
-        if policy.strategy == "direct-backup" and (policy.full_weekday or policy.full_every):
-            raw = self.r.hget(self._k(policy.name, ":incrementals"), f"{slot.host}|{slot.domain}")
-            params["incremental"] = not policy.wants_full(slot.at, int(raw) if raw is not None else None)
-        return params
+            base["target"] = policy.target
+        if not (policy.strategy == "direct-backup" and (policy.full_weekday or policy.full_every)):
+            return [dict(base) for _ in slots]
+        counts = self.r.hmget(self._k(policy.name, ":incrementals"), [f"{s.host}|{s.domain}" for s in slots])
+        return [{**base, "incremental": not policy.wants_full(s.at, int(raw) if raw is not None else None)}
+                for s, raw in zip(slots, counts, strict=True)]
 
     def _limits(self, policy: Policy, host: str) -> dict[str, Any]:
         limits: dict[str, Any] = {}
@@ -183,22 +219,34 @@ class Scheduler:
             limits["target"] = [policy.target, policy.per_target]
         return {"limits": limits, "policy": policy.name, "policy_version": policy.version}
 
-    def _submit_capture(self, policy: Policy, slot: Slot, uri: str) -> Outcome:
-        params = self._params(policy, slot)
-        what = self._submit(policy.strategy, slot, uri, params, self._limits(policy, slot.host))
-        if what.startswith("submitted:"):
+    def _submit_captures(self, policy: Policy, slots: list[Slot], uri: str) -> list[Outcome]:
+        """One batch of a host's slots: submitted together, then their bookkeeping in one pipeline."""
+        params = self._params(policy, slots)
+        data = self._limits(policy, slots[0].host)
+        whats = self.captures.submit_slots(policy.strategy, uri,
+                                           [SlotSubmission(s, p, data) for s, p in zip(slots, params, strict=True)],
+                                           boundary=self.crash_hook)
+        pipe = self.r.pipeline(transaction=False)
+        prunes = bool(policy.retention) and PRUNE in self.captures.definitions
+        for slot, p, what in zip(slots, params, whats, strict=True):
+            if what.startswith("refused:"):
+                log.warning("slot %s of policy %s: %s", slot.member, slot.policy, what)
+            if not what.startswith("submitted:"):
+                continue
             wf_id = what.split(":", 1)[1]
             field = f"{slot.host}|{slot.domain}"
-            if "incremental" in params:
-                if params["incremental"]:
-                    self.r.hincrby(self._k(policy.name, ":incrementals"), field, 1)
+            if "incremental" in p:
+                if p["incremental"]:
+                    pipe.hincrby(self._k(policy.name, ":incrementals"), field, 1)
                 else:
-                    self.r.hset(self._k(policy.name, ":incrementals"), field, 0)
-            self.r.hset(self._k(policy.name, ":last"), field, wf_id)
-            if policy.retention and PRUNE in self.captures.definitions:
-                self.r.zadd(f"{self.prefix}:sched:prune-pending",
-                            {json.dumps([policy.name, slot.host, slot.domain, slot.at, wf_id, uri]): slot.at})
-        return Outcome(slot, what, self.clock())
+                    pipe.hset(self._k(policy.name, ":incrementals"), field, 0)
+            pipe.hset(self._k(policy.name, ":last"), field, wf_id)
+            if prunes:
+                pipe.zadd(f"{self.prefix}:sched:prune-pending",
+                          {json.dumps([policy.name, slot.host, slot.domain, slot.at, wf_id, uri]): slot.at})
+        pipe.execute()
+        now = self.clock()
+        return [Outcome(slot, what, now) for slot, what in zip(slots, whats, strict=True)]
 
     def _submit(self, strategy: str, slot: Slot, uri: str, params: dict[str, Any], data: dict[str, Any]) -> str:
         try:

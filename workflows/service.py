@@ -9,6 +9,7 @@ a crash in between leaves a ``queued`` record that recovery enqueues again.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import holds, quiesce, strategies
@@ -24,6 +25,15 @@ from .strategies import foreign
 from .verify import outcome, verify_files
 
 Enqueue = Callable[[Record], None]
+
+
+@dataclass(frozen=True)
+class SlotSubmission:
+    """One scheduled slot of a batch: its slot, the capture's parameters and the record's data."""
+
+    slot: Slot
+    params: dict[str, Any]
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 class Captures:
@@ -68,34 +78,105 @@ class Captures:
                     self.store.mark_slot(slot, f"skipped:busy:{holder}")
                 raise DomainBusy(f"domain {domain!r} is busy with workflow {holder}; "
                                  f"see 'domcapture show {holder}'")
-            raw = dict(params)
             try:
-                if defn.holds_domain:  # another actor's hold mark or block job: refused before anything else
-                    foreign.refuse_held(read_only(hv), domain, self.store.prefix, holds.store_status(self.store))
-                if defn.resolve is not None:
-                    raw = defn.resolve(self.store.load, raw)
-                normalised = defn.validate(self._inspect(hv), domain, raw)
-                for member in defn.members(normalised) if defn.members else []:
-                    holder = self.store.domain_holder(canonical, member)
-                    if holder:
-                        raise DomainBusy(f"group member {member!r} is busy with workflow {holder}; "
-                                         f"see 'domcapture show {holder}'")
-                    foreign.refuse_held(read_only(hv), member, self.store.prefix, holds.store_status(self.store))
+                normalised = self._checked(defn, hv, canonical, domain, params)
             except DomcaptureError as exc:
                 if slot is not None and not isinstance(exc, StoreUnavailable):
                     self.store.mark_slot(slot, f"refused:{type(exc).__name__}: {exc}")
                 raise
         finally:
             hv.close()
+        rec = self._record(defn, domain, canonical, normalised, slot, data)
+        self.store.create(rec, slot=slot, by=by or self.requester)
+        self.enqueue(rec)
+        return rec
+
+    def _checked(self, defn: Definition, hv: Hypervisor, canonical: str, domain: str,
+                 params: dict[str, Any]) -> dict[str, Any]:
+        """The submission's parameters, validated against the domain; DomcaptureError when refused."""
+        raw = dict(params)
+        if defn.holds_domain:  # another actor's hold mark or block job: refused before anything else
+            foreign.refuse_held(read_only(hv), domain, self.store.prefix, holds.store_status(self.store))
+        if defn.resolve is not None:
+            raw = defn.resolve(self.store.load, raw)
+        normalised = defn.validate(self._inspect(hv), domain, raw)
+        for member in defn.members(normalised) if defn.members else []:
+            holder = self.store.domain_holder(canonical, member)
+            if holder:
+                raise DomainBusy(f"group member {member!r} is busy with workflow {holder}; "
+                                 f"see 'domcapture show {holder}'")
+            foreign.refuse_held(read_only(hv), member, self.store.prefix, holds.store_status(self.store))
+        return normalised
+
+    @staticmethod
+    def _record(defn: Definition, domain: str, canonical: str, normalised: dict[str, Any], slot: Slot | None,
+                data: dict[str, Any] | None) -> Record:
         rec = Record(id=new_id(), strategy=defn.name, definition_version=defn.version, domain=domain,
                      uri=canonical, params=normalised, state=defn.initial, status=QUEUED, enqueues=1)
         rec.data.update(data or {})
         if slot is not None:
             rec.data["host"] = slot.host
             rec.data["slot"] = {"policy": slot.policy, "host": slot.host, "at": slot.at, "kind": slot.kind}
-        self.store.create(rec, slot=slot, by=by or self.requester)
-        self.enqueue(rec)
         return rec
+
+    def submit_slots(self, strategy: str, uri: str, batch: list[SlotSubmission], *,
+                     boundary: Callable[[str], None] | None = None) -> list[str]:
+        """Submit a batch of scheduled slots of one host in a few round trips; one outcome per slot.
+
+        Outcomes: ``submitted:<id>``, ``taken`` (claimed already), ``skipped:busy:<holder>``,
+        ``refused:<why>``.  The slot keys and domain locks of the batch are read at once, each domain is
+        validated on the hypervisor, then every record is created in one pipeline of the store's create
+        script: each slot is claimed in the step that writes its record, exactly as ``submit`` does, so a
+        batch re-run by another scheduler (or after a crash part way) submits no slot twice.  Jobs are
+        enqueued after the records (a crash in between leaves ``queued`` records that recovery enqueues).
+        ``boundary`` is called with ``batch-created:<first member>`` and ``submitted:<member>`` (fault
+        injection).
+        """
+        defn = self.definition(strategy)
+        out: dict[int, str] = {}
+        hv = self.hypervisor_factory(uri)
+        try:
+            canonical = hv.canonical_uri()
+            seen = self.store.slot_claims([s.slot for s in batch], canonical)
+            marks: list[tuple[int, Slot, str]] = []
+            ready: list[tuple[int, Record, Slot]] = []
+            for i, sub in enumerate(batch):
+                taken, holder = seen[i]
+                if taken is not None:
+                    out[i] = "taken"
+                    continue
+                if holder is not None:
+                    marks.append((i, sub.slot, f"skipped:busy:{holder}"))
+                    continue
+                try:
+                    normalised = self._checked(defn, hv, canonical, sub.slot.domain, sub.params)
+                except StoreUnavailable:
+                    raise
+                except DomcaptureError as exc:
+                    marks.append((i, sub.slot, f"refused:{type(exc).__name__}: {exc}"))
+                    continue
+                ready.append((i, self._record(defn, sub.slot.domain, canonical, normalised, sub.slot, sub.data),
+                              sub.slot))
+        finally:
+            hv.close()
+        for (i, _, what), free in zip(marks, self.store.mark_slots([(s, w) for _, s, w in marks]), strict=True):
+            out[i] = what if free else "taken"
+        results = self.store.create_many([(rec, slot) for _, rec, slot in ready], by=self.requester)
+        if boundary is not None and ready:
+            boundary(f"batch-created:{ready[0][2].member}")
+        for (i, rec, slot), (tag, val) in zip(ready, results, strict=True):
+            if tag == "ok":
+                self.enqueue(rec)
+                out[i] = f"submitted:{rec.id}"
+                if boundary is not None:
+                    boundary(f"submitted:{slot.member}")
+            elif tag == "busy":
+                out[i] = f"skipped:busy:{val}"
+            elif tag == "slot":
+                out[i] = "taken"
+            else:
+                out[i] = f"refused:workflow id {val} exists already"
+        return [out[i] for i in range(len(batch))]
 
     # -- operator commands ------------------------------------------------------------
     def _take(self, wf_id: str, owner: str) -> tuple[Record, Lease]:

@@ -307,6 +307,35 @@ class Store:
         if tag != "ok":
             raise ConflictError(f"workflow {rec.id} already exists")
 
+    def create_many(self, recs: list[tuple[Record, Slot]], event: str = "submitted",
+                    **detail: Any) -> list[tuple[str, str]]:
+        """``create`` of many scheduled records in one round trip: (tag, value) per record.
+
+        Each record runs the same create script as ``create``, so each slot is still claimed in the
+        step that writes its record: ``ok``, ``slot`` (taken, value: its outcome), ``busy`` (recorded
+        skipped, value: the holder) or ``exists``.  A pipeline, not a transaction: a crash part way leaves
+        some slots claimed and the rest free, each whole.  With replicas, one WAIT covers the batch.
+        """
+        if not recs:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for rec, slot in recs:
+            rec.rev = 1
+            keys = [self._k(rec.id), self._k(rec.id, ":history"), f"{self.prefix}:index",
+                    f"{self.prefix}:active", self.domain_key(rec.uri, rec.domain), self.slot_key(slot),
+                    self.slot_index(slot.policy), self.changes_key]
+            args: list[Any] = [rec.id, _dumps(rec.to_dict()), _dumps(self.event(rec, event, **detail)),
+                               rec.created_at, CHANGES_MAXLEN, slot.member, slot.at, "skipped:busy:"]
+            self._create(keys=keys, args=args, client=pipe)
+        if self.replica_acks > 0:
+            pipe.wait(self.replica_acks, max(1, int(self.ack_timeout * 1000)))
+        res = self._call(pipe.execute)
+        out = [(r[0].decode(), r[1].decode()) for r in res[:len(recs)]]
+        if self.replica_acks > 0 and int(res[-1]) < self.replica_acks and any(t == "ok" for t, _ in out):
+            raise NotDurable(f"no replica acknowledged the batch within {self.ack_timeout:g} s "
+                             f"({res[-1]} of {self.replica_acks}); its slots are claimed, their jobs wait")
+        return out
+
     def load(self, wf_id: str) -> Record:
         """The record, or RecordNotFound, or RecordUnreadable with the reason (never another error)."""
         key = self._k(wf_id)
@@ -533,6 +562,25 @@ class Store:
         pipe.zadd(self.slot_index(slot.policy), {slot.member: slot.at}, nx=True)
         res = self._call(pipe.execute)
         return bool(res[0])
+
+    def mark_slots(self, marks: list[tuple[Slot, str]]) -> list[bool]:
+        """``mark_slot`` of many slots in one round trip (one MULTI): True where the slot was free."""
+        if not marks:
+            return []
+        pipe = self.r.pipeline(transaction=True)
+        for slot, outcome in marks:
+            pipe.set(self.slot_key(slot), outcome, nx=True)
+            pipe.zadd(self.slot_index(slot.policy), {slot.member: slot.at}, nx=True)
+        res = self._call(pipe.execute)
+        return [bool(x) for x in res[0::2]]
+
+    def slot_claims(self, slots: list[Slot], uri: str) -> list[tuple[str | None, str | None]]:
+        """Per slot, in one round trip: its recorded outcome, and the workflow holding its domain on ``uri``."""
+        if not slots:
+            return []
+        keys = [self.slot_key(s) for s in slots] + [self.domain_key(uri, s.domain) for s in slots]
+        vals = [v.decode() if v is not None else None for v in self._call(self.r.mget, keys)]
+        return list(zip(vals[:len(slots)], vals[len(slots):], strict=True))
 
     def slot_value(self, slot: Slot) -> str | None:
         val = self._call(self.r.get, self.slot_key(slot))
