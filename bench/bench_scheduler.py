@@ -96,7 +96,7 @@ def one_run(port: int, n: int, schedulers: int, batch: int, work: str) -> dict[s
             out += [(o.what, o.at - o.slot.at) for o in sched.tick() if o.slot.kind == "capture"]
             if float(store.r.hget(f"{prefix}:sched:night", "cursor") or 0) >= NIGHT:
                 break
-            time.sleep(0.05)
+            time.sleep(0.5)
         results.put(out)
 
     ctx = multiprocessing.get_context("fork")
