@@ -11,11 +11,13 @@ sharing the slot's batches), and reports:
 - the slot's wall time, and that every (domain, slot) was submitted exactly
   once (one record per domain, its slot key naming it).
 
-Jobs are not enqueued into RQ (the enqueue callable drops them): this measures
-the scheduler and the store, not RQ.
+Without ``--rq`` the jobs are not enqueued (the enqueue callable drops them):
+the scheduler and the store alone.  With ``--rq`` each batch's jobs go into an
+RQ queue on the same server, one pipeline per batch (``Queue.enqueue_many``,
+as ``Runtime.enqueue_new`` does).
 
 Usage: nice -n 19 .venv/bin/python bench/bench_scheduler.py [--sizes 10000,100000] [--schedulers 1,2]
-       [--batch 500] [--port 6395] [--out bench/results/scheduler.json]
+       [--batch 500] [--port 6395] [--rq] [--out bench/results/scheduler.json]
 """
 
 from __future__ import annotations
@@ -29,13 +31,16 @@ import statistics
 import subprocess
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import redis
+import rq
+from rq.serializers import JSONSerializer
 
 from workflows.hypervisor.base import Hypervisor
 from workflows.hypervisor.fake import FakeHypervisor
 from workflows.policy import Policy, PolicyStore
+from workflows.record import Record
 from workflows.scheduler import Scheduler
 from workflows.service import Captures
 from workflows.store import Store
@@ -64,7 +69,20 @@ def start_redis(port: int, folder: str) -> subprocess.Popen[bytes]:
     raise RuntimeError(f"redis-server on port {port} did not start")
 
 
-def one_run(port: int, n: int, schedulers: int, batch: int, work: str) -> dict[str, Any]:
+def rq_enqueue(client: redis.Redis[bytes]) -> Callable[[list[Record]], None]:
+    queue = rq.Queue("bench", connection=client, serializer=JSONSerializer)
+
+    def enqueue_new(recs: list[Record]) -> None:
+        pipe = client.pipeline()
+        queue.enqueue_many([queue.prepare_data("workers.jobs.run_workflow", (rec.id,), job_id=f"{rec.id}-1",
+                                               timeout=86400, result_ttl=3600, failure_ttl=7 * 86400,
+                                               description=f"{rec.strategy} {rec.domain} ({rec.id})")
+                            for rec in recs], pipeline=pipe)
+        pipe.execute()
+    return enqueue_new
+
+
+def one_run(port: int, n: int, schedulers: int, batch: int, work: str, with_rq: bool) -> dict[str, Any]:
     client: redis.Redis[bytes] = redis.Redis(port=port)
     client.flushdb()
     prefix = "bench-sched"
@@ -88,7 +106,8 @@ def one_run(port: int, n: int, schedulers: int, batch: int, work: str) -> dict[s
 
         def factory(uri: str) -> Hypervisor:
             return fakes[uri]
-        sched = Scheduler(Captures(store, factory, lambda rec: None), PolicyStore(store.r, prefix),
+        captures = Captures(store, factory, lambda rec: None, enqueue_new=rq_enqueue(store.r) if with_rq else None)
+        sched = Scheduler(captures, PolicyStore(store.r, prefix),
                           clock=lambda: NIGHT + time.time() - start, owner=owner, batch=batch)
         time.sleep(max(0.0, start - time.time()))
         out: list[tuple[str, float]] = []
@@ -121,7 +140,10 @@ def one_run(port: int, n: int, schedulers: int, batch: int, work: str) -> dict[s
     assert sorted(f"{d['data']['host']}|{d['domain']}" for d in docs) == \
         sorted(m.rsplit("|", 2)[0] for m, _, _ in members)
     assert client.zcard(f"{prefix}:index") == n and len(lags) == n, (client.zcard(f"{prefix}:index"), len(lags))
-    return {"domains": n, "hosts": HOSTS, "schedulers": schedulers, "batch": batch, "slot_wall_s": wall,
+    if with_rq:
+        assert client.llen("rq:queue:bench") == n
+    return {"domains": n, "hosts": HOSTS, "schedulers": schedulers, "batch": batch, "rq": with_rq,
+            "slot_wall_s": wall,
             "lag_p50_s": statistics.median(lags), "lag_p99_s": pct(lags, 99), "lag_max_s": max(lags),
             "submitted": len(lags), "taken_by_the_other": taken}
 
@@ -132,6 +154,7 @@ def main() -> None:
     ap.add_argument("--schedulers", default="1,2")
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--port", type=int, default=6395)
+    ap.add_argument("--rq", action="store_true", help="enqueue each batch's jobs into an RQ queue")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     results = []
@@ -143,9 +166,10 @@ def main() -> None:
         try:
             for n in (int(x) for x in args.sizes.split(",")):
                 for k in (int(x) for x in args.schedulers.split(",")):
-                    r = one_run(args.port, n, k, args.batch, work)
+                    r = one_run(args.port, n, k, args.batch, work, args.rq)
                     results.append(r)
-                    print(f"{n:>7} domains, {k} scheduler(s), batch {args.batch}: slot submitted in "
+                    rq_note = ", RQ" if args.rq else ""
+                    print(f"{n:>7} domains, {k} scheduler(s), batch {args.batch}{rq_note}: slot submitted in "
                           f"{r['slot_wall_s']:.1f} s; lag p50 {r['lag_p50_s']:.2f} s p99 {r['lag_p99_s']:.2f} s "
                           f"max {r['lag_max_s']:.2f} s; each (domain, slot) once", flush=True)
         finally:

@@ -267,7 +267,7 @@ def test_two_scheduler_processes_share_a_slot_and_one_sigkilled_mid_batch_double
         return subprocess.Popen([sys.executable, "-c", SCHEDULER_PROCESS, url, store.prefix, owner, str(n),
                                  str(int(night)), fault, str(disk)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
-    # A dies at the 51st domain of the first batch it takes: that batch's records created, one enqueued
+    # A dies at the 51st domain of the first batch it takes: that batch's records created, its lease held
     a = start("a", "kill-at:submitted:hv1|d*50|*")
     lease = f"{store.prefix}:sched:many:batch:{int(night)}:hv1:"
     deadline = time.monotonic() + 60

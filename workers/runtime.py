@@ -105,7 +105,8 @@ class Runtime:
             raise ConfigError(f"redis at {validate.redact(settings.redis_url)}: {exc}") from None
         check_protection(settings, self.store)
         self.queue = rq.Queue(settings.queue, connection=self.store.r, serializer=JSONSerializer)
-        self.captures = Captures(self.store, self.hypervisor, self.enqueue, lease_ttl=settings.lease_ttl)
+        self.captures = Captures(self.store, self.hypervisor, self.enqueue, lease_ttl=settings.lease_ttl,
+                                 enqueue_new=self.enqueue_new)
 
     def hypervisor(self, uri: str) -> LibvirtHypervisor:
         """A connection to ``uri`` (the deployment's default when empty), refused unless it passes
@@ -181,6 +182,22 @@ class Runtime:
             return
         self.queue_of(rec).enqueue(JOB_FUNC, rec.id, job_id=job_id, job_timeout=JOB_TIMEOUT, result_ttl=3600,
                            failure_ttl=7 * 24 * 3600, description=f"{rec.strategy} {rec.domain} ({rec.id})")
+
+    def enqueue_new(self, recs: list[Record]) -> None:
+        """The first jobs of records just created (a scheduler's batch): one pipeline per queue.
+
+        No job of theirs can exist yet (job id ``<id>-1``), so the check ``enqueue`` makes is skipped."""
+        by_queue: dict[str, tuple[Any, list[Record]]] = {}
+        for rec in recs:
+            queue = self.queue_of(rec)
+            by_queue.setdefault(queue.key, (queue, []))[1].append(rec)
+        for queue, group in by_queue.values():
+            pipe = self.store.r.pipeline()
+            queue.enqueue_many([queue.prepare_data(JOB_FUNC, (rec.id,), job_id=self.job_id(rec), timeout=JOB_TIMEOUT,
+                                                   result_ttl=3600, failure_ttl=7 * 24 * 3600,
+                                                   description=f"{rec.strategy} {rec.domain} ({rec.id})")
+                                for rec in group], pipeline=pipe)
+            pipe.execute()
 
     def job_waiting(self, rec: Record) -> bool:
         """Is the record's current job really waiting in the queue?

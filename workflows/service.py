@@ -38,14 +38,21 @@ class SlotSubmission:
 
 class Captures:
     def __init__(self, store: Store, hypervisor_factory: Callable[[str], Hypervisor], enqueue: Enqueue, *,
-                 definitions: dict[str, Definition] | None = None, lease_ttl: float = 5.0) -> None:
+                 definitions: dict[str, Definition] | None = None, lease_ttl: float = 5.0,
+                 enqueue_new: Callable[[list[Record]], None] | None = None) -> None:
         self.store = store
         self.hypervisor_factory = hypervisor_factory
         self.enqueue = enqueue
+        # the first jobs of a batch of records just created, at once (the runtime: one RQ pipeline)
+        self.enqueue_new = enqueue_new or self._enqueue_each
         self.definitions = definitions or strategies.DEFINITIONS
         self.lease_ttl = lease_ttl
         # who asks when a call names nobody: the CLI sets its OS user and host, the console passes ``by``
         self.requester = "operator"
+
+    def _enqueue_each(self, recs: list[Record]) -> None:
+        for rec in recs:
+            self.enqueue(rec)
 
     def definition(self, name: str) -> Definition:
         if name not in self.definitions:
@@ -128,7 +135,8 @@ class Captures:
         validated on the hypervisor, then every record is created in one pipeline of the store's create
         script: each slot is claimed in the step that writes its record, exactly as ``submit`` does, so a
         batch re-run by another scheduler (or after a crash part way) submits no slot twice.  Jobs are
-        enqueued after the records (a crash in between leaves ``queued`` records that recovery enqueues).
+        enqueued after the records, all at once (a crash in between leaves ``queued`` records that recovery
+        enqueues).
         ``boundary`` is called with ``batch-created:<first member>`` and ``submitted:<member>`` (fault
         injection).
         """
@@ -164,9 +172,9 @@ class Captures:
         results = self.store.create_many([(rec, slot) for _, rec, slot in ready], by=self.requester)
         if boundary is not None and ready:
             boundary(f"batch-created:{ready[0][2].member}")
+        self.enqueue_new([rec for (_, rec, _), (tag, _) in zip(ready, results, strict=True) if tag == "ok"])
         for (i, rec, slot), (tag, val) in zip(ready, results, strict=True):
             if tag == "ok":
-                self.enqueue(rec)
                 out[i] = f"submitted:{rec.id}"
                 if boundary is not None:
                     boundary(f"submitted:{slot.member}")
