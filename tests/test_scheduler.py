@@ -20,7 +20,7 @@ import pytest
 
 from workflows.backups import GOOD as GOOD_BACKUP
 from workflows.backups import catalog
-from workflows.errors import InputError, RecordNotFound
+from workflows.errors import HypervisorUnavailable, InputError, RecordNotFound
 from workflows.hypervisor.fake import FakeHypervisor
 from workflows.policy import TAG_NS, Policy, PolicyError, PolicyStore, domain_tags, parse
 from workflows.record import SUCCEEDED, Slot
@@ -219,6 +219,25 @@ def test_a_crash_between_create_and_the_cursor_loses_and_doubles_nothing(tmp_pat
     at = out[0].slot.at
     for r in store.records():
         assert store.slot_value(Slot("nightly", "hv1", r.domain, at)) == r.id
+
+
+def test_a_host_lost_between_its_listing_and_its_batch_is_recorded_and_the_others_go_on(tmp_path, store: Store):
+    f = Fleet(tmp_path, store)
+    opened: list[str] = []
+
+    def factory(uri: str) -> FakeHypervisor:
+        opened.append(uri)
+        if len(opened) == 2:  # the batch's connection, after the listing's
+            raise HypervisorUnavailable(f"cannot connect to {uri}")
+        return f.fake
+    s = Scheduler(Captures(store, factory, lambda rec: f.queue.append(rec.id)), f.policies, clock=lambda: f.now)
+    s.tick()
+    f.now += 15 * 3600
+    out = s.tick()
+    assert [(o.slot.member, o.what) for o in out] == \
+        [(f"hv1|*|{int(f.now - 3600)}|capture", f"refused:host hv1 unreachable: cannot connect to {f.uri}")]
+    assert store.slot_value(out[0].slot) == out[0].what and f.policies.errors() == {}
+    assert list(store.records()) == [] and s.tick() == []  # the slot is over: the next night goes on
 
 
 # A scheduler process on its own in-memory hypervisor (the same fleet in every process): argv is the Redis

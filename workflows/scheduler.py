@@ -163,10 +163,7 @@ class Scheduler:
             try:
                 names = self._domains(policy, host, uri)
             except HypervisorError as exc:
-                marker = Slot(policy.name, host, VERIFY_ALL, at)
-                what = f"refused:host {host} unreachable: {exc}"
-                self.store.mark_slot(marker, what)
-                out.append(Outcome(marker, what, self.clock()))
+                out.append(self._unreachable(policy, host, at, exc))
                 continue
             done, waiting = self._batches(policy, host, uri, at, names)
             out += done
@@ -176,6 +173,12 @@ class Scheduler:
         self._move(policy, "cursor", at)
         self._boundary(f"cursor:{policy.name}")
         return out
+
+    def _unreachable(self, policy: Policy, host: str, at: float, exc: HypervisorError) -> Outcome:
+        marker = Slot(policy.name, host, VERIFY_ALL, at)
+        what = f"refused:host {host} unreachable: {exc}"
+        self.store.mark_slot(marker, what)
+        return Outcome(marker, what, self.clock())
 
     def _batches(self, policy: Policy, host: str, uri: str, at: float, names: list[str]) -> tuple[list[Outcome], bool]:
         """Submit the host's domains of the slot at ``at`` batch by batch; True if another holds a batch.
@@ -192,8 +195,11 @@ class Scheduler:
             if not self.r.set(key, self.owner, nx=True, px=int(self.batch_ttl * 1000)):
                 waiting = waiting or self.r.get(key) != b"done"
                 continue
-            out += self._submit_captures(policy, [Slot(policy.name, host, d, at) for d in names[n:n + self.batch]],
-                                         uri)
+            try:
+                out += self._submit_captures(policy, [Slot(policy.name, host, d, at)
+                                                      for d in names[n:n + self.batch]], uri)
+            except HypervisorError as exc:  # the host went away after its domains were listed
+                out.append(self._unreachable(policy, host, at, exc))
             self.r.set(key, "done", ex=BATCH_DONE_TTL)
         return out, waiting
 
