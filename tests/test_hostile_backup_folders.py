@@ -124,7 +124,7 @@ def case(w, which: tuple[str, ...] = ("full",)) -> SimpleNamespace:
         folders[name] = folder / old.name
     for name in which:
         old_id = docs[name]["id"]
-        raw = w.redis.hget(f"{w.prefix}:wf:{old_id}", "data").decode()
+        raw = json.dumps(Store(w.redis, w.prefix).load(old_id).to_dict())  # a finished record is kept compressed
         olds = {n: str(Path(docs[n]["result"]["manifest"]).parent) for n in ("full", "inc")}
         for i, n in enumerate(olds):  # the paths first: the folders keep their names (a header names them)
             raw = raw.replace(olds[n], f"\0{i}\0")
@@ -136,6 +136,7 @@ def case(w, which: tuple[str, ...] = ("full",)) -> SimpleNamespace:
         rec["result"].pop("checkpoint", None)
         w.redis.hset(f"{w.prefix}:wf:{ids[old_id]}", mapping={"rev": 1, "data": json.dumps(rec)})
         w.redis.zadd(f"{w.prefix}:index", {ids[old_id]: rec["created_at"]})
+    Store(w.redis, w.prefix).indexes.reindex()  # the clones join the views' indexes, as records written whole
     return SimpleNamespace(root=root, folder=folder, outside=outside, folders=folders,
                            ids={name: ids[docs[name]["id"]] for name in which}, sentinels=[])
 
