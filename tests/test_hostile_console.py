@@ -40,7 +40,7 @@ from workflows.audit import MAXLEN, AuditLog, Actor
 from workflows.record import Record, new_id
 from workflows.store import Store
 
-from .conftest import REDIS_URL
+from .conftest import REDIS_URL, _unavailable
 from .realenv import DOMCAPTURE
 from .webenv import WebServer
 
@@ -144,7 +144,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     try:
         r.ping()
     except redis.RedisError:
-        pytest.skip("no Redis")
+        _unavailable(f"redis at {REDIS_URL}")  # fails the run where real services are required
     prefix = f"dct-{uuid.uuid4().hex[:8]}"
     d = tmp_path_factory.mktemp("hostile-console")
     users = d / "users"
