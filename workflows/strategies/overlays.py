@@ -282,8 +282,9 @@ def commit_offline(ctx: StepContext) -> None:
     types = {d["target"]: d.get("type") or "file" for d in ctx.data["disks"]}
     gone = domain_state(ctx) == "gone"
     if gone:
-        on = [t for t in planned if not ctx.hv.chain_users([planned[t]])[planned[t]]]
-        held = {t: ctx.hv.chain_users([planned[t]])[planned[t]] for t in planned if t not in on}
+        users = ctx.hv.chain_users(list(planned.values()))  # one look at every domain, for all overlays
+        on = [t for t in planned if not users[planned[t]]]
+        held = {t: users[planned[t]] for t in planned if t not in on}
         if held:
             raise StepFailed(f"{ctx.domain} is gone, but our overlays are in other domains' chains: {held}")
     else:
@@ -331,7 +332,8 @@ def commit_unplugged(ctx: StepContext) -> None:
     for target in unplugged:
         if target in done:
             continue
-        running = [u for u in ctx.hv.chain_users([planned[target]])[planned[target]] if ", running)" in u]
+        users = ctx.hv.chain_users([planned[target]])[planned[target]]
+        running = [u for u in users if ", running)" in u]
         if running:
             raise NeedsAttention(f"disk {target} left {ctx.domain}, but our overlay {planned[target]} is still "
                                  f"open in {running}", command="resume")
@@ -340,8 +342,7 @@ def commit_unplugged(ctx: StepContext) -> None:
                                  "commit it by hand (qemu-img commit)", command="resume")
         ctx.save("unplugged-commit-intent", disk=target)
         ctx.hv.commit_image(planned[target], original[target])
-        if any(u.startswith(f"{ctx.domain} ({target}, defined)")
-               for u in ctx.hv.chain_users([planned[target]])[planned[target]]):
+        if any(u.startswith(f"{ctx.domain} ({target}, defined)") for u in users):  # the commit changes no definition
             ctx.save("redefine-intent", disks=[target])
             ctx.hv.define_disk_sources(ctx.domain, {target: {"path": original[target], "format": formats[target],
                                                              "type": types[target]}}, running_ok=True)
